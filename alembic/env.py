@@ -1,0 +1,123 @@
+"""Alembic environment for flowfix, after Alembic's asyncio recipe.
+
+- URL and schema come from flowfix's settings (DATABASE_URL, FLOWFIX_SCHEMA), or from
+  ``config.attributes["settings"]``; a connection or (async) engine passed in
+  ``config.attributes["connection"]`` is used as is (tests, pytest-alembic, the CLI).
+- flowfix's own version table ``flowfix_alembic_version`` lives in the same schema; the
+  application's ``alembic_version`` is never touched.
+- One transaction per revision; every session starts with a short ``lock_timeout``, and
+  a revision that fails on lock_not_available is retried with backoff (each revision's
+  steps are idempotent, so a retry resumes where the last attempt stopped).
+- Errors the operator must act on come out as one line (Alembic's ``FAILED: ...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import Connection, pool
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flowfix.config import VERSION_TABLE, Settings
+from flowfix.db import make_engine
+from flowfix.errors import FlowfixError
+from flowfix.migrate import as_command_error, is_lock_timeout, lock_backoff
+from flowfix.models import Base
+
+config = context.config
+if config.config_file_name is not None and not config.attributes.get("skip_logging_config"):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+log = logging.getLogger("flowfix.env")
+
+target_metadata = Base.metadata
+
+
+def _settings() -> Settings:
+    settings = config.attributes.get("settings")
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except FlowfixError as exc:
+            raise as_command_error(exc) from None
+    return settings
+
+
+def _configure(settings: Settings, **kwargs: object) -> None:
+    context.configure(
+        target_metadata=target_metadata,
+        version_table=VERSION_TABLE,
+        version_table_schema=settings.schema,
+        transaction_per_migration=True,
+        compare_type=True,
+        **kwargs,
+    )
+
+
+def run_migrations_offline() -> None:
+    """``--sql``: print the SQL for review. The session settings come first."""
+    settings = _settings()
+    url = settings.url.render_as_string(hide_password=True) if settings.url else "postgresql+asyncpg://"
+    _configure(settings, url=url, literal_binds=True, dialect_opts={"paramstyle": "named"})
+    context.execute(f"SET search_path TO {settings.schema}")
+    context.execute(f"SET lock_timeout = '{settings.lock_timeout}'")
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def do_run_migrations(connection: Connection) -> None:
+    settings = _settings()
+    schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
+    if schema is None:
+        raise as_command_error(FlowfixError(
+            f"schema '{settings.schema}' does not exist: create it, or set FLOWFIX_SCHEMA"))
+    # Session-level, so it holds for every transaction and autocommit step that follows.
+    connection.exec_driver_sql(f"SET lock_timeout = '{settings.lock_timeout}'")
+    connection.commit()
+    _configure(settings, connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations(engine: AsyncEngine, settings: Settings) -> None:
+    """Run pending revisions; on lock_not_available, retry from the current revision."""
+    try:
+        for attempt in range(settings.lock_retries + 1):
+            try:
+                async with engine.connect() as connection:
+                    await connection.run_sync(do_run_migrations)
+                return
+            except Exception as exc:
+                if not is_lock_timeout(exc) or attempt == settings.lock_retries:
+                    raise as_command_error(exc, settings) from None
+                delay = lock_backoff(attempt)
+                log.warning("lock not available (lock_timeout %s); retry %d/%d in %.1fs",
+                            settings.lock_timeout, attempt + 1, settings.lock_retries, delay)
+                await asyncio.sleep(delay)
+    finally:
+        if config.attributes.get("connection") is None:
+            await engine.dispose()
+
+
+def run_migrations_online() -> None:
+    injected = config.attributes.get("connection")
+    if isinstance(injected, Connection):
+        do_run_migrations(injected)
+        return
+    settings = _settings()
+    if injected is None:
+        try:
+            injected_engine = make_engine(settings, poolclass=pool.NullPool)
+        except FlowfixError as exc:
+            raise as_command_error(exc) from None
+    else:
+        injected_engine = injected
+    asyncio.run(run_async_migrations(injected_engine, settings))
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

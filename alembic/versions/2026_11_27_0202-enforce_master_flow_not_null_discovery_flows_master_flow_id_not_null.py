@@ -1,0 +1,71 @@
+"""enforce_master_flow_not_null: discovery_flows.master_flow_id NOT NULL, the online way.
+
+Run it after the backfill has linked every discovery flow. If any row is still NULL it
+stops before changing anything, says how many and what to do next; the database stays
+at fix_master_flow_fk. Otherwise:
+
+1. ``CHECK (master_flow_id IS NOT NULL) NOT VALID`` (instant; from here on new rows
+   must carry a master: deploy the linking service first);
+2. ``VALIDATE`` the CHECK in its own transaction (SHARE UPDATE EXCLUSIVE: writes go on);
+3. ``SET NOT NULL`` (no scan: Postgres proves it from the validated CHECK), then drop
+   the CHECK, in one short transaction.
+
+Revision ID: enforce_master_flow_not_null
+Revises: fix_master_flow_fk
+Create Date: 2026-11-27 02:02:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flowfix import migrate
+
+revision: str = "enforce_master_flow_not_null"
+down_revision: str | Sequence[str] | None = "fix_master_flow_fk"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+CHECK = "ck_discovery_flows_master_flow_id_not_null"
+
+PRECONDITION = """DO $precondition$
+DECLARE orphans bigint;
+BEGIN
+  SELECT count(*) INTO orphans FROM discovery_flows WHERE master_flow_id IS NULL;
+  IF orphans > 0 THEN
+    RAISE EXCEPTION 'flowfix: % discovery_flows rows still have master_flow_id NULL; nothing was changed. Run `flowfix backfill` (then `flowfix validate`), and `alembic upgrade head` again.', orphans;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'discovery_flows'::regclass AND contype = 'f'
+                 AND confrelid = 'crewai_flow_state_extensions'::regclass AND convalidated) THEN
+    RAISE EXCEPTION 'flowfix: discovery_flows has no validated FK to crewai_flow_state_extensions; run revision fix_master_flow_fk first';
+  END IF;
+END $precondition$"""
+
+
+def upgrade() -> None:
+    migrate.note("step 0: stop, changing nothing, while any discovery flow has no master")
+    migrate.execute(PRECONDITION)
+    migrate.note("step 1: CHECK ... NOT VALID (instant)")
+    migrate.execute(f"""DO $check$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'discovery_flows'::regclass AND conname = '{CHECK}') THEN
+    ALTER TABLE discovery_flows ADD CONSTRAINT {CHECK} CHECK (master_flow_id IS NOT NULL) NOT VALID;
+  END IF;
+END $check$""")
+    migrate.commit()
+    migrate.note("step 2: VALIDATE the CHECK in its own transaction")
+    migrate.run_or_undo(
+        f"ALTER TABLE discovery_flows VALIDATE CONSTRAINT {CHECK}",
+        undo=f"ALTER TABLE discovery_flows DROP CONSTRAINT IF EXISTS {CHECK}",
+        when_sqlstate="23514",  # check_violation: a row without master was written since step 0
+        message="flowfix: a discovery flow without master was written while enforcing; the CHECK was removed "
+        "again and nothing else changed. Deploy the linking service, run `flowfix backfill`, then upgrade again.",
+    )
+    migrate.note("step 3: SET NOT NULL (proved by the CHECK, no scan) and drop the CHECK")
+    migrate.execute("ALTER TABLE discovery_flows ALTER COLUMN master_flow_id SET NOT NULL")
+    migrate.execute(f"ALTER TABLE discovery_flows DROP CONSTRAINT {CHECK}")
+
+
+def downgrade() -> None:
+    migrate.note("discovery_flows.master_flow_id back to nullable (instant)")
+    migrate.execute("ALTER TABLE discovery_flows ALTER COLUMN master_flow_id DROP NOT NULL")

@@ -1,0 +1,134 @@
+"""Read-only introspection of the live schema: one place for catalog SQL.
+
+Functions take a *sync* SQLAlchemy ``Connection`` because revisions run in Alembic's
+sync facade; async callers use ``await conn.run_sync(fn, ...)``. Everything is looked up
+by table and column in ``current_schema()`` (the pinned ``search_path``), never by an
+assumed constraint name: production names differ from the plan's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
+
+from flowfix.config import VERSION_TABLE
+
+#: Every foreign key whose (single) source column is :column on :table, with its target.
+FOREIGN_KEYS_SQL = """
+SELECT c.conname            AS name,
+       tt.relname           AS target_table,
+       ta.attname           AS target_column,
+       c.convalidated       AS validated,
+       c.confdeltype        AS on_delete,
+       pg_get_constraintdef(c.oid) AS definition
+FROM pg_constraint c
+JOIN pg_class st      ON st.oid = c.conrelid
+JOIN pg_namespace n   ON n.oid = st.relnamespace
+JOIN pg_attribute sa  ON sa.attrelid = c.conrelid AND sa.attnum = c.conkey[1]
+JOIN pg_class tt      ON tt.oid = c.confrelid
+JOIN pg_attribute ta  ON ta.attrelid = c.confrelid AND ta.attnum = c.confkey[1]
+WHERE c.contype = 'f'
+  AND n.nspname = current_schema()
+  AND st.relname = :table
+  AND sa.attname = :column
+  AND cardinality(c.conkey) = 1
+ORDER BY c.conname
+"""
+
+#: Indexes of :table whose leading key column is :column (partial ones included, flagged).
+INDEXES_SQL = """
+SELECT ic.relname            AS name,
+       i.indisunique         AS is_unique,
+       i.indisvalid          AS is_valid,
+       i.indpred IS NOT NULL AS is_partial,
+       i.indnkeyatts         AS key_columns,
+       con.conname           AS constraint_name
+FROM pg_index i
+JOIN pg_class ic     ON ic.oid = i.indexrelid
+JOIN pg_class tc     ON tc.oid = i.indrelid
+JOIN pg_namespace n  ON n.oid = tc.relnamespace
+JOIN pg_attribute a  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+WHERE n.nspname = current_schema()
+  AND tc.relname = :table
+  AND a.attname = :column
+ORDER BY ic.relname
+"""
+
+COLUMNS_SQL = """
+SELECT table_name, column_name, is_nullable = 'YES' AS nullable
+FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = ANY(:tables)
+"""
+
+RLS_SQL = """
+SELECT c.relname AS table_name, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relname = ANY(:tables)
+ORDER BY c.relname
+"""
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    name: str
+    target_table: str
+    target_column: str
+    validated: bool
+    on_delete: str  # pg_constraint.confdeltype: a=no action, r=restrict, c=cascade, n=set null, d=set default
+    definition: str
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    name: str
+    is_unique: bool
+    is_valid: bool
+    is_partial: bool
+    key_columns: int
+    constraint_name: str | None
+
+
+def foreign_keys(conn: Connection, table: str, column: str) -> list[ForeignKey]:
+    rows = conn.execute(text(FOREIGN_KEYS_SQL), {"table": table, "column": column}).mappings()
+    return [ForeignKey(**row) for row in rows]
+
+
+def indexes(conn: Connection, table: str, column: str) -> list[IndexInfo]:
+    rows = conn.execute(text(INDEXES_SQL), {"table": table, "column": column}).mappings()
+    return [IndexInfo(**row) for row in rows]
+
+
+def has_unique_index(conn: Connection, table: str, column: str) -> bool:
+    """A valid, non-partial unique index on exactly (column): what a FK target needs."""
+    return any(
+        ix.is_unique and ix.is_valid and not ix.is_partial and ix.key_columns == 1
+        for ix in indexes(conn, table, column)
+    )
+
+
+def has_usable_index(conn: Connection, table: str, column: str) -> bool:
+    """A valid, non-partial index led by ``column``: enough for joins and FK cascades."""
+    return any(ix.is_valid and not ix.is_partial for ix in indexes(conn, table, column))
+
+
+def columns(conn: Connection, tables: list[str]) -> dict[str, dict[str, bool]]:
+    """``{table: {column: nullable}}`` for the tables that exist in the schema."""
+    out: dict[str, dict[str, bool]] = {}
+    for row in conn.execute(text(COLUMNS_SQL), {"tables": tables}).mappings():
+        out.setdefault(row["table_name"], {})[row["column_name"]] = row["nullable"]
+    return out
+
+
+def row_level_security(conn: Connection, tables: list[str]) -> dict[str, bool]:
+    rows = conn.execute(text(RLS_SQL), {"tables": tables}).mappings()
+    return {row["table_name"]: bool(row["enabled"]) for row in rows}
+
+
+def current_revision(conn: Connection) -> str | None:
+    """flowfix's revision, from its own version table; None when flowfix never ran here."""
+    exists = conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": VERSION_TABLE}).scalar_one()
+    if not exists:
+        return None
+    return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one_or_none()

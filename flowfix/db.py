@@ -1,0 +1,63 @@
+"""The one engine and session factory every part of flowfix uses.
+
+Each connection starts with ``search_path`` set to the configured schema (and nothing
+else), so models, revisions and hand-written SQL name tables without a schema and still
+land in ``FLOWFIX_SCHEMA``; a missing schema fails loudly instead of falling back to
+``public``. ``application_name`` makes flowfix's sessions easy to spot in
+``pg_stat_activity``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from flowfix.config import Settings, mask_url
+from flowfix.errors import DatabaseUnavailable
+
+CONNECT_TIMEOUT_S = 10
+
+
+def make_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
+    """Create the AsyncEngine for ``settings`` (asyncpg, search_path pinned to the schema)."""
+    return create_async_engine(
+        settings.require_url(),
+        connect_args={
+            "server_settings": {"search_path": settings.schema, "application_name": "flowfix"},
+            "timeout": CONNECT_TIMEOUT_S,
+        },
+        pool_pre_ping=True,
+        **kwargs,
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded attributes after commit (reports read them afterwards)."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def unavailable(settings: Settings, exc: BaseException) -> DatabaseUnavailable:
+    """A one-line, password-free error for a connection failure."""
+    detail = str(getattr(exc, "orig", None) or exc).strip()
+    reason = detail.splitlines()[0] if detail else type(exc).__name__
+    url = settings.url
+    if url is not None and url.password:
+        reason = reason.replace(url.password, "***")
+    return DatabaseUnavailable(f"cannot connect to {mask_url(url) if url else 'database'}: {reason}")
+
+
+@asynccontextmanager
+async def connect(engine: AsyncEngine, settings: Settings) -> AsyncIterator[AsyncConnection]:
+    """Open a connection, turning "could not connect" into :class:`DatabaseUnavailable`."""
+    try:
+        conn = await engine.connect()
+    except Exception as exc:  # noqa: BLE001 - nothing of ours ran yet: any failure is "can't connect"
+        raise unavailable(settings, exc) from None
+    try:
+        await conn.execute(text("SELECT 1"))
+        yield conn
+    finally:
+        await conn.close()
