@@ -45,13 +45,21 @@ def _settings() -> Settings:
     return settings
 
 
-def _configure(settings: Settings, **kwargs: object) -> None:
+def _only_our_tables(name: str | None, type_: str, parent_names: object) -> bool:
+    """Autogenerate compares flowfix's tables only: the schema is shared with the
+    application (its own tables, its own ``alembic_version``)."""
+    return type_ != "table" or name in target_metadata.tables
+
+
+def _configure(**kwargs: object) -> None:
+    # No version_table_schema: every session's search_path is the configured schema, so
+    # the unqualified version table lands there, and autogenerate recognises it.
     context.configure(
         target_metadata=target_metadata,
         version_table=VERSION_TABLE,
-        version_table_schema=settings.schema,
         transaction_per_migration=True,
         compare_type=True,
+        include_name=_only_our_tables,
         **kwargs,
     )
 
@@ -60,7 +68,7 @@ def run_migrations_offline() -> None:
     """``--sql``: print the SQL for review. The session settings come first."""
     settings = _settings()
     url = settings.url.render_as_string(hide_password=True) if settings.url else "postgresql+asyncpg://"
-    _configure(settings, url=url, literal_binds=True, dialect_opts={"paramstyle": "named"})
+    _configure(url=url, literal_binds=True, dialect_opts={"paramstyle": "named"})
     context.execute(f"SET search_path TO {settings.schema}")
     context.execute(f"SET lock_timeout = '{settings.lock_timeout}'")
     with context.begin_transaction():
@@ -69,14 +77,17 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     settings = _settings()
+    # The connection's search_path (pinned by flowfix.db) is authoritative, also for an
+    # engine handed in by a test or by pytest-alembic.
     schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
     if schema is None:
+        path = connection.exec_driver_sql("SHOW search_path").scalar()
         raise as_command_error(FlowfixError(
-            f"schema '{settings.schema}' does not exist: create it, or set FLOWFIX_SCHEMA"))
+            f"schema '{path}' does not exist: create it, or set FLOWFIX_SCHEMA"))
     # Session-level, so it holds for every transaction and autocommit step that follows.
     connection.exec_driver_sql(f"SET lock_timeout = '{settings.lock_timeout}'")
     connection.commit()
-    _configure(settings, connection=connection)
+    _configure(connection=connection)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -20,7 +20,7 @@ SELECT c.conname            AS name,
        tt.relname           AS target_table,
        ta.attname           AS target_column,
        c.convalidated       AS validated,
-       c.confdeltype        AS on_delete,
+       c.confdeltype::text  AS on_delete,
        pg_get_constraintdef(c.oid) AS definition
 FROM pg_constraint c
 JOIN pg_class st      ON st.oid = c.conrelid

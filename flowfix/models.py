@@ -179,6 +179,19 @@ class Quarantine(Base):
     quarantined_at: Mapped[datetime] = _created_at()
 
 
+class Translation(Base):
+    """A ``master_flow_id`` value fix_master_flow_fk rewrote from a master's id to its
+    flow_id (or found already holding a flow_id: old = new); the downgrade reads it back."""
+
+    __tablename__ = "flowfix_translations"
+
+    table_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    row_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    column_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    old_value: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    new_value: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+
+
 class LedgerRun(Base):
     """One backfill, link or undo run: who asked for what, and how it ended."""
 

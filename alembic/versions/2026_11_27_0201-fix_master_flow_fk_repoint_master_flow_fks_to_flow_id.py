@@ -11,8 +11,8 @@ or a crash resumes where the last attempt stopped):
    that do not reference ``flow_id`` (found by column in pg_constraint, whatever their
    names), and add ``fk_<table>_master_flow_id`` NOT VALID;
 4. per table, in batches of 10,000 rows (one transaction each): translate values that
-   hold a master's ``id`` into its ``flow_id``; values matching no master go to
-   ``flowfix_quarantine`` and become NULL;
+   hold a master's ``id`` into its ``flow_id`` (logged in ``flowfix_translations``);
+   values matching no master go to ``flowfix_quarantine`` and become NULL;
 5. indexes on ``master_flow_id`` (CONCURRENTLY) where none exists;
 6. ANALYZE, then VALIDATE each FK in its own transaction.
 
@@ -48,6 +48,14 @@ CREATE_FLOWFIX_TABLES = (
     old_value uuid NOT NULL,
     quarantined_at timestamptz DEFAULT now() NOT NULL,
     CONSTRAINT pk_flowfix_quarantine PRIMARY KEY (table_name, row_id, column_name)
+)""",
+    """CREATE TABLE IF NOT EXISTS flowfix_translations (
+    table_name text NOT NULL,
+    row_id uuid NOT NULL,
+    column_name text NOT NULL,
+    old_value uuid NOT NULL,
+    new_value uuid NOT NULL,
+    CONSTRAINT pk_flowfix_translations PRIMARY KEY (table_name, row_id, column_name)
 )""",
     """CREATE TABLE IF NOT EXISTS flowfix_runs (
     id uuid DEFAULT gen_random_uuid() NOT NULL,
@@ -136,6 +144,9 @@ END $swap$"""
 
 
 #: One batch of step 4. ``{after}``/``{limit}``/``{into}`` are filled by migrate.in_batches.
+#: Values already holding a flow_id are logged as kept (old = new) so the downgrade can
+#: tell them from links written after the upgrade; ON CONFLICT keeps the first entry, so
+#: a retried batch never overwrites what an earlier attempt translated.
 TRANSLATE_TO_FLOW_ID = """WITH batch AS (
     SELECT id, master_flow_id FROM {table}
     WHERE {after}
@@ -152,6 +163,13 @@ TRANSLATE_TO_FLOW_ID = """WITH batch AS (
     FROM todo
     WHERE t.id = todo.id AND t.master_flow_id = todo.old_value
     RETURNING t.id, todo.old_value, todo.new_value
+), logged AS (
+    INSERT INTO flowfix_translations (table_name, row_id, column_name, old_value, new_value)
+    SELECT '{table}', id, 'master_flow_id', old_value, new_value FROM changed WHERE new_value IS NOT NULL
+    UNION ALL
+    SELECT '{table}', b.id, 'master_flow_id', b.master_flow_id, b.master_flow_id
+    FROM batch b JOIN crewai_flow_state_extensions f ON f.flow_id = b.master_flow_id
+    ON CONFLICT (table_name, row_id, column_name) DO NOTHING
 ), quarantined AS (
     INSERT INTO flowfix_quarantine (table_name, row_id, column_name, old_value)
     SELECT '{table}', id, 'master_flow_id', old_value FROM changed WHERE new_value IS NULL
@@ -161,17 +179,31 @@ TRANSLATE_TO_FLOW_ID = """WITH batch AS (
 SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
        (SELECT count(*) FROM changed) AS changed {into}"""
 
-#: One batch of the downgrade's translation: a master's flow_id back to its id.
-TRANSLATE_TO_ID = """WITH batch AS (
+#: One batch of the downgrade: a value the upgrade translated goes back to what it was
+#: (if nobody changed it since); in a table whose original FK referenced ``id``, a
+#: flow_id written after the upgrade becomes that master's id, so the FK holds again.
+TRANSLATE_BACK = """WITH batch AS (
     SELECT id, master_flow_id FROM {table}
     WHERE {after}
     ORDER BY id
     LIMIT {limit}
-), changed AS (
-    UPDATE {table} t SET master_flow_id = m.id
+), todo AS (
+    SELECT b.id, b.master_flow_id AS old_value, COALESCE(tr.old_value, m.id) AS new_value
     FROM batch b
-    JOIN crewai_flow_state_extensions m ON m.flow_id = b.master_flow_id
-    WHERE t.id = b.id AND t.master_flow_id = b.master_flow_id AND m.id <> m.flow_id
+    LEFT JOIN flowfix_translations tr
+      ON tr.table_name = '{table}' AND tr.column_name = 'master_flow_id' AND tr.row_id = b.id
+    LEFT JOIN crewai_flow_state_extensions m
+      ON m.flow_id = b.master_flow_id AND tr.row_id IS NULL
+     AND EXISTS (SELECT 1 FROM flowfix_schema_changes sc
+                 WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced'
+                   AND sc.table_name = '{table}'
+                   AND sc.definition ~ 'REFERENCES ([a-z0-9_]+[.])?crewai_flow_state_extensions[(]id[)]')
+    WHERE b.master_flow_id IS NOT NULL AND (tr.row_id IS NULL OR tr.new_value = b.master_flow_id)
+), changed AS (
+    UPDATE {table} t SET master_flow_id = todo.new_value
+    FROM todo
+    WHERE t.id = todo.id AND t.master_flow_id = todo.old_value
+      AND todo.new_value IS NOT NULL AND todo.new_value <> todo.old_value
     RETURNING t.id
 )
 SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
@@ -341,7 +373,7 @@ def downgrade() -> None:
         migrate.execute(_drop_flow_id_fks(table))
         migrate.commit()
     for table in CHILD_TABLES:
-        migrate.in_batches(f"{table}: translate flow_ids back to master ids", table, TRANSLATE_TO_ID)
+        migrate.in_batches(f"{table}: translate values back", table, TRANSLATE_BACK)
     for table in CHILD_TABLES:
         migrate.note(f"{table}: restore quarantined values (rows still NULL only)")
         migrate.execute(RESTORE_QUARANTINE.format(table=table))
@@ -368,6 +400,7 @@ END $drop$""")
 BEGIN
   -- flowfix's own tables go only when empty: quarantined values that were not restored
   -- (their row was relinked meanwhile) and the ledger's history are kept.
+  DROP TABLE flowfix_translations;
   IF NOT EXISTS (SELECT 1 FROM flowfix_quarantine) THEN
     DROP TABLE flowfix_quarantine;
   ELSE
