@@ -110,7 +110,7 @@ class RawImportRecord(Base):
     client_account_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     engagement_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     master_flow_id: Mapped[uuid.UUID | None] = mapped_column(
-        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id"), index=True
+        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id", ondelete="CASCADE"), index=True
     )
     row_number: Mapped[int] = mapped_column(Integer, nullable=False)
     raw_data: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
@@ -129,7 +129,7 @@ class DiscoveryFlow(Base):
     flow_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False, unique=True)
     # Nullable until revision enforce_master_flow_not_null; the model states the goal.
     master_flow_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id"), nullable=False, index=True
+        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id", ondelete="CASCADE"), nullable=False, index=True
     )
     data_import_id: Mapped[uuid.UUID | None] = mapped_column(
         Uuid, ForeignKey("data_imports.id", ondelete="SET NULL"), index=True

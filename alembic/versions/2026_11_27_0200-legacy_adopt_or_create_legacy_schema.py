@@ -131,7 +131,7 @@ def _adopt_or_create_sql() -> str:
     checks = "\n".join(
         f"    IF to_regclass('{table}') IS NOT NULL AND NOT EXISTS (SELECT 1 FROM information_schema.columns"
         f" WHERE table_schema = current_schema() AND table_name = '{table}' AND column_name = '{column}') THEN\n"
-        f"      missing := missing || '{table}.{column}';\n    END IF;"
+        f"      missing := array_append(missing, '{table}.{column}');\n    END IF;"
         for table, cols in REQUIRED_COLUMNS.items()
         for column in cols
     )

@@ -36,9 +36,12 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 UNIQUE_FLOW_ID = "uq_crewai_flow_state_extensions_flow_id"
-#: ON DELETE of the new FKs, as in the plan: deleting a master removes its imports (and,
-#: through data_import_id, their records); a discovery flow must be removed first.
-ON_DELETE = {"data_imports": "ON DELETE CASCADE", "raw_import_records": "", "discovery_flows": ""}
+#: ON DELETE CASCADE on all three, so deleting a master flow removes its import, the
+#: import's records and its discovery flow. The plan cascades only data_imports; with its
+#: NO ACTION on raw_import_records, Postgres checks that FK before the cascade through
+#: data_imports has reached the records, so no master with records could ever be deleted.
+ON_DELETE = {"data_imports": "ON DELETE CASCADE", "raw_import_records": "ON DELETE CASCADE",
+             "discovery_flows": "ON DELETE CASCADE"}
 
 CREATE_FLOWFIX_TABLES = (
     """CREATE TABLE IF NOT EXISTS flowfix_quarantine (

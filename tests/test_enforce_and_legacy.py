@@ -1,0 +1,134 @@
+"""enforce_master_flow_not_null, the legacy revision's create-or-adopt, and deletes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from alembic.util import CommandError
+
+from flowfix import catalog
+from flowfix.config import Settings
+from tests.conftest import downgrade, upgrade
+from tests.helpers import (
+    add_discovery_flow,
+    add_import,
+    add_master,
+    add_record,
+    revision,
+    script,
+    sql,
+    with_catalog,
+)
+
+C, E = uuid.uuid4(), uuid.uuid4()
+
+
+def _nullable(s: Settings) -> bool:
+    return with_catalog(s, catalog.columns, ["discovery_flows"])["discovery_flows"]["master_flow_id"]
+
+
+def test_enforce_stops_with_a_count_while_rows_are_null_then_succeeds(settings: Settings) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    _, f1 = add_master(settings, client=C, engagement=E)
+    d_null = [add_discovery_flow(settings, flow_id=uuid.uuid4(), master=None, client=C, engagement=E) for _ in range(3)]
+    add_discovery_flow(settings, flow_id=f1, master=f1, client=C, engagement=E)
+
+    with pytest.raises(CommandError) as err:
+        upgrade(settings, "head")
+    assert "3 discovery_flows rows still have master_flow_id NULL" in str(err.value)
+    assert "flowfix backfill" in str(err.value)
+    assert revision(settings) == "fix_master_flow_fk"
+    assert _nullable(settings)
+    assert sql(settings, "SELECT conname FROM pg_constraint WHERE contype = 'c'"
+                         " AND conrelid = 'discovery_flows'::regclass") == []
+
+    for d in d_null:
+        _, f = add_master(settings, client=C, engagement=E)
+        sql(settings, "UPDATE discovery_flows SET master_flow_id = :f WHERE id = :d", {"f": f, "d": d})
+    upgrade(settings, "head")
+    assert revision(settings) == "enforce_master_flow_not_null"
+    assert not _nullable(settings)
+    # The helper CHECK is gone; the column's own NOT NULL does the work now.
+    assert sql(settings, "SELECT conname FROM pg_constraint WHERE contype = 'c'"
+                         " AND conrelid = 'discovery_flows'::regclass") == []
+    with pytest.raises(Exception, match="null value"):
+        add_discovery_flow(settings, flow_id=uuid.uuid4(), master=None, client=C, engagement=E)
+
+    downgrade(settings, "fix_master_flow_fk")
+    assert _nullable(settings)
+
+
+def test_deleting_a_master_removes_its_import_records_and_discovery_flow(settings: Settings) -> None:
+    upgrade(settings, "head")
+    keep_id, keep_flow = add_master(settings, client=C, engagement=E)
+    gone_id, gone_flow = add_master(settings, client=C, engagement=E)
+    for master in (keep_flow, gone_flow):
+        i = add_import(settings, master=master, client=C, engagement=E)
+        for n in range(3):
+            add_record(settings, data_import=i, master=master, row=n)
+        add_discovery_flow(settings, flow_id=master, master=master, client=C, engagement=E, data_import=i)
+
+    sql(settings, "DELETE FROM crewai_flow_state_extensions WHERE id = :id", {"id": gone_id})
+
+    for table, expected in (("data_imports", 1), ("raw_import_records", 3), ("discovery_flows", 1)):
+        rows = sql(settings, f"SELECT master_flow_id FROM {table}")
+        assert [r["master_flow_id"] for r in rows] == [keep_flow] * expected, table
+
+
+PRODUCTION_DDL = (
+    # The application's own tables, with an extra column and its own version table.
+    "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)",
+    "INSERT INTO alembic_version VALUES ('app_rev_42')",
+    "CREATE TABLE crewai_flow_state_extensions (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),"
+    " flow_id uuid NOT NULL, client_account_id uuid NOT NULL, engagement_id uuid NOT NULL,"
+    " user_id varchar(255), flow_type varchar(50) NOT NULL, flow_name varchar(255),"
+    " flow_status varchar(50) NOT NULL DEFAULT 'initialized',"
+    " flow_configuration jsonb NOT NULL DEFAULT '{}', flow_persistence_data jsonb NOT NULL DEFAULT '{}',"
+    " created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(),"
+    " phase_state jsonb)",
+    "CREATE TABLE data_imports (id uuid PRIMARY KEY, client_account_id uuid, engagement_id uuid,"
+    " master_flow_id uuid REFERENCES crewai_flow_state_extensions (id) ON DELETE CASCADE,"
+    " status varchar(50) NOT NULL DEFAULT 'pending', created_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE raw_import_records (id uuid PRIMARY KEY,"
+    " data_import_id uuid NOT NULL REFERENCES data_imports (id) ON DELETE CASCADE,"
+    " client_account_id uuid, engagement_id uuid,"
+    " master_flow_id uuid REFERENCES crewai_flow_state_extensions (id), row_number integer NOT NULL)",
+    "CREATE TABLE discovery_flows (id uuid PRIMARY KEY, flow_id uuid NOT NULL UNIQUE, master_flow_id uuid,"
+    " data_import_id uuid REFERENCES data_imports (id), client_account_id uuid NOT NULL,"
+    " engagement_id uuid NOT NULL)",
+)
+
+
+def test_legacy_adopts_existing_tables_unchanged_and_downgrade_never_drops_them(settings: Settings) -> None:
+    script(settings, *PRODUCTION_DDL)
+    m, f = add_master(settings, client=C, engagement=E)
+    i = add_import(settings, master=m, client=C, engagement=E)
+
+    upgrade(settings, "legacy")
+    assert revision(settings) == "legacy"
+    assert sql(settings, "SELECT version_num FROM alembic_version") == [{"version_num": "app_rev_42"}]
+    assert sql(settings, "SELECT kind FROM flowfix_schema_changes") == []  # adopted, nothing created
+
+    upgrade(settings, "fix_master_flow_fk")
+    assert sql(settings, "SELECT master_flow_id FROM data_imports") == [{"master_flow_id": f}]
+    downgrade(settings, "base")
+    assert revision(settings) is None
+    assert sql(settings, "SELECT id, master_flow_id FROM data_imports") == [{"id": i, "master_flow_id": m}]
+    assert sql(settings, "SELECT version_num FROM alembic_version") == [{"version_num": "app_rev_42"}]
+    assert sql(settings, "SELECT to_regclass('flowfix_schema_changes') AS t") == [{"t": None}]
+
+
+def test_legacy_refuses_to_adopt_tables_missing_a_column_and_names_it(settings: Settings) -> None:
+    script(settings, *PRODUCTION_DDL, "ALTER TABLE raw_import_records DROP COLUMN master_flow_id")
+    with pytest.raises(CommandError) as err:
+        upgrade(settings, "legacy")
+    assert "missing columns: raw_import_records.master_flow_id" in str(err.value)
+    assert revision(settings) is None
+    assert sql(settings, "SELECT to_regclass('flowfix_schema_changes') AS t") == [{"t": None}]
+
+
+def test_legacy_refuses_a_partial_set_of_tables(settings: Settings) -> None:
+    script(settings, PRODUCTION_DDL[2])
+    with pytest.raises(CommandError, match="missing: data_imports, raw_import_records, discovery_flows"):
+        upgrade(settings, "legacy")
