@@ -177,6 +177,13 @@ def as_command_error(exc: BaseException, settings: Settings | None = None) -> Ba
         return exc
     if isinstance(exc, FlowfixError):
         return CommandError(str(exc))
+    if is_lock_timeout(exc):
+        timeout = settings.lock_timeout if settings is not None else "lock_timeout"
+        retries = settings.lock_retries if settings is not None else 0
+        return CommandError(
+            f"flowfix: gave up waiting for a table lock ({retries + 1} attempts of {timeout}): a long-running "
+            "transaction holds it. Nothing is half-done; run the upgrade again later "
+            "(see pg_stat_activity), or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES.")
     message = str(getattr(exc, "orig", None) or exc)
     if "flowfix:" in message:
         return CommandError(message[message.index("flowfix:"):].splitlines()[0])

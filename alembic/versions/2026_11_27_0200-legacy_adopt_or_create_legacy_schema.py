@@ -148,7 +148,7 @@ DECLARE
 BEGIN
   SELECT count(*) INTO present FROM unnest(ARRAY[{table_list}]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL;
   IF present = 0 THEN
-{LEGACY_TABLES}
+{LEGACY_TABLES.strip()}
 {records}
   ELSIF present < {len(TABLES)} THEN
     RAISE EXCEPTION 'flowfix: schema % has only some of the discovery-flow tables; missing: %', current_schema(),

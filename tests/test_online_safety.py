@@ -1,0 +1,122 @@
+"""Online behaviour of the revisions: lock_timeout with retry, offline SQL, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import threading
+import time
+import uuid
+
+import asyncpg
+import pytest
+from alembic import command
+from alembic.util import CommandError
+
+from flowfix.config import Settings, normalize_url
+from tests.conftest import ROOT, make_alembic_config, upgrade
+from tests.helpers import add_import, add_master, links, revision, sql
+
+C, E = uuid.uuid4(), uuid.uuid4()
+
+
+def _hold_lock(database_url: str, table: str, seconds: float, started: threading.Event) -> None:
+    """Another session keeps a lock on ``table`` (as a long application transaction would)."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+                started.set()
+                await asyncio.sleep(seconds)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_a_blocked_revision_waits_at_most_lock_timeout_per_attempt_then_retries(
+        settings: Settings, database_url: str) -> None:
+    upgrade(settings, "legacy")
+    m, f = add_master(settings, client=C, engagement=E)
+    i = add_import(settings, master=m, client=C, engagement=E)
+    started = threading.Event()
+    holder = threading.Thread(target=_hold_lock, args=(database_url, "data_imports", 2.5, started))
+    holder.start()
+    started.wait(10)
+    quick = dataclasses.replace(settings, lock_timeout="300ms", lock_retries=5)
+    t0 = time.monotonic()
+    upgrade(quick, "fix_master_flow_fk")
+    elapsed = time.monotonic() - t0
+    holder.join()
+    assert revision(settings) == "fix_master_flow_fk"
+    assert links(settings, "data_imports") == {i: f}
+    assert elapsed >= 2.0  # it did wait for the holder (retries), and did not fail
+
+
+def test_when_retries_run_out_the_error_is_one_line_and_a_rerun_finishes(settings: Settings, database_url: str) -> None:
+    upgrade(settings, "legacy")
+    m, f = add_master(settings, client=C, engagement=E)
+    i = add_import(settings, master=m, client=C, engagement=E)
+    started = threading.Event()
+    holder = threading.Thread(target=_hold_lock, args=(database_url, "raw_import_records", 3, started))
+    holder.start()
+    started.wait(10)
+    impatient = dataclasses.replace(settings, lock_timeout="100ms", lock_retries=0)
+    with pytest.raises(CommandError) as err:
+        upgrade(impatient, "fix_master_flow_fk")
+    holder.join()
+    assert "gave up waiting for a table lock (1 attempts of 100ms)" in str(err.value) and "\n" not in str(err.value)
+    assert revision(settings) == "legacy"
+    upgrade(settings, "fix_master_flow_fk")  # resumes: the data_imports step is already done
+    assert links(settings, "data_imports") == {i: f}
+
+
+def test_offline_sql_marks_concurrently_steps_and_produces_the_same_schema(settings: Settings) -> None:
+    import io
+
+    buf = io.StringIO()
+    cfg = make_alembic_config(settings)
+    cfg.output_buffer = buf
+    command.upgrade(cfg, "head", sql=True)
+    text = buf.getvalue()
+    assert "password" not in text.lower()
+    concurrently = [n for n, line in enumerate(text.splitlines()) if "CONCURRENTLY" in line and "CREATE" in line]
+    assert len(concurrently) == 4  # unique flow_id + three master_flow_id indexes
+    lines = text.splitlines()
+    for n in concurrently:  # each one is announced, outside BEGIN/COMMIT
+        window = "\n".join(lines[max(0, n - 6):n])
+        assert "-- OUTSIDE A TRANSACTION" in window and "COMMIT;" in window
+
+    async def apply() -> None:
+        conn = await asyncpg.connect(normalize_url(settings.masked_url).set(drivername="postgresql")
+                                     .render_as_string(hide_password=False))
+        try:
+            for statement in re.split(r";\n\n", text):
+                if statement.strip() and not all(l.startswith("--") for l in statement.strip().splitlines()):
+                    await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(apply())
+    assert revision(settings) == "enforce_master_flow_not_null"
+    fks = sql(settings, "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f'"
+                        " AND conname LIKE '%master_flow_id' ORDER BY 1")
+    assert fks == [{"conname": f"fk_{t}_master_flow_id", "convalidated": True}
+                   for t in ("data_imports", "discovery_flows", "raw_import_records")]
+
+
+def test_unreachable_database_is_one_line_without_password(tmp_path) -> None:
+    bad = Settings(url=normalize_url("postgresql://flowfix:s3cret-pw@127.0.0.1:1/nowhere"))
+    with pytest.raises(CommandError) as err:
+        command.upgrade(make_alembic_config(bad), "head")
+    message = str(err.value)
+    assert message.startswith("cannot connect to postgresql+asyncpg://flowfix:***@127.0.0.1:1/nowhere")
+    assert "s3cret-pw" not in message and "\n" not in message
+
+
+def test_missing_schema_is_reported(settings: Settings) -> None:
+    with pytest.raises(CommandError, match="schema 'nope' does not exist"):
+        upgrade(dataclasses.replace(settings, schema="nope"), "head")
