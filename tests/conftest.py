@@ -24,6 +24,7 @@ from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
+from flowfix import schema
 from flowfix.config import Settings, normalize_url
 from flowfix.db import make_engine
 
@@ -103,11 +104,7 @@ def alembic_cfg(settings: Settings) -> Config:
 
 
 def make_alembic_config(settings: Settings) -> Config:
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "alembic"))
-    cfg.attributes["settings"] = settings
-    cfg.attributes["skip_logging_config"] = True
-    return cfg
+    return schema.alembic_config(settings)
 
 
 def upgrade(settings: Settings, revision: str = "head") -> None:

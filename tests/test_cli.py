@@ -1,0 +1,61 @@
+"""The CLI: exit codes, one-line errors, no passwords, --help for every command."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flowfix.cli import app
+from flowfix.config import Settings
+from tests.helpers import revision
+
+runner = CliRunner()
+
+
+def _env(database_url: str, **extra: str) -> dict[str, str]:
+    return {"DATABASE_URL": database_url, "FLOWFIX_SCHEMA": "public", **extra}
+
+
+@pytest.mark.parametrize("command", [[], ["upgrade"], ["downgrade"]])
+def test_help_renders(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_upgrade_and_downgrade(database_url: str, settings: Settings) -> None:
+    result = runner.invoke(app, ["upgrade", "fix_master_flow_fk"], env=_env(database_url))
+    assert result.exit_code == 0, result.output
+    assert revision(settings) == "fix_master_flow_fk"
+    result = runner.invoke(app, ["downgrade", "legacy"], env=_env(database_url))
+    assert result.exit_code == 0, result.output
+    assert revision(settings) == "legacy"
+
+
+def test_wrong_revision_is_exit_2_and_changes_nothing(database_url: str, settings: Settings) -> None:
+    result = runner.invoke(app, ["upgrade", "no_such_rev"], env=_env(database_url))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == "flowfix: error: Can't locate revision identified by 'no_such_rev'"
+    assert revision(settings) is None
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"DATABASE_URL": "postgresql://ops:hunter2@127.0.0.1:1/prod"}, "cannot connect to postgresql+asyncpg://ops:***@"),
+    ({"DATABASE_URL": "mysql://ops:hunter2@db/prod"}, "must be a PostgreSQL URL"),
+    ({"DATABASE_URL": "postgresql://ops:hunter2@db/prod", "FLOWFIX_SCHEMA": "Bad-Name"}, "not a plain identifier"),
+    ({"DATABASE_URL": "postgresql://ops:hunter2@db/prod", "FLOWFIX_LOCK_TIMEOUT": "forever"}, "must look like"),
+    ({}, "DATABASE_URL is not set"),
+])
+def test_bad_settings_are_one_line_exit_2_without_password(env: dict[str, str], expected: str) -> None:
+    result = runner.invoke(app, ["upgrade"], env={"DATABASE_URL": "", **env})
+    assert result.exit_code == 2
+    assert expected in result.stderr
+    assert "hunter2" not in result.output + result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_upgrade_sql_prints_reviewable_sql_without_a_database() -> None:
+    result = runner.invoke(app, ["upgrade", "head", "--sql"], env={"DATABASE_URL": ""})
+    assert result.exit_code == 0, result.output
+    assert "CREATE UNIQUE INDEX CONCURRENTLY" in result.stdout
+    assert "-- OUTSIDE A TRANSACTION" in result.stdout
