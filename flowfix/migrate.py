@@ -201,8 +201,10 @@ def quote(name: str) -> str:
 
 def run_or_undo(sql: str, *, undo: str, when_sqlstate: str, message: str) -> None:
     """Run ``sql`` in its own transaction; if it fails with ``when_sqlstate``, run ``undo``
-    and stop the revision with ``message`` (the version table is left where it was)."""
+    and stop the revision with ``message`` (the version table is left where it was).
+    ``sql`` must be safe to run twice (a retry may repeat it)."""
     with op.get_context().autocommit_block():
+        lint_ignore("prefer-robust-stmts", "runs on its own, outside a transaction, and is safe to rerun")
         if offline():
             execute(sql)
             return
@@ -213,3 +215,12 @@ def run_or_undo(sql: str, *, undo: str, when_sqlstate: str, message: str) -> Non
                 raise
             execute(undo)
             raise MigrationError(message) from None
+
+
+def lint_ignore(rule: str, reason: str) -> None:
+    """Tell squawk (which lints the ``--sql`` output in CI) that the next statement breaks
+    ``rule`` on purpose, and say why, right where a reviewer reads it."""
+    if offline():
+        # Written straight to the output: static_output() would add a blank line, and
+        # squawk only applies an ignore comment to the statement on the very next line.
+        op.get_context().impl.output_buffer.write(f"-- {reason}\n-- squawk-ignore {rule}\n")

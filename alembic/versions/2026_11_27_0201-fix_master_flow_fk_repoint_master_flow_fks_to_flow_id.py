@@ -123,8 +123,9 @@ def _fk_query(table: str) -> str:
     return catalog.FOREIGN_KEYS_SQL.replace(":table", f"'{table}'").replace(":column", "'master_flow_id'")
 
 
-def _swap_fk(table: str) -> str:
-    fk = f"fk_{table}_master_flow_id"
+def _drop_old_fks(table: str) -> str:
+    """Record, then drop, every FK on ``table.master_flow_id`` that does not reference
+    ``flow_id``, whatever its name (production names differ from the plan's)."""
     return f"""DO $swap$
 DECLARE r record;
 BEGIN
@@ -136,14 +137,22 @@ BEGIN
       EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', r.name);
     END IF;
   END LOOP;
-  IF NOT EXISTS (SELECT 1 FROM ({_fk_query(table).strip()}) fk
-                 WHERE fk.target_table = '{MASTER_TABLE}' AND fk.target_column = 'flow_id') THEN
-    ALTER TABLE {table} ADD CONSTRAINT {fk} FOREIGN KEY (master_flow_id)
-      REFERENCES {MASTER_TABLE} (flow_id) {ON_DELETE[table]} NOT VALID;
-    INSERT INTO flowfix_schema_changes (revision, kind, table_name, object_name)
-    VALUES ('fix_master_flow_fk', 'constraint_created', '{table}', '{fk}');
-  END IF;
 END $swap$"""
+
+
+def _swap_fk(table: str) -> None:
+    """One short transaction: the old FK goes, the new one arrives NOT VALID (no scan)."""
+    fk = f"fk_{table}_master_flow_id"
+    migrate.execute(_drop_old_fks(table))
+    has_new = not migrate.offline() and any(
+        f.target_table == MASTER_TABLE and f.target_column == "flow_id"
+        for f in catalog.foreign_keys(migrate.bind(), table, "master_flow_id"))
+    if not has_new:
+        migrate.execute(f"ALTER TABLE {table} ADD CONSTRAINT {fk} FOREIGN KEY (master_flow_id)"
+                        f" REFERENCES {MASTER_TABLE} (flow_id) {ON_DELETE[table]} NOT VALID")
+        migrate.execute("INSERT INTO flowfix_schema_changes (revision, kind, table_name, object_name)"
+                        " VALUES ('fix_master_flow_fk', 'constraint_created', :table, :name)", table=table, name=fk)
+    migrate.commit()
 
 
 #: One batch of step 4. ``{after}``/``{limit}``/``{into}`` are filled by migrate.in_batches.
@@ -280,8 +289,7 @@ def upgrade() -> None:
 
     for table in CHILD_TABLES:
         migrate.note(f"step 3: {table}: replace FKs on master_flow_id by one to {MASTER_TABLE}(flow_id), NOT VALID")
-        migrate.execute(_swap_fk(table))
-        migrate.commit()
+        _swap_fk(table)
 
     for table in CHILD_TABLES:
         migrate.in_batches(f"step 4: {table}: translate master ids to flow_ids, quarantine the rest",
