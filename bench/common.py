@@ -1,0 +1,147 @@
+"""Shared by all benchmarks: a server to run on, and a deterministic legacy dataset.
+
+The dataset is built set-based in SQL (ids derived from md5 of a counter, so two builds
+are identical), on the schema of revision ``legacy``: master flows spread over several
+tenants and months, one import per discovery master created within minutes of it, 50
+raw records per import, and a discovery flow per master whose ``master_flow_id`` is its
+``flow_id``. ``master_flow_id`` on imports and records is NULL: the production state the
+issues describe ("always NULL").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import asyncpg
+
+from flowfix import embedded, schema
+from flowfix.config import Settings, normalize_url
+
+TENANTS = 8  # client accounts, two engagements each
+
+
+@contextmanager
+def server() -> Iterator[str]:
+    """DATABASE_URL's server if set (databases are created on it), else an embedded one."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    srv = embedded.start()
+    try:
+        yield srv.url
+    finally:
+        srv.stop()
+
+
+def db_url(server_url: str, database: str) -> str:
+    return normalize_url(server_url).set(drivername="postgresql", database=database).render_as_string(
+        hide_password=False)
+
+
+def settings_for(url: str) -> Settings:
+    return Settings(url=normalize_url(url), schema="public")
+
+
+async def admin(server_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(db_url(server_url, "postgres"))
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def fresh_database(server_url: str, name: str, template: str | None = None) -> str:
+    clause = f" TEMPLATE {template}" if template else ""
+    asyncio.run(admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}{clause}"))
+    return db_url(server_url, name)
+
+
+DATASET_SQL = (
+    # Master flows: one discovery master per import, plus one assessment flow in ten.
+    """INSERT INTO crewai_flow_state_extensions
+         (id, flow_id, client_account_id, engagement_id, user_id, flow_type, flow_name, flow_status,
+          flow_configuration, created_at, updated_at)
+       SELECT md5('master-id-' || g)::uuid, md5('master-flow-' || g)::uuid,
+              md5('client-' || (g % {tenants}))::uuid, md5('engagement-' || (g % {tenants}) || '-' || (g % 2))::uuid,
+              'user-' || (g % 50), CASE WHEN g % 10 = 9 THEN 'assessment' ELSE 'discovery' END,
+              'Discovery ' || g, 'running', '{{}}'::jsonb,
+              timestamptz '2026-01-01' + g * interval '11 minutes',
+              timestamptz '2026-01-01' + g * interval '11 minutes'
+       FROM generate_series(1, {masters}) AS g""",
+    """INSERT INTO data_imports (id, client_account_id, engagement_id, master_flow_id, import_name, import_type,
+                                filename, imported_by, status, created_at, updated_at)
+       SELECT md5('import-' || g)::uuid,
+              md5('client-' || (g % {tenants}))::uuid, md5('engagement-' || (g % {tenants}) || '-' || (g % 2))::uuid,
+              NULL, 'Import ' || g, 'cmdb', 'import_' || g || '.csv', 'user-' || (g % 50), 'completed',
+              timestamptz '2026-01-01' + g * interval '11 minutes' - (g % 7) * interval '1 minute',
+              timestamptz '2026-01-01' + g * interval '11 minutes'
+       FROM generate_series(1, {imports}) AS g""",
+    """INSERT INTO raw_import_records (id, data_import_id, client_account_id, engagement_id, master_flow_id,
+                                      row_number, raw_data, created_at)
+       SELECT md5('record-' || g || '-' || r)::uuid, md5('import-' || g)::uuid,
+              md5('client-' || (g % {tenants}))::uuid, md5('engagement-' || (g % {tenants}) || '-' || (g % 2))::uuid,
+              NULL, r,
+              jsonb_build_object('hostname', 'host-' || g || '-' || r, 'ip', '10.0.' || (r % 250) || '.' || (g % 250),
+                                 'os', 'linux', 'owner', 'team-' || (g % 40)),
+              timestamptz '2026-01-01' + g * interval '11 minutes'
+       FROM generate_series(1, {imports}) AS g, generate_series(1, {records_per_import}) AS r""",
+    """INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id, engagement_id,
+                                   user_id, flow_name, status, created_at, updated_at)
+       SELECT md5('discovery-' || g)::uuid, md5('master-flow-' || g)::uuid, md5('master-flow-' || g)::uuid,
+              CASE WHEN g <= {imports} THEN md5('import-' || g)::uuid END,
+              md5('client-' || (g % {tenants}))::uuid, md5('engagement-' || (g % {tenants}) || '-' || (g % 2))::uuid,
+              'user-' || (g % 50), 'Discovery ' || g, 'running',
+              timestamptz '2026-01-01' + g * interval '11 minutes', timestamptz '2026-01-01' + g * interval '11 minutes'
+       FROM generate_series(1, {masters}) AS g WHERE g % 10 <> 9""",
+    "VACUUM ANALYZE",
+)
+
+
+def build_legacy_dataset(url: str, *, imports: int, records_per_import: int = 50) -> None:
+    """Revision ``legacy`` plus the dataset, in the database at ``url``."""
+    schema.upgrade(settings_for(url), "legacy")
+    params = dict(tenants=TENANTS, imports=imports, masters=imports + imports // 9, records_per_import=records_per_import)
+
+    async def load() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            for sql in DATASET_SQL:
+                await conn.execute(sql.format(**params))
+        finally:
+            await conn.close()
+
+    asyncio.run(load())
+
+
+@dataclass
+class Latencies:
+    """Per-transaction latencies of a writer, in seconds."""
+
+    samples: list[float]
+
+    @property
+    def longest(self) -> float:
+        return max(self.samples) if self.samples else 0.0
+
+    @property
+    def p99(self) -> float:
+        if len(self.samples) < 2:
+            return self.longest
+        return statistics.quantiles(self.samples, n=100)[98]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms"
+
+
+def timed(fn, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0
