@@ -124,6 +124,7 @@ def when_online(check: Callable[[Connection], bool]) -> bool:
 # --- errors and retries (used by alembic/env.py) ---------------------------------------
 
 LOCK_NOT_AVAILABLE = "55P03"
+DEADLOCK_DETECTED = "40P01"
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -140,7 +141,9 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
-    return sqlstate(exc) == LOCK_NOT_AVAILABLE
+    """A wait for a lock was given up (lock_timeout) or broken (deadlock): worth a retry,
+    since every step of a revision is idempotent and nothing was left half-done."""
+    return sqlstate(exc) in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED)
 
 
 def lock_backoff(attempt: int) -> float:

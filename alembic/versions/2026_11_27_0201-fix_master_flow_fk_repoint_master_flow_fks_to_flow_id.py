@@ -140,9 +140,17 @@ BEGIN
 END $swap$"""
 
 
+def _lock_pair(table: str) -> None:
+    """Dropping a FK takes ACCESS EXCLUSIVE on both tables. Take both up front, master
+    first (the order in which the application writes: master, import, records), so a
+    writer and this step cannot deadlock; each wait is bounded by lock_timeout."""
+    migrate.execute(f"LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE")
+
+
 def _swap_fk(table: str) -> None:
     """One short transaction: the old FK goes, the new one arrives NOT VALID (no scan)."""
     fk = f"fk_{table}_master_flow_id"
+    _lock_pair(table)
     migrate.execute(_drop_old_fks(table))
     has_new = not migrate.offline() and any(
         f.target_table == MASTER_TABLE and f.target_column == "flow_id"
@@ -381,6 +389,7 @@ def downgrade() -> None:
     migrate.commit()
     for table in CHILD_TABLES:
         migrate.note(f"{table}: drop the FK to flow_id")
+        _lock_pair(table)
         migrate.execute(_drop_flow_id_fks(table))
         migrate.commit()
     for table in CHILD_TABLES:
@@ -392,6 +401,7 @@ def downgrade() -> None:
         migrate.commit()
     for table in CHILD_TABLES:
         migrate.note(f"{table}: re-add the original FKs NOT VALID")
+        _lock_pair(table)
         migrate.execute(_restore_fks(table, validate=False))
         migrate.commit()
     migrate.outside_transaction("fresh statistics before VALIDATE", f"ANALYZE {MASTER_TABLE}, {', '.join(CHILD_TABLES)}")

@@ -1,0 +1,175 @@
+"""How long does live traffic stall while the FKs are repointed?
+
+Builds a legacy database (default 20,000 imports x 50 = 1M raw records), copies it, and
+on each copy runs one migration while a writer keeps inserting a master flow, an import
+and five records per transaction (what the application does all day):
+
+  flowfix  - revision fix_master_flow_fk (lock_timeout, NOT VALID, VALIDATE apart,
+             CONCURRENTLY, short transactions)
+  plan     - the plan's migration as written, in one transaction, plus the unique index
+             on flow_id it needs to run at all (created the plain way)
+
+Two scenarios per size: "quiet" (only the writer) and "reader" (a report query keeps a
+transaction open on data_imports for --reader-seconds while the migration starts: the
+classic lock queue, where a waiting ALTER TABLE blocks every writer behind it).
+
+Prints the writer's longest stall and p99 latency and the migration's wall time, side
+by side, with ratios. Run: python -m bench.migration_locks [--imports N ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+
+import asyncpg
+
+from bench.common import Latencies, build_legacy_dataset, fresh_database, ms, server, settings_for
+from flowfix import schema
+
+PLAN_MIGRATION = """
+BEGIN;
+-- prerequisite the plan forgets: a FK needs a unique index on the referenced column
+CREATE UNIQUE INDEX crewai_flow_state_extensions_flow_id_key ON crewai_flow_state_extensions (flow_id);
+ALTER TABLE data_imports DROP CONSTRAINT data_imports_master_flow_id_fkey;
+ALTER TABLE raw_import_records DROP CONSTRAINT raw_import_records_master_flow_id_fkey;
+ALTER TABLE data_imports ADD CONSTRAINT data_imports_master_flow_id_fkey
+  FOREIGN KEY (master_flow_id) REFERENCES crewai_flow_state_extensions (flow_id) ON DELETE CASCADE;
+ALTER TABLE raw_import_records ADD CONSTRAINT raw_import_records_master_flow_id_fkey
+  FOREIGN KEY (master_flow_id) REFERENCES crewai_flow_state_extensions (flow_id);
+ALTER TABLE discovery_flows ALTER COLUMN master_flow_id SET NOT NULL;
+ALTER TABLE discovery_flows ADD CONSTRAINT discovery_flows_master_flow_id_fkey
+  FOREIGN KEY (master_flow_id) REFERENCES crewai_flow_state_extensions (flow_id);
+COMMIT;
+"""
+
+
+class Writer(threading.Thread):
+    """Application traffic: one master + one import + five records per transaction."""
+
+    def __init__(self, url: str, pause: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self.url, self.pause = url, pause
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.latencies: list[float] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._loop())
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            self.error = exc
+
+    async def _loop(self) -> None:
+        conn = await asyncpg.connect(self.url)
+        n = 0
+        try:
+            while not self.stop.is_set():
+                n += 1
+                t0 = time.perf_counter()
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, flow_type)"
+                        " VALUES (gen_random_uuid(), md5('client-1')::uuid, md5('engagement-1-1')::uuid, 'discovery')")
+                    imp = await conn.fetchval(
+                        "INSERT INTO data_imports (client_account_id, engagement_id, status)"
+                        " VALUES (md5('client-1')::uuid, md5('engagement-1-1')::uuid, 'pending') RETURNING id")
+                    await conn.execute(
+                        "INSERT INTO raw_import_records (data_import_id, row_number, raw_data)"
+                        " SELECT $1, r, '{}'::jsonb FROM generate_series(1, 5) r", imp)
+                self.latencies.append(time.perf_counter() - t0)
+                if n == 20:
+                    self.ready.set()
+                await asyncio.sleep(self.pause)
+        finally:
+            self.ready.set()
+            await conn.close()
+
+
+def run_plan(url: str) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(PLAN_MIGRATION)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+class Reader(threading.Thread):
+    """A long report: one transaction holding ACCESS SHARE on data_imports."""
+
+    def __init__(self, url: str, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.seconds = url, seconds
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        async def go() -> None:
+            conn = await asyncpg.connect(self.url)
+            try:
+                async with conn.transaction():
+                    await conn.fetchval("SELECT count(*) FROM data_imports")
+                    self.started.set()
+                    await asyncio.sleep(self.seconds)
+            finally:
+                self.started.set()
+                await conn.close()
+
+        asyncio.run(go())
+
+
+def measure(url: str, migrate, reader_seconds: float = 0.0) -> tuple[float, Latencies, int]:  # type: ignore[no-untyped-def]
+    writer = Writer(url)
+    writer.start()
+    writer.ready.wait(30)
+    time.sleep(0.3)  # a baseline of normal latencies
+    if reader_seconds:
+        reader = Reader(url, reader_seconds)
+        reader.start()
+        reader.started.wait(30)
+    t0 = time.perf_counter()
+    migrate(url)
+    wall = time.perf_counter() - t0
+    time.sleep(0.3)
+    writer.stop.set()
+    writer.join(30)
+    if writer.error:
+        raise writer.error
+    return wall, Latencies(writer.latencies), len(writer.latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--imports", type=int, nargs="+", default=[5_000, 20_000],
+                        help="dataset sizes (imports; 50 records each)")
+    parser.add_argument("--reader-seconds", type=float, default=8.0,
+                        help="how long the report transaction of the 'reader' scenario stays open")
+    args = parser.parse_args()
+    print("migration_locks: writer latency while the FKs are repointed (lower is better);"
+          f" flowfix lock_timeout {settings_for('postgresql://x/y').lock_timeout}")
+    print(f"{'records':>10} {'scenario':<8} {'variant':<8} {'wall':>9} {'longest stall':>14} {'p99':>9} {'txns':>6}")
+    with server() as srv:
+        for imports in args.imports:
+            template = fresh_database(srv, "bench_legacy")
+            build_legacy_dataset(template, imports=imports)
+            for scenario, reader in (("quiet", 0.0), ("reader", args.reader_seconds)):
+                rows = {}
+                for variant, fn in (("flowfix", lambda u: schema.upgrade(settings_for(u), "fix_master_flow_fk")),
+                                    ("plan", run_plan)):
+                    url = fresh_database(srv, f"bench_{variant}", template="bench_legacy")
+                    wall, lat, n = measure(url, fn, reader)
+                    rows[variant] = (wall, lat)
+                    print(f"{imports * 50:>10,} {scenario:<8} {variant:<8} {wall:>8.2f}s {ms(lat.longest):>14}"
+                          f" {ms(lat.p99):>9} {n:>6,}")
+                (fw, fl), (pw, pl) = rows["flowfix"], rows["plan"]
+                print(f"{'':>10} {scenario:<8} {'plan/flowfix':<12} longest stall x{pl.longest / fl.longest:.1f},"
+                      f" p99 x{pl.p99 / fl.p99:.1f}, wall x{pw / fw:.2f}")
+
+
+if __name__ == "__main__":
+    main()
