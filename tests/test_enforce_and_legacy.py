@@ -132,3 +132,82 @@ def test_legacy_refuses_a_partial_set_of_tables(settings: Settings) -> None:
     script(settings, PRODUCTION_DDL[2])
     with pytest.raises(CommandError, match="missing: data_imports, raw_import_records, discovery_flows"):
         upgrade(settings, "legacy")
+
+
+def test_a_null_row_committed_during_enforce_undoes_the_check_and_stops(settings: Settings, database_url: str) -> None:
+    """The race the precondition cannot see: a writer's NULL row commits after the count,
+    while the ADD CHECK waits for its lock. VALIDATE then fails; the CHECK is removed
+    again and the revision stays at fix_master_flow_fk."""
+    import asyncio
+    import threading
+
+    import asyncpg
+
+    upgrade(settings, "fix_master_flow_fk")
+    inserted = threading.Event()
+
+    def writer() -> None:
+        async def go() -> None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO discovery_flows (flow_id, client_account_id, engagement_id)"
+                        " VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid())")
+                    inserted.set()
+                    await asyncio.sleep(1.0)
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    inserted.wait(10)
+    with pytest.raises(CommandError, match="written while enforcing; the CHECK was removed"):
+        upgrade(settings, "head")
+    t.join()
+    assert revision(settings) == "fix_master_flow_fk"
+    assert _nullable(settings)
+    assert sql(settings, "SELECT conname FROM pg_constraint WHERE contype = 'c'"
+                         " AND conrelid = 'discovery_flows'::regclass") == []
+
+
+def test_orm_models_work_through_the_session_factory(settings: Settings) -> None:
+    """The corrected models, used as an application would, on the migrated schema."""
+    import asyncio
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from flowfix.db import make_engine, make_sessionmaker
+    from flowfix.models import CrewAIFlowStateExtensions, DataImport, DiscoveryFlow, RawImportRecord
+
+    upgrade(settings, "head")
+
+    async def run() -> tuple[int, str, uuid.UUID]:
+        engine = make_engine(settings)
+        try:
+            sessions = make_sessionmaker(engine)
+            async with sessions() as s, s.begin():
+                master = CrewAIFlowStateExtensions(flow_id=uuid.uuid4(), client_account_id=C, engagement_id=E,
+                                                   flow_type="discovery")
+                imp = DataImport(client_account_id=C, engagement_id=E, master_flow_id=master.flow_id,
+                                 records=[RawImportRecord(row_number=n, master_flow_id=master.flow_id)
+                                          for n in range(3)])
+                s.add_all([master, imp])
+                await s.flush()
+                s.add(DiscoveryFlow(flow_id=master.flow_id, master_flow_id=master.flow_id, data_import_id=imp.id,
+                                    client_account_id=C, engagement_id=E))
+            async with sessions() as s:
+                loaded = (await s.execute(select(DataImport).options(
+                    selectinload(DataImport.records), selectinload(DataImport.master_flow)))).scalar_one()
+                flow = (await s.execute(select(DiscoveryFlow).options(
+                    selectinload(DiscoveryFlow.master_flow)))).scalar_one()
+                return len(loaded.records), loaded.master_flow.flow_type, flow.master_flow.flow_id
+        finally:
+            await engine.dispose()
+
+    n_records, flow_type, flow_master = asyncio.run(run())
+    assert (n_records, flow_type) == (3, "discovery")
+    assert sql(settings, "SELECT flow_id FROM crewai_flow_state_extensions") == [{"flow_id": flow_master}]
