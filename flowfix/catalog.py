@@ -62,10 +62,17 @@ FROM information_schema.columns
 WHERE table_schema = current_schema() AND table_name = ANY(:tables)
 """
 
-RLS_SQL = """
-SELECT c.relname AS table_name, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+#: Tables whose row-level security applies to the current role: enabled, and the role
+#: is neither superuser nor BYPASSRLS nor (unless FORCE) the table's owner.
+RLS_LIMITED_SQL = """
+SELECT c.relname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_roles r     ON r.rolname = current_user
 WHERE n.nspname = current_schema() AND c.relname = ANY(:tables)
+  AND c.relrowsecurity
+  AND NOT r.rolsuper AND NOT r.rolbypassrls
+  AND (c.relforcerowsecurity OR NOT pg_has_role(current_user, c.relowner, 'USAGE'))
 ORDER BY c.relname
 """
 
@@ -121,9 +128,18 @@ def columns(conn: Connection, tables: list[str]) -> dict[str, dict[str, bool]]:
     return out
 
 
-def row_level_security(conn: Connection, tables: list[str]) -> dict[str, bool]:
-    rows = conn.execute(text(RLS_SQL), {"tables": tables}).mappings()
-    return {row["table_name"]: bool(row["enabled"]) for row in rows}
+def rls_limited_tables(conn: Connection, tables: list[str]) -> list[str]:
+    """The tables on which row-level security may hide rows from the current role."""
+    return list(conn.execute(text(RLS_LIMITED_SQL), {"tables": tables}).scalars())
+
+
+def readable_revision(conn: Connection) -> str | None:
+    """Like :func:`current_revision`, but None (not an error) for a role that may not read
+    the version table, so a read-only transaction is not aborted by the attempt."""
+    readable = conn.execute(
+        text("SELECT to_regclass(:t) IS NOT NULL AND has_table_privilege(to_regclass(:t), 'SELECT')"),
+        {"t": VERSION_TABLE}).scalar_one()
+    return current_revision(conn) if readable else None
 
 
 def current_revision(conn: Connection) -> str | None:

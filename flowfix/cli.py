@@ -6,15 +6,19 @@ stderr, nothing changed). No SQL lives here.
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from collections.abc import Callable
-from typing import Annotated, NoReturn, TypeVar
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from flowfix import schema
+from flowfix import schema, validate as validation
 from flowfix.config import Settings, mask_url
-from flowfix.errors import FlowfixError
+from flowfix.db import make_engine
+from flowfix.errors import ConfigError, FlowfixError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -25,6 +29,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals would include database URLs
+    pretty_exceptions_enable=False,  # a bug's traceback stays plain and short
+    rich_markup_mode=None,  # plain click errors: "Error: ..." on one line, no box
 )
 
 T = TypeVar("T")
@@ -73,6 +79,92 @@ def downgrade(
     """Revert flowfix's revisions, data included (same as `alembic downgrade`)."""
     settings = load_settings(require_url=not sql)
     guarded(lambda: schema.downgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql), settings)
+
+
+def parse_uuid(value: str | None, option: str) -> uuid.UUID | None:
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        fail(f"{option} '{value}' is not a UUID")
+
+
+def parse_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        fail(f"{option} must be one of {', '.join(choices)}, not '{value}'")
+    return value
+
+
+def run_async(settings: Settings, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work(engine)`` on a fresh engine; typed errors become one line and exit 2."""
+
+    async def go() -> T:
+        engine = make_engine(settings)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return guarded(lambda: asyncio.run(go()), settings)
+
+
+def write_output(content: str, output: Path | None) -> None:
+    if output is None:
+        typer.echo(content)
+        return
+    try:
+        output.write_text(content + "\n")
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")
+
+
+ClientOpt = Annotated[str | None, typer.Option("--client-account", help="Only rows of this client account (UUID).")]
+EngagementOpt = Annotated[str | None, typer.Option("--engagement", help="Only rows of this engagement (UUID).")]
+
+
+@app.command("validate")
+def validate_cmd(
+    format: Annotated[str, typer.Option("--format", help="text, json or junit.")] = "text",
+    output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Example row ids per check.")] = 5,
+    fail_on: Annotated[str, typer.Option("--fail-on", help="error: only failed checks fail the run; warn: warnings too.")] = "error",
+    max_orphans: Annotated[int, typer.Option("--max-orphans", min=0, help="Accept up to N NULL master_flow_id per table (reported as warn); dangling and cross-tenant rows still fail.")] = 0,
+    allow_rls: Annotated[bool, typer.Option("--allow-rls", help="Accept that row-level security may hide rows (warn instead of fail).")] = False,
+    client_account: ClientOpt = None,
+    engagement: EngagementOpt = None,
+) -> None:
+    """Check every master-flow link and the schema that guards them (read-only).
+
+    Exit 0 when every check passes, 1 when one fails, 2 on usage or connection errors.
+    """
+    fmt = parse_choice(format, "--format", ("text", "json", "junit"))
+    opts = validation.Options(
+        samples=samples, max_orphans=max_orphans, allow_rls=allow_rls,
+        fail_on=parse_choice(fail_on, "--fail-on", ("error", "warn")),  # type: ignore[arg-type]
+        client_account=parse_uuid(client_account, "--client-account"),
+        engagement=parse_uuid(engagement, "--engagement"),
+    )
+    settings = load_settings()
+    report = run_async(settings, lambda engine: validation.validate(engine, settings, opts))
+    rendered = {"text": report.to_text, "json": report.to_json, "junit": report.to_junit}[fmt]()
+    write_output(rendered, output)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
+
+
+@app.command()
+def status() -> None:
+    """One screen for the operator: revision, FK targets, orphan counts, next step."""
+    settings = load_settings()
+    report = run_async(settings, lambda engine: validation.validate(engine, settings, validation.Options(samples=0)))
+    typer.echo(f"database  {settings.masked_url} (schema {settings.schema})")
+    typer.echo(f"revision  {report.revision or '(none)'}")
+    for table in ("data_imports", "raw_import_records", "discovery_flows"):
+        fk = report.check(f"fk.{table}")
+        typer.echo(f"{table:<19} orphaned {report.check(f'{table}.orphaned').count:>9,}"
+                   f"  dangling {report.check(f'{table}.dangling').count:>7,}  FK: {fk.message}")
+    typer.echo(f"tenant mismatches {report.check('tenant_mismatch').count:,}")
+    typer.echo(f"next step: {validation.next_step(report)}")
 
 
 def main() -> None:

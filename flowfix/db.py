@@ -58,6 +58,7 @@ async def connect(engine: AsyncEngine, settings: Settings) -> AsyncIterator[Asyn
         raise unavailable(settings, exc) from None
     try:
         await conn.execute(text("SELECT 1"))
+        await conn.rollback()  # leave no transaction open: callers choose their own
         yield conn
     finally:
         await conn.close()
