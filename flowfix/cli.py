@@ -7,6 +7,7 @@ stderr, nothing changed). No SQL lives here.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
@@ -15,9 +16,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from flowfix import schema, validate as validation
+from flowfix import ledger, linking, schema, validate as validation
 from flowfix.config import Settings, mask_url
-from flowfix.db import make_engine
+from flowfix.db import make_engine, make_sessionmaker
 from flowfix.errors import ConfigError, FlowfixError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -165,6 +166,70 @@ def status() -> None:
                    f"  dangling {report.check(f'{table}.dangling').count:>7,}  FK: {fk.message}")
     typer.echo(f"tenant mismatches {report.check('tenant_mismatch').count:,}")
     typer.echo(f"next step: {validation.next_step(report)}")
+
+
+def require_uuid(value: str, option: str) -> uuid.UUID:
+    parsed = parse_uuid(value, option)
+    assert parsed is not None
+    return parsed
+
+
+@app.command()
+def link(
+    data_import: Annotated[str, typer.Option("--import", help="The data import's id (UUID).")],
+    flow: Annotated[str, typer.Option("--flow", help="The discovery master flow's flow_id (UUID).")],
+    force: Annotated[bool, typer.Option("--force", help="Relink an import already linked to another flow.")] = False,
+) -> None:
+    """Link one import and its records to a discovery master flow (for the cases the
+    backfill reports as ambiguous). Recorded in the ledger: `flowfix undo RUN_ID` reverts it."""
+    import_id, flow_id = require_uuid(data_import, "--import"), require_uuid(flow, "--flow")
+    settings = load_settings()
+
+    async def work(engine):  # type: ignore[no-untyped-def]
+        async with make_sessionmaker(engine)() as session:
+            return await linking.link_with_ledger(session, data_import_id=import_id, flow_id=flow_id, force=force)
+
+    run_id, result = run_async(settings, work)
+    if run_id is None:
+        typer.echo(f"import {import_id} is already linked to {flow_id}: nothing to do")
+        return
+    typer.echo(f"linked import {import_id} and {result.records_linked} records to flow {flow_id}")
+    typer.echo(f"run {run_id} (undo with: flowfix undo {run_id})")
+
+
+@app.command()
+def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert (see `flowfix runs`).")]) -> None:
+    """Revert a run's changes where rows still hold what it wrote; later edits are kept and listed."""
+    target = require_uuid(run_id, "RUN_ID")
+    settings = load_settings()
+
+    async def work(engine):  # type: ignore[no-untyped-def]
+        async with make_sessionmaker(engine)() as session:
+            return await ledger.undo_run(session, target)
+
+    report = run_async(settings, work)
+    if report.already_undone:
+        typer.echo(f"run {target} was already undone: nothing to do")
+        return
+    typer.echo(f"undid run {target}: {report.reverted} values reverted, {len(report.skipped)} left alone "
+               f"(changed since), {report.deleted_masters} created masters deleted; recorded as run {report.undo_run_id}")
+    for skipped in report.skipped:
+        typer.echo(f"  kept {skipped['table']} {skipped['id']}: {skipped['reason']}")
+
+
+@app.command()
+def runs(limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs, newest first.")] = 20) -> None:
+    """List the ledger's runs (backfill, link, undo), newest first."""
+    settings = load_settings()
+
+    async def work(engine):  # type: ignore[no-untyped-def]
+        async with engine.connect() as conn:
+            return await ledger.list_runs(conn, limit)
+
+    for run in run_async(settings, work):
+        finished = run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
+        typer.echo(f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
+                   f"  {finished}  {json.dumps(run.counts, sort_keys=True)}")
 
 
 def main() -> None:

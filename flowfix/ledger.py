@@ -1,0 +1,175 @@
+"""The ledger: every run that changes links (link, and later backfill) and every value it
+changed, so that ``flowfix undo RUN_ID`` can put them back.
+
+Tables (created by revision fix_master_flow_fk): ``flowfix_runs`` and ``flowfix_changes``.
+Undo reverts a change only where the row still holds the value the run wrote: a later
+edit by anyone else is never clobbered, it is reported instead.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+Executor = AsyncConnection | AsyncSession
+
+from flowfix.errors import FlowfixError
+from flowfix.models import CHILD_TABLES, MASTER_TABLE
+
+#: One advisory lock for every run that changes links: backfill, link, undo.
+ADVISORY_LOCK_KEY = "flowfix.runs"
+
+#: Undo builds UPDATE/DELETE statements from ledger rows; only these names may appear.
+UNDOABLE_COLUMNS = {(table, "master_flow_id") for table in CHILD_TABLES}
+CREATED_ROW = "*created*"  # column name of a change that created a whole row
+
+
+class LedgerMissing(FlowfixError):
+    """The ledger tables do not exist yet."""
+
+
+class RunLocked(FlowfixError):
+    """Another flowfix run holds the lock."""
+
+
+class UnknownRun(FlowfixError):
+    """No run with that id."""
+
+
+@dataclass(frozen=True)
+class Change:
+    table: str
+    row_id: uuid.UUID
+    column: str
+    old_value: uuid.UUID | None
+    new_value: uuid.UUID | None
+    evidence: str
+    distance_seconds: float | None = None
+
+
+@dataclass
+class RunInfo:
+    id: uuid.UUID
+    command: str
+    status: str
+    arguments: dict[str, Any]
+    counts: dict[str, Any]
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass
+class UndoReport:
+    run_id: uuid.UUID
+    undo_run_id: uuid.UUID | None
+    reverted: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)  # changed since: left alone
+    deleted_masters: int = 0
+    kept_masters: int = 0
+    already_undone: bool = False
+
+
+async def require_ledger(conn: Executor) -> None:
+    present = (await conn.execute(text("SELECT to_regclass('flowfix_runs') IS NOT NULL"))).scalar_one()
+    if not present:
+        raise LedgerMissing("the ledger tables do not exist yet: run `flowfix upgrade fix_master_flow_fk` first")
+
+
+async def try_lock(conn: Executor) -> None:
+    """Take the per-database run lock for this transaction, or fail at once."""
+    got = (await conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"),
+                              {"k": ADVISORY_LOCK_KEY})).scalar_one()
+    if not got:
+        raise RunLocked("another flowfix run (backfill, link or undo) is in progress on this database; try again later")
+
+
+async def start_run(conn: Executor, command: str, arguments: dict[str, Any]) -> uuid.UUID:
+    return (await conn.execute(
+        text("INSERT INTO flowfix_runs (command, arguments) VALUES (:c, CAST(:a AS jsonb)) RETURNING id"),
+        {"c": command, "a": json.dumps(arguments, default=str)})).scalar_one()
+
+
+async def record(conn: Executor, run_id: uuid.UUID, changes: list[Change]) -> None:
+    if not changes:
+        return
+    await conn.execute(
+        text("INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value,"
+             " evidence, distance_seconds) VALUES (:run, :t, :r, :c, :o, :n, :e, :d)"),
+        [{"run": run_id, "t": c.table, "r": c.row_id, "c": c.column, "o": c.old_value, "n": c.new_value,
+          "e": c.evidence, "d": c.distance_seconds} for c in changes])
+
+
+async def finish_run(conn: Executor, run_id: uuid.UUID, status: str, counts: dict[str, Any]) -> None:
+    await conn.execute(
+        text("UPDATE flowfix_runs SET status = :s, counts = CAST(:c AS jsonb), finished_at = now() WHERE id = :id"),
+        {"s": status, "c": json.dumps(counts), "id": run_id})
+
+
+async def list_runs(conn: Executor, limit: int = 20) -> list[RunInfo]:
+    await require_ledger(conn)
+    rows = (await conn.execute(text(
+        "SELECT id, command, status, arguments, counts, started_at, finished_at FROM flowfix_runs"
+        " ORDER BY started_at DESC, id LIMIT :n"), {"n": limit})).mappings()
+    return [RunInfo(**row) for row in rows]
+
+
+async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
+    """Revert ``run_id`` inside the caller's transaction (which holds the run lock)."""
+    await require_ledger(conn)
+    run = (await conn.execute(text("SELECT command, status FROM flowfix_runs WHERE id = :id FOR UPDATE"),
+                              {"id": run_id})).one_or_none()
+    if run is None:
+        raise UnknownRun(f"no flowfix run with id {run_id} (see `flowfix runs`)")
+    if run.status == "undone":
+        return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
+
+    undo_run = await start_run(conn, "undo", {"run_id": str(run_id)})
+    report = UndoReport(run_id=run_id, undo_run_id=undo_run)
+    changes = (await conn.execute(text(
+        "SELECT id, table_name, row_id, column_name, old_value, new_value FROM flowfix_changes"
+        " WHERE run_id = :id AND undone_at IS NULL ORDER BY id DESC"), {"id": run_id})).all()
+    for ch in changes:
+        if ch.column_name == CREATED_ROW:
+            continue  # created rows go last, once nothing the run linked points at them
+        if (ch.table_name, ch.column_name) not in UNDOABLE_COLUMNS:
+            raise FlowfixError(f"ledger change {ch.id} names {ch.table_name}.{ch.column_name}, which undo does not touch")
+        reverted = (await conn.execute(
+            text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
+                 " WHERE id = :row AND master_flow_id IS NOT DISTINCT FROM :new RETURNING id"),
+            {"old": ch.old_value, "new": ch.new_value, "row": ch.row_id})).first()
+        if reverted:
+            report.reverted += 1
+            await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
+        else:
+            report.skipped.append({"table": ch.table_name, "id": str(ch.row_id), "reason": "changed since the run"})
+    for ch in changes:
+        if ch.column_name != CREATED_ROW or ch.table_name != MASTER_TABLE:
+            continue
+        deleted = (await conn.execute(text(
+            f"DELETE FROM {MASTER_TABLE} m WHERE m.flow_id = :flow"
+            + "".join(f" AND NOT EXISTS (SELECT 1 FROM {t} x WHERE x.master_flow_id = m.flow_id)" for t in CHILD_TABLES)
+            + " RETURNING id"), {"flow": ch.new_value})).first()
+        if deleted:
+            report.deleted_masters += 1
+            await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
+        else:
+            report.kept_masters += 1
+    counts = {"reverted": report.reverted, "skipped": len(report.skipped),
+              "deleted_masters": report.deleted_masters, "kept_masters": report.kept_masters}
+    await finish_run(conn, undo_run, "finished", counts)
+    await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
+    return report
+
+
+async def undo_run(session: AsyncSession, run_id: uuid.UUID) -> UndoReport:
+    """``flowfix undo``: lock, revert, record, commit, in one transaction."""
+    async with session.begin():
+        await require_ledger(session)
+        await try_lock(session)
+        return await undo(session, run_id)

@@ -1,0 +1,220 @@
+"""The linking service and `flowfix link` / `undo` / `runs`: atomic, idempotent,
+tenant-safe, and undoable."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy.pool import NullPool
+from typer.testing import CliRunner
+
+from flowfix import linking
+from flowfix.cli import app
+from flowfix.config import Settings
+from flowfix.db import make_engine, make_sessionmaker
+from flowfix.linking import RequestContext
+from tests.conftest import upgrade
+from tests.helpers import add_import, add_master, add_record, links, script, sql
+from tests.test_validate import run_validate
+
+CTX = RequestContext(uuid.uuid4(), uuid.uuid4(), "alice")
+OTHER = RequestContext(uuid.uuid4(), uuid.uuid4(), "mallory")
+runner = CliRunner()
+
+
+def with_session(settings: Settings, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        engine = make_engine(settings, poolclass=NullPool)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return await fn(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def new_import(s: Settings, ctx: RequestContext = CTX, records: int = 3) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    imp = add_import(s, master=None, client=ctx.client_account_id, engagement=ctx.engagement_id)
+    return imp, [add_record(s, data_import=imp, master=None, row=n) for n in range(records)]
+
+
+def count(s: Settings, table: str) -> int:
+    return sql(s, f"SELECT count(*) AS n FROM {table}")[0]["n"]
+
+
+def test_start_discovery_flow_links_everything_in_one_go(settings: Settings) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    imp, records = new_import(settings)
+    flow = with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
+
+    master = sql(settings, "SELECT flow_type, client_account_id, engagement_id, user_id,"
+                           " flow_configuration->>'import_id' AS cfg FROM crewai_flow_state_extensions"
+                           " WHERE flow_id = :f", {"f": flow})
+    assert master == [{"flow_type": "discovery", "client_account_id": CTX.client_account_id,
+                       "engagement_id": CTX.engagement_id, "user_id": "alice", "cfg": str(imp)}]
+    assert links(settings, "data_imports") == {imp: flow}
+    assert links(settings, "raw_import_records") == {r: flow for r in records}
+    assert sql(settings, "SELECT flow_id, master_flow_id, data_import_id FROM discovery_flows") == [
+        {"flow_id": flow, "master_flow_id": flow, "data_import_id": imp}]
+    # Idempotent: a second call returns the same flow and creates nothing.
+    again = with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
+    assert again == flow
+    assert (count(settings, "crewai_flow_state_extensions"), count(settings, "discovery_flows")) == (1, 1)
+
+
+def test_twenty_concurrent_calls_create_exactly_one_flow(settings: Settings) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    imp, _ = new_import(settings, records=50)
+
+    async def go() -> set[uuid.UUID]:
+        engine = make_engine(settings, pool_size=20, max_overflow=5)
+        try:
+            sessions = make_sessionmaker(engine)
+
+            async def one() -> uuid.UUID:
+                async with sessions() as s:
+                    return await linking.start_discovery_flow(s, data_import_id=imp, context=CTX)
+
+            return set(await asyncio.gather(*(one() for _ in range(20))))
+        finally:
+            await engine.dispose()
+
+    flows = asyncio.run(go())
+    assert len(flows) == 1
+    assert (count(settings, "crewai_flow_state_extensions"), count(settings, "discovery_flows")) == (1, 1)
+    assert set(links(settings, "raw_import_records").values()) == flows
+
+
+def test_another_tenant_is_refused_and_nothing_changes(settings: Settings) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    imp, records = new_import(settings)
+    with pytest.raises(linking.TenantMismatch):
+        with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=OTHER))
+    with pytest.raises(linking.ImportNotFound):
+        with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=uuid.uuid4(), context=CTX))
+    assert count(settings, "crewai_flow_state_extensions") == 0
+    assert links(settings, "raw_import_records") == {r: None for r in records}
+
+
+def test_a_failure_after_the_master_insert_leaves_nothing_behind(settings: Settings) -> None:
+    """A real failure inside the transaction: a trigger rejects the discovery flow insert."""
+    upgrade(settings, "fix_master_flow_fk")
+    imp, records = new_import(settings)
+    script(settings,
+           "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'injected'; END $$",
+           "CREATE TRIGGER refuse BEFORE INSERT ON discovery_flows FOR EACH ROW EXECUTE FUNCTION refuse()")
+    with pytest.raises(Exception, match="injected"):
+        with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
+    assert count(settings, "crewai_flow_state_extensions") == 0
+    assert links(settings, "data_imports") == {imp: None}
+    assert links(settings, "raw_import_records") == {r: None for r in records}
+
+
+def test_after_enforce_the_service_works_deletes_cascade_and_validate_passes(settings: Settings) -> None:
+    upgrade(settings, "head")
+    made = []
+    for ctx in (CTX, OTHER):
+        for _ in range(3):
+            imp, _ = new_import(settings, ctx)
+            made.append(with_session(settings, lambda s, i=imp, c=ctx: linking.start_discovery_flow(
+                s, data_import_id=i, context=c)))
+    report = run_validate(settings)
+    assert report.ok and {c.status for c in report.checks} == {"pass"}
+
+    sql(settings, "DELETE FROM crewai_flow_state_extensions WHERE flow_id = :f", {"f": made[0]})
+    assert count(settings, "data_imports") == 5
+    assert count(settings, "raw_import_records") == 15
+    assert count(settings, "discovery_flows") == 5
+    assert run_validate(settings).ok
+
+
+def test_inside_a_callers_transaction_a_refusal_leaves_it_usable(settings: Settings) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    imp, _ = new_import(settings)
+
+    async def work(session):  # type: ignore[no-untyped-def]
+        async with session.begin():
+            with pytest.raises(linking.TenantMismatch):
+                await linking.start_discovery_flow(session, data_import_id=imp, context=OTHER)
+            return await linking.start_discovery_flow(session, data_import_id=imp, context=CTX)
+
+    flow = with_session(settings, work)
+    assert links(settings, "data_imports") == {imp: flow}
+
+
+# --- flowfix link / undo / runs ----------------------------------------------------------
+
+
+def _env(url: str) -> dict[str, str]:
+    return {"DATABASE_URL": url, "FLOWFIX_SCHEMA": "public"}
+
+
+def test_link_then_undo_from_the_cli(settings: Settings, database_url: str) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    imp, records = new_import(settings)
+    _, flow = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
+
+    result = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(flow)], env=_env(database_url))
+    assert result.exit_code == 0, result.output
+    assert f"linked import {imp} and 3 records to flow {flow}" in result.stdout
+    assert links(settings, "raw_import_records") == {r: flow for r in records}
+    run_id = sql(settings, "SELECT id FROM flowfix_runs WHERE command = 'link'")[0]["id"]
+    assert sql(settings, "SELECT count(*) AS n FROM flowfix_changes WHERE run_id = :r", {"r": run_id}) == [{"n": 4}]
+
+    # Somebody edits one record afterwards: undo leaves that one alone and says so.
+    _, elsewhere = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
+    sql(settings, "UPDATE raw_import_records SET master_flow_id = :f WHERE id = :r", {"f": elsewhere, "r": records[0]})
+    result = runner.invoke(app, ["undo", str(run_id)], env=_env(database_url))
+    assert result.exit_code == 0, result.output
+    assert "3 values reverted, 1 left alone" in result.stdout
+    assert links(settings, "data_imports") == {imp: None}
+    assert links(settings, "raw_import_records") == {records[0]: elsewhere, records[1]: None, records[2]: None}
+
+    again = runner.invoke(app, ["undo", str(run_id)], env=_env(database_url))
+    assert again.exit_code == 0 and "already undone" in again.stdout
+    listing = runner.invoke(app, ["runs"], env=_env(database_url))
+    assert listing.exit_code == 0
+    assert [line.split()[1:3] for line in listing.stdout.splitlines()] == [["undo", "finished"], ["link", "undone"]]
+
+
+def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings, database_url: str) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    imp, _ = new_import(settings)
+    _, foreign = add_master(settings, client=OTHER.client_account_id, engagement=OTHER.engagement_id)
+    _, assessment = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id,
+                               flow_type="assessment")
+    _, mine = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
+    _, mine2 = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
+    cases = [
+        (["--import", "nope", "--flow", str(mine)], "--import 'nope' is not a UUID"),
+        (["--import", str(uuid.uuid4()), "--flow", str(mine)], "does not exist"),
+        (["--import", str(imp), "--flow", str(uuid.uuid4())], "no master flow with flow_id"),
+        (["--import", str(imp), "--flow", str(foreign)], "belong to different tenants"),
+        (["--import", str(imp), "--flow", str(assessment)], "is a 'assessment' flow, not a discovery flow"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["link", *args], env=_env(database_url))
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert links(settings, "data_imports") == {imp: None}
+    assert sql(settings, "SELECT count(*) AS n FROM flowfix_runs") == [{"n": 0}]
+
+    assert runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine)], env=_env(database_url)).exit_code == 0
+    refused = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine2)], env=_env(database_url))
+    assert refused.exit_code == 2 and "already linked" in refused.stderr
+    forced = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine2), "--force"], env=_env(database_url))
+    assert forced.exit_code == 0
+    assert links(settings, "data_imports") == {imp: mine2}
+
+
+def test_link_before_the_fix_revision_says_what_to_do(settings: Settings, database_url: str) -> None:
+    upgrade(settings, "legacy")
+    result = runner.invoke(app, ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())],
+                           env=_env(database_url))
+    assert result.exit_code == 2
+    assert "run `flowfix upgrade fix_master_flow_fk` first" in result.stderr
