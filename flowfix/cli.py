@@ -16,10 +16,11 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from flowfix import ledger, linking, schema, validate as validation
+from flowfix import backfill as backfilling, ledger, linking, schema, validate as validation
 from flowfix.config import Settings, mask_url
 from flowfix.db import make_engine, make_sessionmaker
 from flowfix.errors import ConfigError, FlowfixError
+from flowfix.window import parse_window
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -166,6 +167,94 @@ def status() -> None:
                    f"  dangling {report.check(f'{table}.dangling').count:>7,}  FK: {fk.message}")
     typer.echo(f"tenant mismatches {report.check('tenant_mismatch').count:,}")
     typer.echo(f"next step: {validation.next_step(report)}")
+
+
+@app.command()
+def backfill(
+    window: Annotated[str, typer.Option("--window", help="How far apart an import and its master may have been created: 90s, 30m, 2h, 1d, PT2H.")] = "2h",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing; print the plan (exit code as the real run would).")] = False,
+    create_missing_masters: Annotated[bool, typer.Option("--create-missing-masters", help="Create a master for a discovery flow that has none, from its own columns.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows per batch (each batch is one short transaction; smaller when batches run slow).")] = 5000,
+    format: Annotated[str, typer.Option("--format", help="text or json (on stdout).")] = "text",
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")] = None,
+    client_account: ClientOpt = None,
+    engagement: EngagementOpt = None,
+) -> None:
+    """Link orphaned discovery flows, imports and records to their master flow.
+
+    Evidence first (flow_id, discovery flow, configuration), then time within --window,
+    one master per import; never across tenants. Batched, recorded in the ledger
+    (`flowfix undo RUN_ID`), resumable. Exit 0: every orphan in scope linked; 1:
+    ambiguous or unmatched rows remain; 2: usage, connection or lock error.
+    """
+    fmt = parse_choice(format, "--format", ("text", "json"))
+    opts = backfilling.Options(
+        window_seconds=guarded(lambda: parse_window(window)), batch_size=batch_size,
+        create_missing_masters=create_missing_masters, dry_run=dry_run,
+        client_account=parse_uuid(client_account, "--client-account"),
+        engagement=parse_uuid(engagement, "--engagement"),
+    )
+    settings = load_settings()
+    result = run_async(settings, lambda engine: _backfill_with_progress(engine, settings, opts, fmt == "text"))
+    if report is not None:
+        write_output(result.to_json(), report)
+    if fmt == "json":
+        typer.echo(result.to_json())
+    else:
+        typer.echo(backfill_summary(result))
+    raise typer.Exit(result.exit_code)
+
+
+async def _backfill_with_progress(engine, settings: Settings, opts: backfilling.Options, show: bool):  # type: ignore[no-untyped-def]
+    """A progress bar on a terminal (stderr); nothing when piped."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    if not show or not console.is_terminal or opts.dry_run:
+        return await backfilling.run(engine, settings, opts)
+    with Progress(console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def advance(step: str, n: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(f"linking {step}", total=None)
+            bar.advance(tasks[step], n)
+
+        return await backfilling.run(engine, settings, opts, progress=advance)
+
+
+def backfill_summary(result: backfilling.Result) -> str:
+    c = result.counts
+    head = "backfill plan (dry run: nothing changed)" if result.dry_run else (
+        f"backfill run {result.run_id}{' (resumed an interrupted run)' if result.resumed else ''}")
+    lines = [head, f"  window: {result.window_seconds:g} s"]
+    verb = "would link" if result.dry_run else "linked"
+    if result.dry_run:
+        lines += [f"  {verb}: {c['planned_discovery_flows']:,} discovery flows"
+                  f" ({c['planned_masters_created']:,} with a new master), {c['planned_data_imports']:,} imports,"
+                  f" {c['planned_raw_import_records']:,} records"]
+    else:
+        lines += [f"  {verb}: {c.get('discovery_flows', 0):,} discovery flows ({c.get('masters_created', 0):,} masters"
+                  f" created), {c.get('data_imports', 0):,} imports, {c.get('raw_import_records', 0):,} records"
+                  f" in {c['batches']} batches (longest {c['longest_batch_ms']} ms)"]
+        if c.get("skipped"):
+            lines.append(f"  skipped {c['skipped']} planned links: the rows changed since planning")
+    evidence = {k.removeprefix("planned_"): v for k, v in c.items()
+                if k.startswith("planned_") and ":" in k or k == "planned_time_window"}
+    if evidence:
+        lines.append("  imports by evidence: " + ", ".join(f"{k} {v:,}" for k, v in sorted(evidence.items())))
+    lines.append(f"  ambiguous: {len(result.plan.ambiguous):,}   unmatched: {len(result.plan.unmatched):,}")
+    for a in result.plan.ambiguous[:10]:
+        lines.append(f"    ambiguous {a.table} {a.id}: {a.reason} ({', '.join(a.candidates)})")
+    for u in result.plan.unmatched[:10]:
+        lines.append(f"    unmatched {u.table} {u.id}: {u.reason}")
+    more = len(result.plan.ambiguous) + len(result.plan.unmatched) - 20
+    if more > 0:
+        lines.append(f"    ... and {more} more (--format json or --report FILE lists them all)")
+    if not result.dry_run and result.run_id:
+        lines.append(f"  undo with: flowfix undo {result.run_id}")
+    return "\n".join(lines)
 
 
 def require_uuid(value: str, option: str) -> uuid.UUID:

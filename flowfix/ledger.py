@@ -100,7 +100,7 @@ async def record(conn: Executor, run_id: uuid.UUID, changes: list[Change]) -> No
         return
     await conn.execute(
         text("INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value,"
-             " evidence, distance_seconds) VALUES (:run, :t, :r, :c, :o, :n, :e, :d)"),
+             " evidence, distance_seconds, applied_at) VALUES (:run, :t, :r, :c, :o, :n, :e, :d, now())"),
         [{"run": run_id, "t": c.table, "r": c.row_id, "c": c.column, "o": c.old_value, "n": c.new_value,
           "e": c.evidence, "d": c.distance_seconds} for c in changes])
 
@@ -132,22 +132,33 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
     undo_run = await start_run(conn, "undo", {"run_id": str(run_id)})
     report = UndoReport(run_id=run_id, undo_run_id=undo_run)
     changes = (await conn.execute(text(
-        "SELECT id, table_name, row_id, column_name, old_value, new_value FROM flowfix_changes"
-        " WHERE run_id = :id AND undone_at IS NULL ORDER BY id DESC"), {"id": run_id})).all()
+        "SELECT id, table_name, row_id, column_name, old_value, new_value, row_ids FROM flowfix_changes"
+        " WHERE run_id = :id AND applied_at IS NOT NULL AND undone_at IS NULL ORDER BY id DESC"),
+        {"id": run_id})).all()
     for ch in changes:
         if ch.column_name == CREATED_ROW:
             continue  # created rows go last, once nothing the run linked points at them
         if (ch.table_name, ch.column_name) not in UNDOABLE_COLUMNS:
             raise FlowfixError(f"ledger change {ch.id} names {ch.table_name}.{ch.column_name}, which undo does not touch")
-        reverted = (await conn.execute(
-            text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
-                 " WHERE id = :row AND master_flow_id IS NOT DISTINCT FROM :new RETURNING id"),
-            {"old": ch.old_value, "new": ch.new_value, "row": ch.row_id})).first()
-        if reverted:
-            report.reverted += 1
-            await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
+        if ch.row_ids is not None:  # one change for many rows (a batch of an import's records)
+            result = await conn.execute(
+                text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
+                     " WHERE id = ANY(:rows) AND master_flow_id IS NOT DISTINCT FROM :new"),
+                {"old": ch.old_value, "new": ch.new_value, "rows": list(ch.row_ids)})
+            reverted, expected = result.rowcount, len(ch.row_ids)
         else:
-            report.skipped.append({"table": ch.table_name, "id": str(ch.row_id), "reason": "changed since the run"})
+            result = await conn.execute(
+                text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
+                     " WHERE id = :row AND master_flow_id IS NOT DISTINCT FROM :new"),
+                {"old": ch.old_value, "new": ch.new_value, "row": ch.row_id})
+            reverted, expected = result.rowcount, 1
+        report.reverted += reverted
+        if reverted:
+            await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
+        if reverted < expected:
+            what = f"{expected - reverted} of its records" if ch.row_ids is not None else "it"
+            report.skipped.append({"table": ch.table_name, "id": str(ch.row_id),
+                                   "reason": f"{what} changed since the run"})
     for ch in changes:
         if ch.column_name != CREATED_ROW or ch.table_name != MASTER_TABLE:
             continue

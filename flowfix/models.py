@@ -14,10 +14,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     DateTime,
     Double,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -75,6 +77,12 @@ class CrewAIFlowStateExtensions(Base):
     )
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _created_at()
+
+    # Built by fix_master_flow_fk: the backfill's time-window search (same tenant, created
+    # near an import) is a range scan on it instead of a comparison of every pair.
+    __table_args__ = (
+        Index("ix_crewai_flow_state_extensions_tenant_created", "client_account_id", "engagement_id", "created_at"),
+    )
 
 
 class DataImport(Base):
@@ -222,5 +230,12 @@ class LedgerChange(Base):
     new_value: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     evidence: Mapped[str] = mapped_column(Text, nullable=False)
     distance_seconds: Mapped[float | None] = mapped_column(Double)
-    changed_at: Mapped[datetime] = _created_at()
+    #: for a change applied to many rows at once (a batch of one import's records):
+    #: their ids; ``row_id`` is then the import's id
+    row_ids: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(Uuid))
+    recorded_at: Mapped[datetime] = _created_at()
+    #: NULL while the change is only planned (a backfill stores its plan first)
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: why a planned change was not applied (the row changed since planning)
+    skipped: Mapped[str | None] = mapped_column(Text)

@@ -84,7 +84,7 @@ def test_offline_sql_marks_concurrently_steps_and_produces_the_same_schema(setti
     text = buf.getvalue()
     assert "password" not in text.lower()
     concurrently = [n for n, line in enumerate(text.splitlines()) if "CONCURRENTLY" in line and "CREATE" in line]
-    assert len(concurrently) == 4  # unique flow_id + three master_flow_id indexes
+    assert len(concurrently) == 5  # unique flow_id, three master_flow_id indexes, tenant+created_at
     lines = text.splitlines()
     for n in concurrently:  # each one is announced, outside BEGIN/COMMIT
         window = "\n".join(lines[max(0, n - 6):n])

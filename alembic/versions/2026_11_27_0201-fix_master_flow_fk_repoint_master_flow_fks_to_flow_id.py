@@ -36,6 +36,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 UNIQUE_FLOW_ID = "uq_crewai_flow_state_extensions_flow_id"
+TENANT_CREATED = "ix_crewai_flow_state_extensions_tenant_created"
 #: ON DELETE CASCADE on all three, so deleting a master flow removes its import, the
 #: import's records and its discovery flow. The plan cascades only data_imports; with its
 #: NO ACTION on raw_import_records, Postgres checks that FK before the cascade through
@@ -80,8 +81,11 @@ CREATE_FLOWFIX_TABLES = (
     new_value uuid,
     evidence text NOT NULL,
     distance_seconds double precision,
-    changed_at timestamptz DEFAULT now() NOT NULL,
+    row_ids uuid[],
+    recorded_at timestamptz DEFAULT now() NOT NULL,
+    applied_at timestamptz,
     undone_at timestamptz,
+    skipped text,
     CONSTRAINT pk_flowfix_changes PRIMARY KEY (id),
     CONSTRAINT fk_flowfix_changes_run_id FOREIGN KEY (run_id) REFERENCES flowfix_runs (id) ON DELETE CASCADE
 )""",
@@ -275,6 +279,11 @@ def _ensure_master_flow_id_index(table: str) -> None:
     )
 
 
+def _invalid_index(name: str) -> bool:
+    return bool(migrate.bind().exec_driver_sql(
+        f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass('{name}') AND NOT indisvalid").scalar_one())
+
+
 def _validate(table: str) -> None:
     if migrate.offline():
         names = [f"fk_{table}_master_flow_id"]
@@ -306,6 +315,17 @@ def upgrade() -> None:
     for table in CHILD_TABLES:
         migrate.note(f"step 5: {table}: index master_flow_id")
         _ensure_master_flow_id_index(table)
+    migrate.note(f"step 5: {MASTER_TABLE}: index (tenant, created_at) for the backfill's time-window search")
+    migrate.execute(_record_if_absent("index_created", MASTER_TABLE, TENANT_CREATED,
+                                      f"to_regclass('{TENANT_CREATED}') IS NULL"))
+    migrate.commit()
+    if not migrate.offline() and _invalid_index(TENANT_CREATED):
+        migrate.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {TENANT_CREATED}")
+    migrate.outside_transaction(
+        "build it without blocking writes",
+        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {TENANT_CREATED}"
+        f" ON {MASTER_TABLE} (client_account_id, engagement_id, created_at)",
+    )
 
     migrate.outside_transaction(
         "step 6: fresh statistics, so VALIDATE plans its anti-join well after the mass update",
