@@ -237,11 +237,14 @@ RECORD_TENANT_OK = (
     " AND (r.engagement_id IS NULL OR r.engagement_id = m.engagement_id)"
 )
 
+#: Records holding another master than their import will (after the planned links).
 DISAGREEING_RECORDS = f"""
-SELECT r.id, r.master_flow_id, t.master_flow_id AS import_master
-FROM raw_import_records r JOIN data_imports t ON t.id = r.data_import_id
-WHERE r.master_flow_id IS NOT NULL AND t.master_flow_id IS NOT NULL AND r.master_flow_id <> t.master_flow_id
-  AND {SCOPE}
+WITH planned AS (SELECT * FROM unnest(CAST(:imp_ids AS uuid[]), CAST(:imp_flows AS uuid[])) AS p(import_id, flow)),
+eff AS (SELECT t.id, COALESCE(t.master_flow_id, p.flow) AS flow
+        FROM data_imports t LEFT JOIN planned p ON p.import_id = t.id WHERE {SCOPE})
+SELECT r.id, r.master_flow_id, e.flow AS import_master
+FROM raw_import_records r JOIN eff e ON e.id = r.data_import_id
+WHERE r.master_flow_id IS NOT NULL AND e.flow IS NOT NULL AND r.master_flow_id <> e.flow
 ORDER BY r.id
 """
 
@@ -366,10 +369,11 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
 
     # 3. records follow their import.
     created = plan.masters_to_create
+    planned = {"imp_ids": [uuid.UUID(l.id) for l in plan.import_links],
+               "imp_flows": [uuid.UUID(l.master_flow_id) for l in plan.import_links]}
     record_sql = RECORD_PLAN.replace("{tenant_ok}", RECORD_TENANT_OK)
     for row in (await conn.execute(text(record_sql), {
-            **scope, "imp_ids": [uuid.UUID(l.id) for l in plan.import_links],
-            "imp_flows": [uuid.UUID(l.master_flow_id) for l in plan.import_links],
+            **scope, **planned,
             "c_flows": [c["flow_id"] for c in created], "c_clients": [c["client_account_id"] for c in created],
             "c_engagements": [c["engagement_id"] for c in created]})).mappings():
         if row["to_link"]:
@@ -382,7 +386,7 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
         if row["no_master"]:
             plan.unmatched.append(Unmatched("raw_import_records", str(row["data_import_id"]),
                                             f"{row['no_master']} records: their import has no master"))
-    for row in (await conn.execute(text(DISAGREEING_RECORDS), scope)).mappings():
+    for row in (await conn.execute(text(DISAGREEING_RECORDS), {**scope, **planned})).mappings():
         plan.ambiguous.append(Ambiguous("raw_import_records", str(row["id"]),
                                         [str(row["master_flow_id"]), str(row["import_master"])],
                                         "the record holds another master than its import: never overwritten"))
@@ -412,7 +416,7 @@ created AS (
     INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, user_id, flow_type,
                                               flow_name, flow_status, flow_configuration)
     SELECT d.flow_id, d.client_account_id, d.engagement_id, d.user_id, 'discovery', d.flow_name, d.status,
-           jsonb_build_object('created_by', 'flowfix backfill', 'run_id', CAST(:run AS text))
+           jsonb_build_object('created_by', 'flowfix backfill', 'run_id', CAST(:run_text AS text))
     FROM discovery_flows d JOIN todo ON todo.id = d.id
     WHERE d.master_flow_id IS NULL
       AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions m WHERE m.flow_id = d.flow_id)
@@ -590,7 +594,8 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
     for chunk in _chunks(plan.masters_to_create, opts.batch_size):
         started = time.perf_counter()
         async with conn.begin():
-            made = (await conn.execute(text(CREATE_MASTERS), {"run": run_id, "ids": [c["id"] for c in chunk]})).all()
+            made = (await conn.execute(text(CREATE_MASTERS), {"run": run_id, "run_text": str(run_id),
+                                                                "ids": [c["id"] for c in chunk]})).all()
         batcher.done(time.perf_counter() - started)
         counts["masters_created"] += len(made)
     for chunk in _chunks(plan.discovery_links, opts.batch_size):
