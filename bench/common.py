@@ -95,7 +95,7 @@ DATASET_SQL = (
     """INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id, engagement_id,
                                    user_id, flow_name, status, created_at, updated_at)
        SELECT md5('discovery-' || g)::uuid, md5('master-flow-' || g)::uuid, md5('master-flow-' || g)::uuid,
-              CASE WHEN g <= {imports} THEN md5('import-' || g)::uuid END,
+              CASE WHEN g <= {imports} AND {discovery_names_import} THEN md5('import-' || g)::uuid END,
               md5('client-' || (g % {tenants}))::uuid, md5('engagement-' || (g % {tenants}) || '-' || (g % 2))::uuid,
               'user-' || (g % 50), 'Discovery ' || g, 'running',
               timestamptz '2026-01-01' + g * interval '11 minutes', timestamptz '2026-01-01' + g * interval '11 minutes'
@@ -104,10 +104,14 @@ DATASET_SQL = (
 )
 
 
-def build_legacy_dataset(url: str, *, imports: int, records_per_import: int = 50) -> None:
-    """Revision ``legacy`` plus the dataset, in the database at ``url``."""
+def build_legacy_dataset(url: str, *, imports: int, records_per_import: int = 50,
+                         discovery_names_import: bool = True) -> None:
+    """Revision ``legacy`` plus the dataset, in the database at ``url``. With
+    ``discovery_names_import=False`` no discovery flow names its import, so the only
+    evidence left is time (what the plan's script relies on)."""
     schema.upgrade(settings_for(url), "legacy")
-    params = dict(tenants=TENANTS, imports=imports, masters=imports + imports // 9, records_per_import=records_per_import)
+    params = dict(tenants=TENANTS, imports=imports, masters=imports + imports // 9, records_per_import=records_per_import,
+                  discovery_names_import="TRUE" if discovery_names_import else "FALSE")
 
     async def load() -> None:
         conn = await asyncpg.connect(url)

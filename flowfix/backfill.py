@@ -564,6 +564,15 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, progress: 
 
 
 async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] = round(now - clock, 3)
+        clock = now
+
     async with conn.begin():
         run_id = await _interrupted_run(conn, opts)
         resumed = run_id is not None
@@ -587,6 +596,7 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
             plan.ambiguous = [a for a in plan.ambiguous if a.table != "data_imports" or a.id not in stale]
             plan.unmatched = [u for u in plan.unmatched if u.table != "data_imports" or u.id not in stale]
 
+    lap("plan")
     batcher = Batcher(opts.batch_size)
     counts: dict[str, int] = defaultdict(int)
 
@@ -607,6 +617,7 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
         batcher.done(time.perf_counter() - started)
         counts["discovery_flows"] += len(done)
         note("discovery_flows", len(done))
+    lap("discovery_flows")
 
     # 2. imports, from the stored plan
     after = NIL
@@ -619,6 +630,7 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
         counts["data_imports"] += applied
         counts["skipped"] += skipped
         note("data_imports", applied)
+    lap("data_imports")
 
     # 3. records follow their import; a batch is as many imports as make --batch-size records
     per_import = -(-plan.records_to_link // max(1, len(plan.record_links))) or 1
@@ -632,9 +644,10 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
         after = last_id
         counts["raw_import_records"] += changed
         note("raw_import_records", changed)
+    lap("raw_import_records")
 
     final = {**_plan_counts(plan), **counts, "batches": batcher.count + by_import.count,
-             "longest_batch_ms": round(max(batcher.longest, by_import.longest) * 1000, 1)}
+             "longest_batch_ms": round(max(batcher.longest, by_import.longest) * 1000, 1), "seconds": seconds}
     async with conn.begin():
         await ledger.finish_run(conn, run_id, "finished", final)
     return Result(str(run_id), False, opts.window_seconds, plan, final, resumed=resumed)

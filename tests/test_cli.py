@@ -59,3 +59,21 @@ def test_upgrade_sql_prints_reviewable_sql_without_a_database() -> None:
     assert result.exit_code == 0, result.output
     assert "CREATE UNIQUE INDEX CONCURRENTLY" in result.stdout
     assert "-- OUTSIDE A TRANSACTION" in result.stdout
+
+
+def test_the_plans_script_entry_points_wrap_the_cli(database_url: str, settings: Settings) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, upgrade
+
+    upgrade(settings, "fix_master_flow_fk")
+    env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
+    validate = subprocess.run([sys.executable, "scripts/validate_flow_relationships.py", "--format", "json"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+    assert validate.returncode == 0, validate.stderr
+    assert '"revision": "fix_master_flow_fk"' in validate.stdout
+    backfill = subprocess.run([sys.executable, "scripts/fix_orphaned_data_imports.py", "--dry-run", "--format", "json"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+    assert backfill.returncode == 0, backfill.stderr
+    assert '"window_seconds": 7200' in backfill.stdout
