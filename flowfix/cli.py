@@ -257,6 +257,21 @@ def backfill_summary(result: backfilling.Result) -> str:
     return "\n".join(lines)
 
 
+@app.command()
+def demo(
+    size: Annotated[int, typer.Option("--size", min=20, max=100_000, help="Imports in the demo dataset (10 records each).")] = 300,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the embedded server's data directory afterwards.")] = False,
+) -> None:
+    """Walk the whole runbook on a throwaway embedded PostgreSQL with a broken dataset.
+
+    Needs no DATABASE_URL and never touches one: the server is started in a temporary
+    directory and removed afterwards (unless --keep).
+    """
+    from flowfix.demo import run_demo
+
+    raise typer.Exit(guarded(lambda: run_demo(size=size, keep=keep)))
+
+
 def require_uuid(value: str, option: str) -> uuid.UUID:
     parsed = parse_uuid(value, option)
     assert parsed is not None

@@ -16,7 +16,8 @@ def _env(database_url: str, **extra: str) -> dict[str, str]:
     return {"DATABASE_URL": database_url, "FLOWFIX_SCHEMA": "public", **extra}
 
 
-@pytest.mark.parametrize("command", [[], ["upgrade"], ["downgrade"]])
+@pytest.mark.parametrize("command", [[], ["upgrade"], ["downgrade"], ["validate"], ["status"], ["backfill"],
+                                     ["link"], ["undo"], ["runs"], ["demo"]])
 def test_help_renders(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
