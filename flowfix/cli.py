@@ -6,7 +6,6 @@ stderr, nothing changed). No SQL lives here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import uuid
@@ -18,8 +17,8 @@ import typer
 
 from flowfix import backfill as backfilling, ledger, linking, schema, validate as validation
 from flowfix.config import Settings, mask_url
-from flowfix.db import make_engine, make_sessionmaker
-from flowfix.errors import ConfigError, FlowfixError
+from flowfix.db import make_sessionmaker, run_with_engine
+from flowfix.errors import FlowfixError
 from flowfix.window import parse_window
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -100,15 +99,7 @@ def parse_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
 
 def run_async(settings: Settings, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     """Run ``work(engine)`` on a fresh engine; typed errors become one line and exit 2."""
-
-    async def go() -> T:
-        engine = make_engine(settings)
-        try:
-            return await work(engine)
-        finally:
-            await engine.dispose()
-
-    return guarded(lambda: asyncio.run(go()), settings)
+    return guarded(lambda: run_with_engine(settings, work), settings)
 
 
 def write_output(content: str, output: Path | None) -> None:

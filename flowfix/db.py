@@ -9,8 +9,10 @@ land in ``FLOWFIX_SCHEMA``; a missing schema fails loudly instead of falling bac
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -19,6 +21,7 @@ from flowfix.config import Settings, mask_url
 from flowfix.errors import DatabaseUnavailable
 
 CONNECT_TIMEOUT_S = 10
+T = TypeVar("T")
 
 
 def make_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
@@ -62,3 +65,17 @@ async def connect(engine: AsyncEngine, settings: Settings) -> AsyncIterator[Asyn
         yield conn
     finally:
         await conn.close()
+
+
+def run_with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """From synchronous code (the CLI, the demo): run ``work(engine)`` on a fresh engine
+    in its own event loop, and dispose of the engine afterwards."""
+
+    async def go() -> T:
+        engine = make_engine(settings)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +20,7 @@ from sqlalchemy import text
 
 from flowfix import backfill, embedded, ledger, linking, schema, validate
 from flowfix.config import Settings, normalize_url
-from flowfix.db import make_engine, make_sessionmaker
+from flowfix.db import make_engine, make_sessionmaker, run_with_engine
 
 #: The broken dataset, for `size` imports (default 300). Tenants: 3 client accounts with
 #: 2 engagements each. Per import, by its number g:
@@ -135,17 +134,6 @@ async def _sql(settings: Settings, statements: tuple[str, ...], **params: Any) -
         await engine.dispose()
 
 
-def _with_engine(settings: Settings, fn: Callable[[Any], Any]) -> Any:
-    async def go() -> Any:
-        engine = make_engine(settings)
-        try:
-            return await fn(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
-
-
 def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None) -> int:
     """Walk the runbook on an embedded PostgreSQL; returns the exit code (0 when it ends green)."""
     n = say or Narrator()
@@ -175,20 +163,20 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
 
         opts = backfill.Options(window_seconds=7200, create_missing_masters=True)
         n.title("flowfix backfill --window 2h --create-missing-masters --dry-run")
-        dry = _with_engine(settings, lambda e: backfill.run(e, settings, replace(opts, dry_run=True)))
+        dry = run_with_engine(settings, lambda e: backfill.run(e, settings, replace(opts, dry_run=True)))
         _summarise_plan(n, dry)
 
         n.title("flowfix backfill --window 2h --create-missing-masters")
-        done = _with_engine(settings, lambda e: backfill.run(e, settings, opts))
+        done = run_with_engine(settings, lambda e: backfill.run(e, settings, opts))
         c = done.counts
         n.say(f"run {done.run_id}: {c['discovery_flows']} discovery flows ({c['masters_created']} masters created),"
               f" {c['data_imports']} imports, {c['raw_import_records']:,} records linked in {c['batches']} batches"
               f" (longest {c['longest_batch_ms']} ms)")
 
         n.title(f"flowfix undo {done.run_id}, then backfill again (undo is exact, a rerun is identical)")
-        undone = _with_engine(settings, lambda e: _undo(e, uuid.UUID(done.run_id)))
+        undone = run_with_engine(settings, lambda e: _undo(e, uuid.UUID(done.run_id)))
         n.say(f"undo: {undone.reverted:,} values reverted, {undone.deleted_masters} created masters deleted")
-        again = _with_engine(settings, lambda e: backfill.run(e, settings, opts))
+        again = run_with_engine(settings, lambda e: backfill.run(e, settings, opts))
         n.say(f"backfill again: run {again.run_id}, {again.counts['data_imports']} imports,"
               f" {again.counts['raw_import_records']:,} records linked")
 
@@ -198,7 +186,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         n.title("flowfix link: an operator resolves the ambiguous imports (ties), records included")
         for item in [a for a in again.plan.ambiguous if a.table == "data_imports"]:
             chosen = uuid.UUID(item.candidates[0])
-            run_id, result = _with_engine(settings, lambda e, i=item, f=chosen: _link(e, uuid.UUID(i.id), f))
+            run_id, result = run_with_engine(settings, lambda e, i=item, f=chosen: _link(e, uuid.UUID(i.id), f))
             n.say(f"import {item.id} -> flow {chosen} ({result.records_linked} records), run {run_id}")
 
         n.title("flowfix upgrade head (discovery_flows.master_flow_id NOT NULL, online)")
@@ -232,11 +220,11 @@ def _scalar(settings: Settings, statement: str) -> int:
         async with engine.connect() as conn:
             return (await conn.execute(text(statement))).scalar_one()
 
-    return int(_with_engine(settings, go))
+    return int(run_with_engine(settings, go))
 
 
 def _validate(settings: Settings, **options: Any) -> validate.Report:
-    return _with_engine(settings, lambda e: validate.validate(e, settings, validate.Options(samples=0, **options)))
+    return run_with_engine(settings, lambda e: validate.validate(e, settings, validate.Options(samples=0, **options)))
 
 
 async def _undo(engine, run_id: uuid.UUID) -> ledger.UndoReport:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from alembic import command
 from alembic.util import CommandError
 
 from flowfix.config import Settings, normalize_url
-from tests.conftest import ROOT, make_alembic_config, upgrade
+from tests.conftest import make_alembic_config, upgrade
 from tests.helpers import add_import, add_master, links, revision, sql
 
 C, E = uuid.uuid4(), uuid.uuid4()
