@@ -78,3 +78,22 @@ def test_the_plans_script_entry_points_wrap_the_cli(database_url: str, settings:
                               cwd=ROOT, env=env, capture_output=True, text=True)
     assert backfill.returncode == 0, backfill.stderr
     assert '"window_seconds": 7200' in backfill.stdout
+
+
+def test_alembic_itself_runs_the_revisions_from_the_checkout(database_url: str, settings: Settings) -> None:
+    """The runbook's `alembic upgrade head`: same env.py, DATABASE_URL from the environment."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert revision(settings) == "enforce_master_flow_not_null"
+    bad = subprocess.run([sys.executable, "-m", "alembic", "downgrade", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "Traceback" not in bad.stdout + bad.stderr
+    assert "FAILED: Can't locate revision identified by 'nope'" in bad.stdout
