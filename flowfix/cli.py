@@ -186,7 +186,13 @@ def backfill(
         engagement=parse_uuid(engagement, "--engagement"),
     )
     settings = load_settings()
-    result = run_async(settings, lambda engine: _backfill_with_progress(engine, settings, opts, fmt == "text"))
+    from rich.console import Console
+
+    from flowfix.progress import backfill_with_progress
+
+    # the bar goes to stderr, and only with the human summary on a terminal
+    console = Console(stderr=True, force_terminal=None if fmt == "text" else False)
+    result = run_async(settings, lambda engine: backfill_with_progress(engine, settings, opts, console))
     if report is not None:
         write_output(result.to_json(), report)
     if fmt == "json":
@@ -194,25 +200,6 @@ def backfill(
     else:
         typer.echo(backfill_summary(result))
     raise typer.Exit(result.exit_code)
-
-
-async def _backfill_with_progress(engine, settings: Settings, opts: backfilling.Options, show: bool):  # type: ignore[no-untyped-def]
-    """A progress bar on a terminal (stderr); nothing when piped."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    if not show or not console.is_terminal or opts.dry_run:
-        return await backfilling.run(engine, settings, opts)
-    with Progress(console=console, transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def advance(step: str, n: int) -> None:
-            if step not in tasks:
-                tasks[step] = bar.add_task(f"linking {step}", total=None)
-            bar.advance(tasks[step], n)
-
-        return await backfilling.run(engine, settings, opts, progress=advance)
 
 
 def backfill_summary(result: backfilling.Result) -> str:

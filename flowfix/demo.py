@@ -21,6 +21,7 @@ from sqlalchemy import text
 from flowfix import backfill, embedded, ledger, linking, schema, validate
 from flowfix.config import Settings, normalize_url
 from flowfix.db import make_engine, make_sessionmaker, run_with_engine
+from flowfix.progress import backfill_with_progress
 
 #: The broken dataset, for `size` imports (default 300). Tenants: 3 client accounts with
 #: 2 engagements each. Per import, by its number g:
@@ -167,7 +168,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         _summarise_plan(n, dry)
 
         n.title("flowfix backfill --window 2h --create-missing-masters")
-        done = run_with_engine(settings, lambda e: backfill.run(e, settings, opts))
+        done = run_with_engine(settings, lambda e: backfill_with_progress(e, settings, opts, n.console))
         c = done.counts
         n.say(f"run {done.run_id}: {c['discovery_flows']} discovery flows ({c['masters_created']} masters created),"
               f" {c['data_imports']} imports, {c['raw_import_records']:,} records linked in {c['batches']} batches"
@@ -176,7 +177,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         n.title(f"flowfix undo {done.run_id}, then backfill again (undo is exact, a rerun is identical)")
         undone = run_with_engine(settings, lambda e: _undo(e, uuid.UUID(done.run_id)))
         n.say(f"undo: {undone.reverted:,} values reverted, {undone.deleted_masters} created masters deleted")
-        again = run_with_engine(settings, lambda e: backfill.run(e, settings, opts))
+        again = run_with_engine(settings, lambda e: backfill_with_progress(e, settings, opts, n.console))
         n.say(f"backfill again: run {again.run_id}, {again.counts['data_imports']} imports,"
               f" {again.counts['raw_import_records']:,} records linked")
 
@@ -184,11 +185,14 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         n.report(_validate(settings))
 
         n.title("flowfix link: an operator resolves the ambiguous imports (ties), records included")
-        for item in [a for a in again.plan.ambiguous if a.table == "data_imports"]:
+        ties = [a for a in again.plan.ambiguous if a.table == "data_imports"]
+        for number, item in enumerate(ties):
             chosen = uuid.UUID(item.candidates[0])
             run_id, result = run_with_engine(settings, lambda e, i=item, f=chosen: _link(e, uuid.UUID(i.id), f))
-            n.say(f"import {item.id} -> flow {chosen} ({result.records_linked} records), run {run_id}")
-
+            if number < 3:
+                n.say(f"import {item.id} -> flow {chosen} ({result.records_linked} records), run {run_id}")
+        if len(ties) > 3:
+            n.say(f"... and {len(ties) - 3} more, each its own ledgered run")
         n.title("flowfix upgrade head (discovery_flows.master_flow_id NOT NULL, online)")
         schema.upgrade(settings, "head")
         n.say("done")
