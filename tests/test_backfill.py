@@ -263,6 +263,11 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
     from tests.conftest import _admin
     asyncio.run(_admin(pg_server, f"CREATE DATABASE {twin_name} TEMPLATE {source}"))
     try:
+        # Slow every import update down (a real trigger, nothing mocked) so that the kill
+        # reliably lands mid-run, whatever the speed of the machine or server.
+        sql(s, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
+               " $$ BEGIN PERFORM pg_sleep(0.03); RETURN NEW; END $$")
+        sql(s, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
         env = {**os.environ, "DATABASE_URL": database_url}
         proc = subprocess.Popen([sys.executable, "-m", "flowfix", "backfill", "--batch-size", "2"], env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -277,6 +282,7 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
         proc.wait()
         assert 10 <= done < 60, done
         assert sql(s, "SELECT status FROM flowfix_runs") == [{"status": "running"}]
+        sql(s, "DROP TRIGGER slow ON data_imports")
 
         resumed = run(s)
         assert resumed.resumed
@@ -295,7 +301,7 @@ def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings, d
     for n in range(40):
         master(s, minutes=n * 30)
         orphan(s, minutes=n * 30 + 1, records=5)
-    stop = threading.Event()
+    stop, started = threading.Event(), threading.Event()
     written: list[uuid.UUID] = []
 
     def app_writes() -> None:
@@ -306,6 +312,7 @@ def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings, d
                     written.append(await conn.fetchval(
                         "INSERT INTO data_imports (client_account_id, engagement_id, created_at)"
                         " VALUES ($1, $2, now()) RETURNING id", A[0], A[1]))
+                    started.set()
                     await asyncio.sleep(0.005)
             finally:
                 await conn.close()
@@ -314,13 +321,14 @@ def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings, d
 
     writer = threading.Thread(target=app_writes)
     writer.start()
+    started.wait(10)
     try:
         result = run(s, batch_size=3)
     finally:
         stop.set()
         writer.join()
     assert result.counts["data_imports"] == 40 and result.counts["raw_import_records"] == 200
-    assert len(written) > 5
+    assert len(written) >= 2  # the application kept writing while the run went on
     current = links(s, "data_imports")
     assert all(current[w] is None for w in written)  # created "now": no master within the window
 
