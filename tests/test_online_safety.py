@@ -37,33 +37,35 @@ def _hold_lock(database_url: str, table: str, seconds: float, started: threading
     asyncio.run(run())
 
 
-def test_a_blocked_revision_waits_at_most_lock_timeout_per_attempt_then_retries(
-        settings: Settings, database_url: str) -> None:
+def _legacy_link_and_lock(settings: Settings, database_url: str, table: str,
+                          seconds: float) -> tuple[uuid.UUID, uuid.UUID, threading.Thread]:
+    """A legacy database with one import linked by master id, and another session that
+    holds a lock on ``table`` for ``seconds`` (already holding it on return)."""
     upgrade(settings, "legacy")
-    m, f = add_master(settings, client=C, engagement=E)
-    i = add_import(settings, master=m, client=C, engagement=E)
+    m, flow = add_master(settings, client=C, engagement=E)
+    imp = add_import(settings, master=m, client=C, engagement=E)
     started = threading.Event()
-    holder = threading.Thread(target=_hold_lock, args=(database_url, "data_imports", 2.5, started))
+    holder = threading.Thread(target=_hold_lock, args=(database_url, table, seconds, started))
     holder.start()
     started.wait(10)
+    return imp, flow, holder
+
+
+def test_a_blocked_revision_waits_at_most_lock_timeout_per_attempt_then_retries(
+        settings: Settings, database_url: str) -> None:
+    imp, flow, holder = _legacy_link_and_lock(settings, database_url, "data_imports", 2.5)
     quick = dataclasses.replace(settings, lock_timeout="300ms", lock_retries=5)
     t0 = time.monotonic()
     upgrade(quick, "fix_master_flow_fk")
     elapsed = time.monotonic() - t0
     holder.join()
     assert revision(settings) == "fix_master_flow_fk"
-    assert links(settings, "data_imports") == {i: f}
+    assert links(settings, "data_imports") == {imp: flow}
     assert elapsed >= 2.0  # it did wait for the holder (retries), and did not fail
 
 
 def test_when_retries_run_out_the_error_is_one_line_and_a_rerun_finishes(settings: Settings, database_url: str) -> None:
-    upgrade(settings, "legacy")
-    m, f = add_master(settings, client=C, engagement=E)
-    i = add_import(settings, master=m, client=C, engagement=E)
-    started = threading.Event()
-    holder = threading.Thread(target=_hold_lock, args=(database_url, "raw_import_records", 3, started))
-    holder.start()
-    started.wait(10)
+    imp, flow, holder = _legacy_link_and_lock(settings, database_url, "raw_import_records", 3)
     impatient = dataclasses.replace(settings, lock_timeout="100ms", lock_retries=0)
     with pytest.raises(CommandError) as err:
         upgrade(impatient, "fix_master_flow_fk")
@@ -71,7 +73,7 @@ def test_when_retries_run_out_the_error_is_one_line_and_a_rerun_finishes(setting
     assert "gave up waiting for a table lock (1 attempts of 100ms)" in str(err.value) and "\n" not in str(err.value)
     assert revision(settings) == "legacy"
     upgrade(settings, "fix_master_flow_fk")  # resumes: the data_imports step is already done
-    assert links(settings, "data_imports") == {i: f}
+    assert links(settings, "data_imports") == {imp: flow}
 
 
 def test_offline_sql_marks_concurrently_steps_and_produces_the_same_schema(settings: Settings) -> None:
