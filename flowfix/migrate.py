@@ -183,8 +183,9 @@ def as_command_error(exc: BaseException, settings: Settings | None = None) -> Ba
     if is_lock_timeout(exc):
         timeout = settings.lock_timeout if settings is not None else "lock_timeout"
         retries = settings.lock_retries if settings is not None else 0
+        attempts = f"{retries + 1} attempt{'s' if retries else ''}"
         return CommandError(
-            f"flowfix: gave up waiting for a table lock ({retries + 1} attempts of {timeout}): a long-running "
+            f"flowfix: gave up waiting for a table lock ({attempts} of {timeout}): a long-running "
             "transaction holds it. Nothing is half-done; run the upgrade again later "
             "(see pg_stat_activity), or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES.")
     message = str(getattr(exc, "orig", None) or exc)

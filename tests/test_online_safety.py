@@ -70,7 +70,7 @@ def test_when_retries_run_out_the_error_is_one_line_and_a_rerun_finishes(setting
     with pytest.raises(CommandError) as err:
         upgrade(impatient, "fix_master_flow_fk")
     holder.join()
-    assert "gave up waiting for a table lock (1 attempts of 100ms)" in str(err.value) and "\n" not in str(err.value)
+    assert "gave up waiting for a table lock (1 attempt of 100ms)" in str(err.value) and "\n" not in str(err.value)
     assert revision(settings) == "legacy"
     upgrade(settings, "fix_master_flow_fk")  # resumes: the data_imports step is already done
     assert links(settings, "data_imports") == {imp: flow}
