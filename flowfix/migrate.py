@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 from alembic import op
 from sqlalchemy import Connection, text
@@ -114,11 +113,6 @@ def in_batches(title: str, table: str, template: str, *, rows: int = BATCH_ROWS)
             batches += 1
     log.info("%s: %d rows changed in %d batches, %.1fs", title, total, batches, time.monotonic() - started)
     return total
-
-
-def when_online(check: Callable[[Connection], bool]) -> bool:
-    """Evaluate a catalog check online; offline (nothing to read) the step is printed."""
-    return True if offline() else check(bind())
 
 
 # --- errors and retries (used by alembic/env.py) ---------------------------------------

@@ -234,26 +234,36 @@ SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
        (SELECT count(*) FROM changed) AS changed {into}"""
 
 
+def _build_index(table: str, name: str, columns: str, why: str, *, kind: str = "index_created",
+                 unique: bool = False) -> None:
+    """Build one index without blocking writes, the same way every time: drop the INVALID
+    leftover of an interrupted CONCURRENTLY build (online), note the index in
+    flowfix_schema_changes if it is not there yet (so the downgrade drops only what this
+    revision built), then CREATE ... CONCURRENTLY IF NOT EXISTS."""
+    if not migrate.offline() and _invalid_index(name):
+        migrate.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    migrate.execute(_record_if_absent(kind, table, name, f"to_regclass('{name}') IS NULL"))
+    migrate.commit()
+    migrate.outside_transaction(
+        why, f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({columns})")
+
+
+def _invalid_index(name: str) -> bool:
+    return bool(migrate.bind().exec_driver_sql(
+        f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass('{name}') AND NOT indisvalid").scalar_one())
+
+
 def _ensure_unique_flow_id() -> None:
-    online_state = None if migrate.offline() else catalog.indexes(migrate.bind(), MASTER_TABLE, "flow_id")
-    if online_state is not None:
-        others = [ix for ix in online_state if ix.name != UNIQUE_FLOW_ID and ix.is_unique and ix.is_valid
+    if not migrate.offline():
+        others = [ix for ix in catalog.indexes(migrate.bind(), MASTER_TABLE, "flow_id")
+                  if ix.name != UNIQUE_FLOW_ID and ix.is_unique and ix.is_valid
                   and not ix.is_partial and ix.key_columns == 1]
         if others:
             migrate.note(f"step 2: {MASTER_TABLE}.flow_id already has unique index {others[0].name}; nothing to build")
             return
     migrate.note(f"step 2: unique index {UNIQUE_FLOW_ID} on {MASTER_TABLE}(flow_id)")
-    migrate.execute(_record_if_absent("constraint_created", MASTER_TABLE, UNIQUE_FLOW_ID,
-                                      f"to_regclass('{UNIQUE_FLOW_ID}') IS NULL"))
-    migrate.commit()
-    ours = [ix for ix in online_state or [] if ix.name == UNIQUE_FLOW_ID]
-    if ours and not ours[0].is_valid:
-        # left behind by an interrupted CONCURRENTLY build
-        migrate.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {UNIQUE_FLOW_ID}")
-    migrate.outside_transaction(
-        "build the unique index without blocking writes",
-        f"CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {UNIQUE_FLOW_ID} ON {MASTER_TABLE} (flow_id)",
-    )
+    _build_index(MASTER_TABLE, UNIQUE_FLOW_ID, "flow_id", "build the unique index without blocking writes",
+                 kind="constraint_created", unique=True)
     migrate.execute(f"""DO $attach$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{MASTER_TABLE}'::regclass AND conname = '{UNIQUE_FLOW_ID}') THEN
@@ -264,24 +274,10 @@ END $attach$""")
 
 
 def _ensure_master_flow_id_index(table: str) -> None:
-    name = f"ix_{table}_master_flow_id"
-    if not migrate.offline():
-        existing = catalog.indexes(migrate.bind(), table, "master_flow_id")
-        if any(ix.is_valid and not ix.is_partial for ix in existing):
-            return
-        if any(ix.name == name for ix in existing):
-            migrate.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-    migrate.execute(_record_if_absent("index_created", table, name, f"to_regclass('{name}') IS NULL"))
-    migrate.commit()
-    migrate.outside_transaction(
-        f"index {table}(master_flow_id) so cascades and joins do not scan",
-        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} (master_flow_id)",
-    )
-
-
-def _invalid_index(name: str) -> bool:
-    return bool(migrate.bind().exec_driver_sql(
-        f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass('{name}') AND NOT indisvalid").scalar_one())
+    if not migrate.offline() and catalog.has_usable_index(migrate.bind(), table, "master_flow_id"):
+        return
+    _build_index(table, f"ix_{table}_master_flow_id", "master_flow_id",
+                 f"index {table}(master_flow_id) so cascades and joins do not scan")
 
 
 def _validate(table: str) -> None:
@@ -316,16 +312,8 @@ def upgrade() -> None:
         migrate.note(f"step 5: {table}: index master_flow_id")
         _ensure_master_flow_id_index(table)
     migrate.note(f"step 5: {MASTER_TABLE}: index (tenant, created_at) for the backfill's time-window search")
-    migrate.execute(_record_if_absent("index_created", MASTER_TABLE, TENANT_CREATED,
-                                      f"to_regclass('{TENANT_CREATED}') IS NULL"))
-    migrate.commit()
-    if not migrate.offline() and _invalid_index(TENANT_CREATED):
-        migrate.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {TENANT_CREATED}")
-    migrate.outside_transaction(
-        "build it without blocking writes",
-        f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {TENANT_CREATED}"
-        f" ON {MASTER_TABLE} (client_account_id, engagement_id, created_at)",
-    )
+    _build_index(MASTER_TABLE, TENANT_CREATED, "client_account_id, engagement_id, created_at",
+                 "build it without blocking writes")
 
     migrate.outside_transaction(
         "step 6: fresh statistics, so VALIDATE plans its anti-join well after the mass update",
