@@ -39,6 +39,7 @@ from flowfix import ledger
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError
+from flowfix.models import TENANT_SCOPE
 
 DISCOVERY_EVIDENCE = "exact:flow_id"
 EXACT_DF = "exact:discovery_flow"
@@ -52,10 +53,6 @@ STRENGTH = {EXACT_DF: 0, EXACT_CONFIG: 1}
 #: back up to --batch-size) to stay near it, so live traffic keeps flowing.
 TARGET_BATCH_SECONDS = 0.5
 
-SCOPE = (
-    "(CAST(:client AS uuid) IS NULL OR t.client_account_id = CAST(:client AS uuid))"
-    " AND (CAST(:engagement AS uuid) IS NULL OR t.engagement_id = CAST(:engagement AS uuid))"
-)
 
 
 @dataclass(frozen=True)
@@ -151,14 +148,14 @@ SELECT t.id, t.flow_id, t.client_account_id, t.engagement_id, t.user_id, t.flow_
        m.flow_id AS master, m.flow_type, m.client_account_id AS master_client, m.engagement_id AS master_engagement
 FROM discovery_flows t
 LEFT JOIN crewai_flow_state_extensions m ON m.flow_id = t.flow_id
-WHERE t.master_flow_id IS NULL AND {SCOPE}
+WHERE t.master_flow_id IS NULL AND {TENANT_SCOPE}
 ORDER BY t.id
 """
 
 ORPHAN_IMPORTS = f"""
 SELECT t.id, t.client_account_id, t.engagement_id, t.created_at
 FROM data_imports t
-WHERE t.master_flow_id IS NULL AND {SCOPE}
+WHERE t.master_flow_id IS NULL AND {TENANT_SCOPE}
 ORDER BY t.id
 """
 
@@ -221,18 +218,28 @@ WHERE m.flow_type = 'discovery' AND m.flow_status <> 'deleted'
 ORDER BY p.distance, p.import_id, p.flow_id
 """
 
-#: Records per import once the imports are linked (:imp_ids / :imp_flows: planned links).
+RECORD_TENANT_OK = (
+    "(r.client_account_id IS NULL OR r.client_account_id = m.client_account_id)"
+    " AND (r.engagement_id IS NULL OR r.engagement_id = m.engagement_id)"
+)
+
+#: Each import's master once the planned links (:imp_ids / :imp_flows) are in: the
+#: starting point of both record queries below.
+IMPORT_MASTERS = f"""planned AS (SELECT * FROM unnest(CAST(:imp_ids AS uuid[]), CAST(:imp_flows AS uuid[]))
+                AS p(import_id, flow)),
+eff AS (SELECT t.id, COALESCE(t.master_flow_id, p.flow) AS flow
+        FROM data_imports t LEFT JOIN planned p ON p.import_id = t.id WHERE {TENANT_SCOPE})"""
+
+#: Records per import once the imports are linked; masters step 1 will create count too.
 RECORD_PLAN = f"""
-WITH planned AS (SELECT * FROM unnest(CAST(:imp_ids AS uuid[]), CAST(:imp_flows AS uuid[])) AS p(import_id, flow)),
+WITH {IMPORT_MASTERS},
 created AS (SELECT * FROM unnest(CAST(:c_flows AS uuid[]), CAST(:c_clients AS uuid[]), CAST(:c_engagements AS uuid[]))
             AS c(flow_id, client_account_id, engagement_id)),
 masters AS (SELECT flow_id, client_account_id, engagement_id FROM crewai_flow_state_extensions
-            UNION ALL SELECT flow_id, client_account_id, engagement_id FROM created),
-eff AS (SELECT t.id, COALESCE(t.master_flow_id, p.flow) AS flow
-        FROM data_imports t LEFT JOIN planned p ON p.import_id = t.id WHERE {SCOPE})
+            UNION ALL SELECT flow_id, client_account_id, engagement_id FROM created)
 SELECT r.data_import_id, e.flow,
-       count(*) FILTER (WHERE e.flow IS NOT NULL AND {{tenant_ok}}) AS to_link,
-       count(*) FILTER (WHERE e.flow IS NOT NULL AND NOT ({{tenant_ok}})) AS tenant_conflict,
+       count(*) FILTER (WHERE e.flow IS NOT NULL AND {RECORD_TENANT_OK}) AS to_link,
+       count(*) FILTER (WHERE e.flow IS NOT NULL AND NOT ({RECORD_TENANT_OK})) AS tenant_conflict,
        count(*) FILTER (WHERE e.flow IS NULL) AS no_master
 FROM raw_import_records r
 JOIN eff e ON e.id = r.data_import_id
@@ -242,16 +249,9 @@ GROUP BY r.data_import_id, e.flow
 ORDER BY r.data_import_id
 """
 
-RECORD_TENANT_OK = (
-    "(r.client_account_id IS NULL OR r.client_account_id = m.client_account_id)"
-    " AND (r.engagement_id IS NULL OR r.engagement_id = m.engagement_id)"
-)
-
 #: Records holding another master than their import will (after the planned links).
 DISAGREEING_RECORDS = f"""
-WITH planned AS (SELECT * FROM unnest(CAST(:imp_ids AS uuid[]), CAST(:imp_flows AS uuid[])) AS p(import_id, flow)),
-eff AS (SELECT t.id, COALESCE(t.master_flow_id, p.flow) AS flow
-        FROM data_imports t LEFT JOIN planned p ON p.import_id = t.id WHERE {SCOPE})
+WITH {IMPORT_MASTERS}
 SELECT r.id, r.master_flow_id, e.flow AS import_master
 FROM raw_import_records r JOIN eff e ON e.id = r.data_import_id
 WHERE r.master_flow_id IS NOT NULL AND e.flow IS NOT NULL AND r.master_flow_id <> e.flow
@@ -381,8 +381,7 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
     created = plan.masters_to_create
     planned = {"imp_ids": [uuid.UUID(l.id) for l in plan.import_links],
                "imp_flows": [uuid.UUID(l.master_flow_id) for l in plan.import_links]}
-    record_sql = RECORD_PLAN.replace("{tenant_ok}", RECORD_TENANT_OK)
-    for row in (await conn.execute(text(record_sql), {
+    for row in (await conn.execute(text(RECORD_PLAN), {
             **scope, **planned,
             "c_flows": [c["flow_id"] for c in created], "c_clients": [c["client_account_id"] for c in created],
             "c_engagements": [c["engagement_id"] for c in created]})).mappings():
@@ -483,7 +482,7 @@ SELECT (SELECT row_id FROM batch ORDER BY row_id DESC LIMIT 1) AS last_id,
 LINK_RECORDS_BATCH = f"""
 WITH imports AS (
     SELECT t.id, t.master_flow_id, t.created_at FROM data_imports t
-    WHERE t.master_flow_id IS NOT NULL AND (t.created_at, t.id) > (:after_at, :after) AND {SCOPE}
+    WHERE t.master_flow_id IS NOT NULL AND (t.created_at, t.id) > (:after_at, :after) AND {TENANT_SCOPE}
     ORDER BY t.created_at, t.id
     LIMIT :limit
 ), changed AS (

@@ -43,6 +43,13 @@ MASTER_TABLE = "crewai_flow_state_extensions"
 #: The tables whose ``master_flow_id`` flowfix repoints, in dependency order.
 CHILD_TABLES: tuple[str, ...] = ("data_imports", "raw_import_records", "discovery_flows")
 
+#: SQL predicate for the rows (alias ``t``) in scope of --client-account / --engagement:
+#: all when a bound parameter is NULL. Shared by validate and backfill.
+TENANT_SCOPE = (
+    "(CAST(:client AS uuid) IS NULL OR t.client_account_id = CAST(:client AS uuid))"
+    " AND (CAST(:engagement AS uuid) IS NULL OR t.engagement_id = CAST(:engagement AS uuid))"
+)
+
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)

@@ -24,7 +24,7 @@ from flowfix import catalog
 from flowfix.config import VERSION_TABLE, Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError
-from flowfix.models import CHILD_TABLES, MASTER_TABLE
+from flowfix.models import CHILD_TABLES, MASTER_TABLE, TENANT_SCOPE
 from flowfix.schema import HEAD
 
 Status = Literal["pass", "warn", "fail"]
@@ -39,11 +39,6 @@ MASTERS_DEDUPED = (
     f" FROM {MASTER_TABLE} ORDER BY flow_id, id)"
 )
 
-#: Rows in scope: all, or one client account and/or engagement (bound parameters).
-SCOPE = (
-    "(CAST(:client AS uuid) IS NULL OR t.client_account_id = CAST(:client AS uuid))"
-    " AND (CAST(:engagement AS uuid) IS NULL OR t.engagement_id = CAST(:engagement AS uuid))"
-)
 
 TENANT_DIFFERS = (
     "m.flow_id IS NOT NULL AND (t.client_account_id <> m.client_account_id"
@@ -97,12 +92,12 @@ def _from(table: str, masters: str) -> str:
 def count_sql(table: str, checks: Sequence[RowCheck], masters: str) -> str:
     """One scan of ``table`` counting every row check at once."""
     columns = ",\n       ".join(f"count(*) FILTER (WHERE {c.predicate}) AS c{n}" for n, c in enumerate(checks))
-    return f"SELECT {columns}\nFROM {_from(table, masters)}\nWHERE {SCOPE}"
+    return f"SELECT {columns}\nFROM {_from(table, masters)}\nWHERE {TENANT_SCOPE}"
 
 
 def sample_sql(check: RowCheck, masters: str) -> str:
     return (f"SELECT t.id FROM {_from(check.table, masters)}\n"
-            f"WHERE {SCOPE} AND ({check.predicate})\nORDER BY t.id LIMIT :limit")
+            f"WHERE {TENANT_SCOPE} AND ({check.predicate})\nORDER BY t.id LIMIT :limit")
 
 
 @dataclass
