@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from flowfix import embedded, schema
-from flowfix.config import Settings, normalize_url
+from flowfix.config import Settings, libpq_url, normalize_url
+from flowfix.db import admin
 
 TENANTS = 8  # client accounts, two engagements each
 
@@ -39,28 +40,14 @@ def server() -> Iterator[str]:
         srv.stop()
 
 
-def db_url(server_url: str, database: str) -> str:
-    return normalize_url(server_url).set(drivername="postgresql", database=database).render_as_string(
-        hide_password=False)
-
-
 def settings_for(url: str) -> Settings:
     return Settings(url=normalize_url(url), schema="public")
-
-
-async def admin(server_url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(db_url(server_url, "postgres"))
-    try:
-        for sql in statements:
-            await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 def fresh_database(server_url: str, name: str, template: str | None = None) -> str:
     clause = f" TEMPLATE {template}" if template else ""
     asyncio.run(admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}{clause}"))
-    return db_url(server_url, name)
+    return libpq_url(server_url, name)
 
 
 DATASET_SQL = (

@@ -46,6 +46,13 @@ def normalize_url(raw: str) -> URL:
     raise ConfigError(f"unsupported driver '{url.drivername}': flowfix uses postgresql+asyncpg")
 
 
+def libpq_url(url: URL | str, database: str) -> str:
+    """The plain ``postgresql://`` URL (password included, for connecting, never for
+    printing) of ``database`` on the server of ``url``: what asyncpg itself accepts."""
+    return normalize_url(str(url) if isinstance(url, str) else url.render_as_string(hide_password=False)).set(
+        drivername="postgresql", database=database).render_as_string(hide_password=False)
+
+
 def mask_url(url: URL | str) -> str:
     """Render a URL for humans: the password is always replaced by ``***``."""
     if isinstance(url, str):

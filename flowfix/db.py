@@ -17,7 +17,7 @@ from typing import TypeVar
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from flowfix.config import Settings, mask_url
+from flowfix.config import Settings, libpq_url, mask_url
 from flowfix.errors import DatabaseUnavailable
 
 CONNECT_TIMEOUT_S = 10
@@ -63,6 +63,19 @@ async def connect(engine: AsyncEngine, settings: Settings) -> AsyncIterator[Asyn
         await conn.execute(text("SELECT 1"))
         await conn.rollback()  # leave no transaction open: callers choose their own
         yield conn
+    finally:
+        await conn.close()
+
+
+async def admin(server_url: str, *statements: str) -> None:
+    """Run statements that cannot run in a transaction (CREATE/DROP DATABASE) on the
+    server's ``postgres`` database, one by one."""
+    import asyncpg
+
+    conn = await asyncpg.connect(libpq_url(server_url, "postgres"))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
     finally:
         await conn.close()
 

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from flowfix import backfill, embedded, ledger, linking, schema, validate
 from flowfix.config import Settings, normalize_url
-from flowfix.db import make_engine, make_sessionmaker, run_with_engine
+from flowfix.db import admin, make_engine, make_sessionmaker, run_with_engine
 from flowfix.progress import backfill_with_progress
 
 #: The broken dataset, for `size` imports (default 300). Tenants: 3 client accounts with
@@ -142,7 +142,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
     server = embedded.start(keep=keep)
     try:
         url = server.url
-        asyncio.run(_admin(url, "CREATE DATABASE flowfix_demo"))
+        asyncio.run(admin(url, "CREATE DATABASE flowfix_demo"))
         settings = Settings(url=normalize_url(server.url_for("flowfix_demo")), schema="public")
         n.say(f"{settings.masked_url}  (data in {server.data_dir}{', kept' if keep else ', removed at the end'})")
 
@@ -207,16 +207,6 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         return 0 if final.ok else 1
     finally:
         server.stop()
-
-
-async def _admin(url: str, statement: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 def _scalar(settings: Settings, statement: str) -> int:

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -25,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from flowfix import schema
-from flowfix.config import Settings, normalize_url
-from flowfix.db import make_engine
+from flowfix.config import Settings, libpq_url, normalize_url
+from flowfix.db import admin, make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "flowfix_test_template"
@@ -41,19 +40,6 @@ def _docker_answers() -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "no usable engine"
         return False
-
-
-def _with_database(url: str, database: str) -> str:
-    return normalize_url(url).set(drivername="postgresql", database=database).render_as_string(hide_password=False)
-
-
-async def _admin(url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(_with_database(url, "postgres"))
-    try:
-        for sql in statements:
-            await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +64,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template_db(pg_server: str) -> str:
-    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE_DB}", f"CREATE DATABASE {TEMPLATE_DB}"))
+    asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE_DB}", f"CREATE DATABASE {TEMPLATE_DB}"))
     return TEMPLATE_DB
 
 
@@ -86,11 +72,11 @@ def template_db(pg_server: str) -> str:
 def database_url(pg_server: str, template_db: str) -> Iterator[str]:
     """A fresh, empty database for this test (plain postgresql:// URL)."""
     name = f"flowfix_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
-    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {template_db}"))
+    asyncio.run(admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {template_db}"))
     try:
-        yield _with_database(pg_server, name)
+        yield libpq_url(pg_server, name)
     finally:
-        asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture

@@ -260,8 +260,8 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
     twin = database_url.replace(database_url.rsplit("/", 1)[1].split("?")[0], "twin_" + uuid.uuid4().hex[:8])
     twin_name = twin.rsplit("/", 1)[1].split("?")[0]
     source = database_url.rsplit("/", 1)[1].split("?")[0]
-    from tests.conftest import _admin
-    asyncio.run(_admin(pg_server, f"CREATE DATABASE {twin_name} TEMPLATE {source}"))
+    from flowfix.db import admin
+    asyncio.run(admin(pg_server, f"CREATE DATABASE {twin_name} TEMPLATE {source}"))
     try:
         # Slow every import update down (a real trigger, nothing mocked) so that the kill
         # reliably lands mid-run, whatever the speed of the machine or server.
@@ -292,7 +292,7 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
             assert links(s, table) == links(twin_settings, table)
         assert set(links(s, "data_imports").values()) - {None}
     finally:
-        asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {twin_name} WITH (FORCE)"))
+        asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {twin_name} WITH (FORCE)"))
 
 
 def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings, database_url: str) -> None:
