@@ -140,18 +140,13 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
             continue  # created rows go last, once nothing the run linked points at them
         if (ch.table_name, ch.column_name) not in UNDOABLE_COLUMNS:
             raise FlowfixError(f"ledger change {ch.id} names {ch.table_name}.{ch.column_name}, which undo does not touch")
-        if ch.row_ids is not None:  # one change for many rows (a batch of an import's records)
-            result = await conn.execute(
-                text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
-                     " WHERE id = ANY(:rows) AND master_flow_id IS NOT DISTINCT FROM :new"),
-                {"old": ch.old_value, "new": ch.new_value, "rows": list(ch.row_ids)})
-            reverted, expected = result.rowcount, len(ch.row_ids)
-        else:
-            result = await conn.execute(
-                text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
-                     " WHERE id = :row AND master_flow_id IS NOT DISTINCT FROM :new"),
-                {"old": ch.old_value, "new": ch.new_value, "row": ch.row_id})
-            reverted, expected = result.rowcount, 1
+        # one change may stand for many rows (a batch of an import's records): row_ids
+        rows = list(ch.row_ids) if ch.row_ids is not None else [ch.row_id]
+        result = await conn.execute(
+            text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
+                 " WHERE id = ANY(:rows) AND master_flow_id IS NOT DISTINCT FROM :new"),
+            {"old": ch.old_value, "new": ch.new_value, "rows": rows})
+        reverted, expected = result.rowcount, len(rows)
         report.reverted += reverted
         if reverted:
             await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
