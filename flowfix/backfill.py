@@ -113,6 +113,13 @@ class Plan:
     def records_to_link(self) -> int:
         return sum(link.rows or 0 for link in self.record_links)
 
+    def import_evidence(self) -> dict[str, int]:
+        """How many import links each kind of evidence supports, by name."""
+        counts: dict[str, int] = defaultdict(int)
+        for link in self.import_links:
+            counts[link.evidence] += 1
+        return dict(sorted(counts.items()))
+
 
 @dataclass
 class Result:
@@ -667,15 +674,12 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
 
 
 def _plan_counts(plan: Plan) -> dict[str, int]:
-    evidence: dict[str, int] = defaultdict(int)
-    for link in plan.import_links:
-        evidence[link.evidence] += 1
     return {
         "planned_discovery_flows": len(plan.discovery_links),
         "planned_masters_created": len(plan.masters_to_create),
         "planned_data_imports": len(plan.import_links),
         "planned_raw_import_records": plan.records_to_link,
-        **{f"planned_{k}": v for k, v in sorted(evidence.items())},
+        **{f"planned_{k}": v for k, v in plan.import_evidence().items()},
         "ambiguous": len(plan.ambiguous),
         "unmatched": len(plan.unmatched),
     }

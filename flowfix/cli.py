@@ -218,8 +218,7 @@ def backfill_summary(result: backfilling.Result) -> str:
                   f" in {c['batches']} batches (longest {c['longest_batch_ms']} ms)"]
         if c.get("skipped"):
             lines.append(f"  skipped {c['skipped']} planned links: the rows changed since planning")
-    evidence = {k.removeprefix("planned_"): v for k, v in c.items()
-                if k.startswith("planned_") and ":" in k or k == "planned_time_window"}
+    evidence = result.plan.import_evidence()
     if evidence:
         lines.append("  imports by evidence: " + ", ".join(f"{k} {v:,}" for k, v in sorted(evidence.items())))
     lines.append(f"  ambiguous: {len(result.plan.ambiguous):,}   unmatched: {len(result.plan.unmatched):,}")

@@ -233,8 +233,7 @@ async def _link(engine, import_id: uuid.UUID, flow_id: uuid.UUID):  # type: igno
 
 def _summarise_plan(n: Narrator, result: backfill.Result) -> None:
     c = result.counts
-    evidence = ", ".join(f"{k.removeprefix('planned_')} {v}" for k, v in sorted(c.items())
-                         if k.startswith("planned_") and (":" in k or k.endswith("time_window")))
+    evidence = ", ".join(f"{k} {v}" for k, v in result.plan.import_evidence().items())
     n.say(f"would link {c['planned_discovery_flows']} discovery flows ({c['planned_masters_created']} new masters),"
           f" {c['planned_data_imports']} imports ({evidence}), {c['planned_raw_import_records']:,} records")
     reasons: dict[str, int] = {}
