@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from logging.config import fileConfig
 
@@ -36,12 +37,18 @@ target_metadata = Base.metadata
 
 
 def _settings() -> Settings:
+    """flowfix's settings: handed in by flowfix, or (plain ``alembic``) from the
+    environment, with ``-x create_tables=true`` for a new database. Stored back in the
+    config, where the revisions read them (migrate.settings())."""
     settings = config.attributes.get("settings")
     if settings is None:
         try:
             settings = Settings.from_env()
         except FlowfixError as exc:
             raise as_command_error(exc) from None
+        create = context.get_x_argument(as_dictionary=True).get("create_tables", "false")
+        settings = dataclasses.replace(settings, create_tables=create.lower() in ("1", "true", "yes"))
+        config.attributes["settings"] = settings
     return settings
 
 

@@ -41,7 +41,7 @@ def server() -> Iterator[str]:
 
 
 def settings_for(url: str) -> Settings:
-    return Settings(url=normalize_url(url), schema="public")
+    return Settings(url=normalize_url(url), schema="public", create_tables=True)
 
 
 def fresh_database(server_url: str, name: str, template: str | None = None) -> str:

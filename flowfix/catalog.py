@@ -62,18 +62,45 @@ FROM information_schema.columns
 WHERE table_schema = current_schema() AND table_name = ANY(:tables)
 """
 
-#: Tables whose row-level security applies to the current role: enabled, and the role
-#: is neither superuser nor BYPASSRLS nor (unless FORCE) the table's owner.
-RLS_LIMITED_SQL = """
+#: Tables (of the array ``{tables}``) whose row-level security applies to the current
+#: role: enabled, and the role is neither superuser nor BYPASSRLS nor (unless FORCE) the
+#: table's owner. Also inlined into the revisions' preflight (a DO block).
+RLS_LIMITED_TEMPLATE = """
 SELECT c.relname
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_roles r     ON r.rolname = current_user
-WHERE n.nspname = current_schema() AND c.relname = ANY(:tables)
+WHERE n.nspname = current_schema() AND c.relname = ANY({tables})
   AND c.relrowsecurity
   AND NOT r.rolsuper AND NOT r.rolbypassrls
   AND (c.relforcerowsecurity OR NOT pg_has_role(current_user, c.relowner, 'USAGE'))
 ORDER BY c.relname
+"""
+RLS_LIMITED_SQL = RLS_LIMITED_TEMPLATE.format(tables=":tables")
+
+#: Every FK in the database that references :table (in the current schema), whatever its
+#: arity or schema: pairs of (referencing column, referenced column), quoted for SQL.
+REFERENCING_SQL = """
+SELECT c.conname AS name,
+       format('%I.%I', sn.nspname, st.relname) AS source,
+       array_agg(quote_ident(sa.attname) ORDER BY k.n) AS columns,
+       array_agg(quote_ident(ta.attname) ORDER BY k.n) AS referenced
+FROM pg_constraint c
+JOIN pg_class st ON st.oid = c.conrelid
+JOIN pg_namespace sn ON sn.oid = st.relnamespace
+CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY AS k(src, dst, n)
+JOIN pg_attribute sa ON sa.attrelid = c.conrelid AND sa.attnum = k.src
+JOIN pg_attribute ta ON ta.attrelid = c.confrelid AND ta.attnum = k.dst
+WHERE c.contype = 'f' AND c.confrelid = to_regclass(:table) AND c.conparentid = 0
+GROUP BY c.oid, c.conname, sn.nspname, st.relname
+ORDER BY 2, 1
+"""
+
+#: Schemas of the database, other than the current one, that hold a table named :table.
+SCHEMAS_HOLDING_SQL = """
+SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = :table AND c.relkind IN ('r', 'p') AND n.nspname <> current_schema()
+ORDER BY 1
 """
 
 
@@ -85,6 +112,17 @@ class ForeignKey:
     validated: bool
     on_delete: str  # pg_constraint.confdeltype: a=no action, r=restrict, c=cascade, n=set null, d=set default
     definition: str
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A foreign key that references a table: ``source`` (schema-qualified, quoted) and
+    the quoted column pairs."""
+
+    name: str
+    source: str
+    columns: list[str]
+    referenced: list[str]
 
 
 @dataclass(frozen=True)
@@ -126,6 +164,17 @@ def columns(conn: Connection, tables: list[str]) -> dict[str, dict[str, bool]]:
     for row in conn.execute(text(COLUMNS_SQL), {"tables": tables}).mappings():
         out.setdefault(row["table_name"], {})[row["column_name"]] = row["nullable"]
     return out
+
+
+def referencing(conn: Connection, table: str) -> list[Reference]:
+    """Every FK in the database that references ``table``: the catalog's list, not a
+    fixed one (the application adds tables that reference the master)."""
+    return [Reference(**row) for row in conn.execute(text(REFERENCING_SQL), {"table": table}).mappings()]
+
+
+def schemas_holding(conn: Connection, table: str) -> list[str]:
+    """The other schemas of this database that have a table named ``table``."""
+    return list(conn.execute(text(SCHEMAS_HOLDING_SQL), {"table": table}).scalars())
 
 
 def rls_limited_tables(conn: Connection, tables: list[str]) -> list[str]:

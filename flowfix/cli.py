@@ -6,6 +6,7 @@ stderr, nothing changed). No SQL lives here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import uuid
@@ -64,9 +65,12 @@ def load_settings(*, require_url: bool = True) -> Settings:
 def upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision: legacy, fix_master_flow_fk or head.")] = "head",
     sql: Annotated[bool, typer.Option("--sql", help="Print the SQL for review instead of running it.")] = False,
+    create_tables: Annotated[bool, typer.Option(
+        "--create-tables", help="Let revision legacy create the four tables in an empty schema (a new database)."
+    )] = False,
 ) -> None:
     """Apply flowfix's revisions (same as `alembic upgrade`), with exit code 2 on refusal."""
-    settings = load_settings(require_url=not sql)
+    settings = dataclasses.replace(load_settings(require_url=not sql), create_tables=create_tables)
     if not sql:
         typer.echo(f"upgrading {mask_url(settings.require_url())} (schema {settings.schema}) to {revision}", err=True)
     guarded(lambda: schema.upgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql), settings)

@@ -65,11 +65,14 @@ def mask_url(url: URL | str) -> str:
 
 def validate_schema(name: str) -> str:
     """Accept only plain lower-case identifiers: the schema name ends up in DDL and in
-    ``search_path``, so anything needing quotes is refused instead of escaped."""
+    ``search_path``, so anything needing quotes is refused instead of escaped. PostgreSQL's
+    own schemas (``pg_*``, ``information_schema``) never hold application tables."""
     if not _SCHEMA_RE.match(name):
         raise ConfigError(
             f"FLOWFIX_SCHEMA '{name}' is not a plain identifier (lower-case letters, digits, _)"
         )
+    if name.startswith("pg_") or name == "information_schema":
+        raise ConfigError(f"FLOWFIX_SCHEMA '{name}' is a PostgreSQL system schema; name the application's schema")
     return name
 
 
@@ -87,6 +90,9 @@ class Settings:
     schema: str = DEFAULT_SCHEMA
     lock_timeout: str = DEFAULT_LOCK_TIMEOUT
     lock_retries: int = DEFAULT_LOCK_RETRIES
+    #: let revision ``legacy`` create the four tables in an empty schema (a new database);
+    #: without it an empty schema is refused, since it usually means a wrong FLOWFIX_SCHEMA
+    create_tables: bool = False
 
     @property
     def masked_url(self) -> str:

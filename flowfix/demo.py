@@ -143,7 +143,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
     try:
         url = server.url
         asyncio.run(admin(url, "CREATE DATABASE flowfix_demo"))
-        settings = Settings(url=normalize_url(server.url_for("flowfix_demo")), schema="public")
+        settings = Settings(url=normalize_url(server.url_for("flowfix_demo")), schema="public", create_tables=True)
         n.say(f"{settings.masked_url}  (data in {server.data_dir}{', kept' if keep else ', removed at the end'})")
 
         n.title(f"Legacy schema and a broken dataset ({size} imports, {size * 10:,} records)")

@@ -23,6 +23,31 @@ log = logging.getLogger("flowfix.migrate")
 BATCH_ROWS = 10_000
 
 
+def settings() -> Settings:
+    """The settings this run was started with (env.py puts them in the Alembic config)."""
+    from alembic import context
+
+    found = context.config.attributes.get("settings")
+    if not isinstance(found, Settings):
+        raise MigrationError("flowfix: revisions must run through flowfix's alembic/env.py")
+    return found
+
+
+def sql_literal(value: str) -> str:
+    """A string as a SQL literal, for the few names revisions inline into DO blocks
+    (which take no bind parameters)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def warn(message: str) -> None:
+    """Something the operator must know that does not stop the revision: a warning line
+    online (stderr), a comment in ``--sql`` output."""
+    if offline():
+        note(f"WARNING: {message}")
+    else:
+        log.warning(message)
+
+
 def offline() -> bool:
     """True under ``alembic ... --sql``: nothing can be read, only printed."""
     return bool(op.get_context().as_sql)

@@ -1,7 +1,9 @@
 """Corrected ORM models for the discovery-flow tables, plus flowfix's own bookkeeping.
 
 Every ``master_flow_id`` references ``crewai_flow_state_extensions.flow_id`` (the
-business key), not ``.id`` as the deployed schema does. Tables carry no schema: each
+business key), not ``.id`` as the deployed schema does. Delete rules are the ones the
+replaced FKs had (fix_master_flow_fk keeps each FK's rule; these models describe the
+``friendly`` shape: imports cascade, records and discovery flows do not). Tables carry no schema: each
 connection's ``search_path`` is pinned to ``FLOWFIX_SCHEMA`` (see :mod:`flowfix.db`).
 Constraint and index names follow :data:`NAMING_CONVENTION`, so the revisions, the
 validator and the tests can name them without guessing.
@@ -125,7 +127,7 @@ class RawImportRecord(Base):
     client_account_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     engagement_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     master_flow_id: Mapped[uuid.UUID | None] = mapped_column(
-        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id", ondelete="CASCADE"), index=True
+        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id"), index=True
     )
     row_number: Mapped[int] = mapped_column(Integer, nullable=False)
     raw_data: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
@@ -144,7 +146,7 @@ class DiscoveryFlow(Base):
     flow_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False, unique=True)
     # Nullable until revision enforce_master_flow_not_null; the model states the goal.
     master_flow_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id", ondelete="CASCADE"), nullable=False, index=True
+        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id"), nullable=False, index=True
     )
     data_import_id: Mapped[uuid.UUID | None] = mapped_column(
         Uuid, ForeignKey("data_imports.id", ondelete="SET NULL"), index=True

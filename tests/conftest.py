@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from sqlalchemy.pool import NullPool
 from flowfix import schema
 from flowfix.config import Settings, libpq_url, normalize_url
 from flowfix.db import admin, make_engine
+from tests.shapes import RUNBOOK_SHAPES, SHAPES, Shape
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "flowfix_test_template"
@@ -68,11 +69,9 @@ def template_db(pg_server: str) -> str:
     return TEMPLATE_DB
 
 
-@pytest.fixture
-def database_url(pg_server: str, template_db: str) -> Iterator[str]:
-    """A fresh, empty database for this test (plain postgresql:// URL)."""
+def _clone(pg_server: str, template: str) -> Iterator[str]:
     name = f"flowfix_t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
-    asyncio.run(admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {template_db}"))
+    asyncio.run(admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {template}"))
     try:
         yield libpq_url(pg_server, name)
     finally:
@@ -80,8 +79,74 @@ def database_url(pg_server: str, template_db: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def database_url(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh, empty database for this test (plain postgresql:// URL)."""
+    yield from _clone(pg_server, template_db)
+
+
+def test_settings(url: str, schema: str = "public") -> Settings:
+    """How the suite talks to a test database: short lock waits, few retries; revision
+    ``legacy`` may create the tables (the explicit choice a new database needs)."""
+    return Settings(url=normalize_url(url), schema=schema, lock_timeout="2s", lock_retries=2, create_tables=True)
+
+
+@pytest.fixture
 def settings(database_url: str) -> Settings:
-    return Settings(url=normalize_url(database_url), schema="public", lock_timeout="2s", lock_retries=2)
+    return test_settings(database_url)
+
+
+# --- production shapes (tests/shapes) ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shape_template(pg_server: str) -> Callable[[Shape, bool], str]:
+    """``template(shape, adopted)``: the name of a template database holding ``shape``,
+    built once per session; ``adopted``: flowfix's revision ``legacy`` has run on it."""
+    built: dict[tuple[str, bool], str] = {}
+
+    def template(shape: Shape, adopted: bool = True) -> str:
+        key = (shape.name, adopted)
+        if key not in built:
+            name = f"flowfix_shape_{shape.name}_{'legacy' if adopted else 'raw'}"
+            asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"))
+            url = libpq_url(pg_server, name)
+            asyncio.run(_run_scripts(url, shape.sql()))
+            if adopted:
+                upgrade(test_settings(url, shape.schema), "legacy")
+            built[key] = name
+        return built[key]
+
+    return template
+
+
+async def _run_scripts(url: str, scripts: list[str]) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        for body in scripts:
+            await conn.execute(body)
+    finally:
+        await conn.close()
+
+
+def shape_settings(pg_server: str, shape_template: Callable[[Shape, bool], str], shape: Shape,
+                   adopted: bool = True) -> Iterator[Settings]:
+    for url in _clone(pg_server, shape_template(shape, adopted)):
+        yield test_settings(url, shape.schema)
+
+
+@pytest.fixture(params=RUNBOOK_SHAPES)
+def shaped(request: pytest.FixtureRequest, pg_server: str,
+           shape_template: Callable[[Shape, bool], str]) -> Iterator[Settings]:
+    """A fresh database of each runbook shape, at revision ``legacy`` (tables adopted)."""
+    yield from shape_settings(pg_server, shape_template, SHAPES[request.param])
+
+
+@pytest.fixture
+def shape(shaped: Settings, request: pytest.FixtureRequest) -> Shape:
+    """The :class:`Shape` behind ``shaped``."""
+    return SHAPES[request.node.callspec.params["shaped"]]
 
 
 @pytest.fixture
@@ -105,8 +170,10 @@ def downgrade(settings: Settings, revision: str) -> None:
 
 
 @pytest.fixture
-def alembic_config(settings: Settings) -> dict[str, object]:
-    return {"alembic_config": make_alembic_config(settings), "script_location": str(ROOT / "alembic")}
+def alembic_config(settings: Settings) -> Config:
+    # A Config object is used as is (a dict's "alembic_config" would be rebuilt from the
+    # ini file, losing the settings in its attributes).
+    return make_alembic_config(settings)
 
 
 @pytest.fixture

@@ -58,32 +58,107 @@ def links(settings: Settings, table: str) -> dict[uuid.UUID, uuid.UUID | None]:
     return {r["id"]: r["master_flow_id"] for r in sql(settings, f"SELECT id, master_flow_id FROM {table}")}
 
 
+#: NOT NULL columns without a default (what an INSERT must supply), with their type and,
+#: for a single-column FK, what they reference.
+REQUIRED_COLUMNS_SQL = """
+SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
+       (SELECT format('%I.%I', tn.nspname, tc.relname) || '.' || quote_ident(ta.attname)
+        FROM pg_constraint c
+        JOIN pg_class tc ON tc.oid = c.confrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+        JOIN pg_attribute ta ON ta.attrelid = c.confrelid AND ta.attnum = c.confkey[1]
+        WHERE c.conrelid = a.attrelid AND c.contype = 'f' AND c.conkey = ARRAY[a.attnum]
+        LIMIT 1) AS refers_to
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(:table) AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+"""
+
+_required: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+
+
+def _filler(column: dict[str, Any]) -> tuple[str, Any]:
+    """A SQL expression (and its parameter) for a required column the test left out."""
+    kind = column["type"]
+    if column["refers_to"]:
+        table, col = column["refers_to"].rsplit(".", 1)
+        return f"(SELECT {col} FROM {table} LIMIT 1)", None
+    if kind == "uuid":
+        return "", uuid.uuid4()
+    if kind.startswith(("character", "text")):
+        return "", "x"
+    if kind in ("integer", "bigint", "smallint", "double precision"):
+        return "", 0
+    if kind in ("json", "jsonb"):
+        return f"CAST('{{}}' AS {kind})", None
+    if kind == "boolean":
+        return "", False
+    if kind.startswith("timestamp"):
+        return "now()", None
+    raise AssertionError(f"no test value for a required {kind} column {column['name']}")
+
+
+def insert(settings: Settings, table: str, values: dict[str, Any]) -> None:
+    """INSERT one row into ``table``, filling every NOT NULL column without a default that
+    ``values`` leaves out (ids included: the application's schema has no id defaults), so
+    the same test data goes into every production shape."""
+    key = (str(settings.url), settings.schema, table)
+    if key not in _required:
+        _required[key] = sql(settings, REQUIRED_COLUMNS_SQL, {"table": table})
+    columns, exprs, params = [], [], {}
+    for name, value in values.items():
+        columns.append(name)
+        exprs.append(f":{name}")
+        params[name] = value
+    for column in _required[key]:
+        if column["name"] in values:
+            continue
+        expr, value = _filler(column)
+        columns.append(column["name"])
+        if expr:
+            exprs.append(expr)
+        else:
+            exprs.append(f":{column['name']}")
+            params[column["name"]] = value
+    sql(settings, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(exprs)})", params)
+
+
+_position: dict[tuple[str, str], str] = {}
+
+
+def position_column(settings: Settings) -> str:
+    """The records' position column: ``row_number`` or ``record_index`` depending on the shape."""
+    key = (str(settings.url), settings.schema)
+    if key not in _position:
+        _position[key] = sql(settings, "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass("
+                                        "'raw_import_records') AND attname IN ('row_number', 'record_index')"
+                             )[0]["attname"]
+    return _position[key]
+
+
 def add_master(settings: Settings, *, client: uuid.UUID, engagement: uuid.UUID, flow_type: str = "discovery",
                created_at: datetime | None = None) -> tuple[uuid.UUID, uuid.UUID]:
     """Insert a master flow; returns (id, flow_id), two different UUIDs as in production."""
     id_, flow_id = uuid.uuid4(), uuid.uuid4()
-    sql(settings,
-        "INSERT INTO crewai_flow_state_extensions (id, flow_id, client_account_id, engagement_id, flow_type, created_at)"
-        " VALUES (:id, :flow_id, :c, :e, :t, :at)",
-        {"id": id_, "flow_id": flow_id, "c": client, "e": engagement, "t": flow_type,
-         "at": created_at or datetime(2026, 1, 1, tzinfo=timezone.utc)})
+    insert(settings, "crewai_flow_state_extensions",
+           {"id": id_, "flow_id": flow_id, "client_account_id": client, "engagement_id": engagement,
+            "flow_type": flow_type, "created_at": created_at or datetime(2026, 1, 1, tzinfo=timezone.utc)})
     return id_, flow_id
 
 
 def add_import(settings: Settings, *, master: uuid.UUID | None, client: uuid.UUID | None = None,
                engagement: uuid.UUID | None = None) -> uuid.UUID:
     id_ = uuid.uuid4()
-    sql(settings,
-        "INSERT INTO data_imports (id, master_flow_id, client_account_id, engagement_id) VALUES (:id, :m, :c, :e)",
-        {"id": id_, "m": master, "c": client, "e": engagement})
+    insert(settings, "data_imports",
+           {"id": id_, "master_flow_id": master, "client_account_id": client, "engagement_id": engagement,
+            "created_at": datetime.now(timezone.utc)})
     return id_
 
 
 def add_record(settings: Settings, *, data_import: uuid.UUID, master: uuid.UUID | None, row: int = 0) -> uuid.UUID:
     id_ = uuid.uuid4()
-    sql(settings,
-        "INSERT INTO raw_import_records (id, data_import_id, master_flow_id, row_number) VALUES (:id, :i, :m, :r)",
-        {"id": id_, "i": data_import, "m": master, "r": row})
+    insert(settings, "raw_import_records",
+           {"id": id_, "data_import_id": data_import, "master_flow_id": master, position_column(settings): row,
+            "created_at": datetime.now(timezone.utc)})
     return id_
 
 
@@ -91,8 +166,7 @@ def add_discovery_flow(settings: Settings, *, flow_id: uuid.UUID, master: uuid.U
                        client: uuid.UUID, engagement: uuid.UUID,
                        data_import: uuid.UUID | None = None) -> uuid.UUID:
     id_ = uuid.uuid4()
-    sql(settings,
-        "INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id, engagement_id)"
-        " VALUES (:id, :f, :m, :i, :c, :e)",
-        {"id": id_, "f": flow_id, "m": master, "i": data_import, "c": client, "e": engagement})
+    insert(settings, "discovery_flows",
+           {"id": id_, "flow_id": flow_id, "master_flow_id": master, "data_import_id": data_import,
+            "client_account_id": client, "engagement_id": engagement})
     return id_

@@ -25,7 +25,7 @@ def test_help_renders(command: list[str]) -> None:
 
 
 def test_upgrade_and_downgrade(database_url: str, settings: Settings) -> None:
-    result = runner.invoke(app, ["upgrade", "fix_master_flow_fk"], env=_env(database_url))
+    result = runner.invoke(app, ["upgrade", "fix_master_flow_fk", "--create-tables"], env=_env(database_url))
     assert result.exit_code == 0, result.output
     assert revision(settings) == "fix_master_flow_fk"
     result = runner.invoke(app, ["downgrade", "legacy"], env=_env(database_url))
@@ -88,7 +88,7 @@ def test_alembic_itself_runs_the_revisions_from_the_checkout(database_url: str, 
     from tests.conftest import ROOT
 
     env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
-    ok = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env,
+    ok = subprocess.run([sys.executable, "-m", "alembic", "-x", "create_tables=true", "upgrade", "head"], cwd=ROOT, env=env,
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert revision(settings) == "enforce_master_flow_not_null"

@@ -15,6 +15,7 @@ from tests.helpers import (
     add_import,
     add_master,
     add_record,
+    links,
     revision,
     script,
     sql,
@@ -59,21 +60,24 @@ def test_enforce_stops_with_a_count_while_rows_are_null_then_succeeds(settings: 
     assert _nullable(settings)
 
 
-def test_deleting_a_master_removes_its_import_records_and_discovery_flow(settings: Settings) -> None:
+def test_delete_rules_are_the_ones_the_replaced_fks_had(settings: Settings) -> None:
+    """The legacy imports' FK cascaded, the records' did not, discovery flows had none: the
+    FKs to flow_id keep exactly that, so a hard delete protects what it protected before."""
     upgrade(settings, "head")
-    keep_id, keep_flow = add_master(settings, client=C, engagement=E)
-    gone_id, gone_flow = add_master(settings, client=C, engagement=E)
-    for master in (keep_flow, gone_flow):
-        i = add_import(settings, master=master, client=C, engagement=E)
-        for n in range(3):
-            add_record(settings, data_import=i, master=master, row=n)
-        add_discovery_flow(settings, flow_id=master, master=master, client=C, engagement=E, data_import=i)
+    bare_id, bare_flow = add_master(settings, client=C, engagement=E)
+    bare_import = add_import(settings, master=bare_flow, client=C, engagement=E)
+    busy_id, busy_flow = add_master(settings, client=C, engagement=E)
+    busy_import = add_import(settings, master=busy_flow, client=C, engagement=E)
+    for n in range(3):
+        add_record(settings, data_import=busy_import, master=busy_flow, row=n)
 
-    sql(settings, "DELETE FROM crewai_flow_state_extensions WHERE id = :id", {"id": gone_id})
-
-    for table, expected in (("data_imports", 1), ("raw_import_records", 3), ("discovery_flows", 1)):
-        rows = sql(settings, f"SELECT master_flow_id FROM {table}")
-        assert [r["master_flow_id"] for r in rows] == [keep_flow] * expected, table
+    sql(settings, "DELETE FROM crewai_flow_state_extensions WHERE id = :id", {"id": bare_id})
+    assert links(settings, "data_imports") == {busy_import: busy_flow}  # the import cascaded away
+    with pytest.raises(Exception, match="fk_raw_import_records_master_flow_id"):
+        sql(settings, "DELETE FROM crewai_flow_state_extensions WHERE id = :id", {"id": busy_id})
+    assert links(settings, "data_imports") == {busy_import: busy_flow}
+    assert set(links(settings, "raw_import_records").values()) == {busy_flow}
+    assert bare_import not in links(settings, "data_imports")
 
 
 PRODUCTION_DDL = (
@@ -96,7 +100,8 @@ PRODUCTION_DDL = (
     " master_flow_id uuid REFERENCES crewai_flow_state_extensions (id), row_number integer NOT NULL)",
     "CREATE TABLE discovery_flows (id uuid PRIMARY KEY, flow_id uuid NOT NULL UNIQUE, master_flow_id uuid,"
     " data_import_id uuid REFERENCES data_imports (id), client_account_id uuid NOT NULL,"
-    " engagement_id uuid NOT NULL)",
+    " engagement_id uuid NOT NULL, user_id varchar NOT NULL, flow_name varchar(255) NOT NULL,"
+    " status varchar(20) DEFAULT 'active')",
 )
 
 

@@ -86,7 +86,8 @@ def test_upgrade_translates_links_quarantines_dangling_and_downgrade_restores_al
         assert with_catalog(s, catalog.has_usable_index, table, "master_flow_id")
     assert with_catalog(s, catalog.has_unique_index, MASTER_TABLE, "flow_id")
     on_delete = {t: with_catalog(s, catalog.foreign_keys, t, "master_flow_id")[0].on_delete for t in CHILD_TABLES}
-    assert on_delete == {"data_imports": "c", "raw_import_records": "c", "discovery_flows": "c"}
+    # each new FK keeps the delete rule of the one it replaced (none: a plain FK)
+    assert on_delete == {"data_imports": "c", "raw_import_records": "a", "discovery_flows": "a"}
 
     # Data: ids became flow_ids, flow_ids and NULLs stayed, dangling values were moved aside.
     assert links(s, "data_imports") == {ids["i1"]: ids["f1"], ids["i2"]: None, ids["i3"]: ids["f2"]}

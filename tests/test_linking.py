@@ -115,7 +115,7 @@ def test_a_failure_after_the_master_insert_leaves_nothing_behind(settings: Setti
     assert links(settings, "raw_import_records") == {r: None for r in records}
 
 
-def test_after_enforce_the_service_works_deletes_cascade_and_validate_passes(settings: Settings) -> None:
+def test_after_enforce_the_service_works_and_validate_passes(settings: Settings) -> None:
     upgrade(settings, "head")
     made = []
     for ctx in (CTX, OTHER):
@@ -126,10 +126,13 @@ def test_after_enforce_the_service_works_deletes_cascade_and_validate_passes(set
     report = run_validate(settings)
     assert report.ok and {c.status for c in report.checks} == {"pass"}
 
-    sql(settings, "DELETE FROM crewai_flow_state_extensions WHERE flow_id = :f", {"f": made[0]})
-    assert count(settings, "data_imports") == 5
-    assert count(settings, "raw_import_records") == 15
-    assert count(settings, "discovery_flows") == 5
+    # a hard delete of a master is refused while its records and discovery flow point at
+    # it (the application deletes softly; the legacy FKs protected them the same way)
+    with pytest.raises(Exception, match="violates foreign key"):
+        sql(settings, "DELETE FROM crewai_flow_state_extensions WHERE flow_id = :f", {"f": made[0]})
+    assert count(settings, "data_imports") == 6
+    assert count(settings, "raw_import_records") == 18
+    assert count(settings, "discovery_flows") == 6
     assert run_validate(settings).ok
 
 

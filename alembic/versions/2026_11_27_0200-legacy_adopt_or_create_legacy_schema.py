@@ -1,10 +1,15 @@
 """legacy: the discovery-flow schema as deployed before the fix.
 
-On an empty schema this creates the four tables exactly as production has them
-(``master_flow_id`` on imports and records references ``crewai_flow_state_extensions.id``;
-``discovery_flows.master_flow_id`` is nullable with no FK; ``flow_id`` is not unique).
-On a schema that already has them (production) it adopts them unchanged, after checking
-that every column the later revisions rely on exists. No ``alembic stamp`` is needed.
+On a schema that already has the four tables (production) it adopts them unchanged,
+after checking that every column the later revisions rely on exists. No ``alembic
+stamp`` is needed.
+
+On an empty schema it creates them as the deployed schema has them (``master_flow_id``
+on imports and records references ``crewai_flow_state_extensions.id``;
+``discovery_flows.master_flow_id`` is nullable with no FK; ``flow_id`` is not unique),
+but only when asked to (``flowfix upgrade --create-tables``, ``alembic -x
+create_tables=true``): an empty schema usually means FLOWFIX_SCHEMA is wrong, and the
+error then names the schemas that do hold the tables.
 
 Either way it creates flowfix's bookkeeping table ``flowfix_schema_changes``, which lets
 every downgrade undo exactly what flowfix did: this revision's downgrade drops the four
@@ -29,12 +34,13 @@ depends_on: str | Sequence[str] | None = None
 #: The columns the later revisions and the backfill read or write, per table.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "crewai_flow_state_extensions": (
-        "id", "flow_id", "client_account_id", "engagement_id", "flow_type", "flow_status",
+        "id", "flow_id", "client_account_id", "engagement_id", "user_id", "flow_type", "flow_name", "flow_status",
         "flow_configuration", "flow_persistence_data", "created_at",
     ),
     "data_imports": ("id", "client_account_id", "engagement_id", "master_flow_id", "created_at"),
     "raw_import_records": ("id", "data_import_id", "client_account_id", "engagement_id", "master_flow_id"),
-    "discovery_flows": ("id", "flow_id", "master_flow_id", "data_import_id", "client_account_id", "engagement_id"),
+    "discovery_flows": ("id", "flow_id", "master_flow_id", "data_import_id", "client_account_id", "engagement_id",
+                        "user_id", "flow_name", "status"),
 }
 
 BOOKKEEPING = """
@@ -125,9 +131,9 @@ CREATE INDEX ix_discovery_flows_data_import_id ON discovery_flows (data_import_i
 TABLES = tuple(REQUIRED_COLUMNS)
 
 
-def _adopt_or_create_sql() -> str:
-    """One DO block, the same online and in ``--sql`` output: create all four tables,
-    adopt all four, or stop naming what is missing."""
+def _adopt_or_create_sql(create: bool) -> str:
+    """One DO block, the same online and in ``--sql`` output: create all four tables (if
+    ``create``), adopt all four, or stop naming what is missing and where it is."""
     checks = "\n".join(
         f"    IF to_regclass('{table}') IS NOT NULL AND NOT EXISTS (SELECT 1 FROM information_schema.columns"
         f" WHERE table_schema = current_schema() AND table_name = '{table}' AND column_name = '{column}') THEN\n"
@@ -144,10 +150,19 @@ def _adopt_or_create_sql() -> str:
     return f"""DO $legacy$
 DECLARE
   present int;
+  elsewhere text;
   missing text[] := '{{}}';
 BEGIN
   SELECT count(*) INTO present FROM unnest(ARRAY[{table_list}]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL;
-  IF present = 0 THEN
+  IF present = 0 AND NOT {'true' if create else 'false'} THEN
+    SELECT string_agg(DISTINCT n.nspname, ', ') INTO elsewhere
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relname = 'crewai_flow_state_extensions' AND c.relkind IN ('r', 'p') AND n.nspname <> current_schema();
+    IF elsewhere IS NOT NULL THEN
+      RAISE EXCEPTION 'flowfix: schema % has none of the discovery-flow tables, but schema % has them: set FLOWFIX_SCHEMA to it. Nothing was changed.', current_schema(), elsewhere;
+    END IF;
+    RAISE EXCEPTION 'flowfix: schema % has none of the discovery-flow tables (is FLOWFIX_SCHEMA right?); to create them in a new database, run flowfix upgrade legacy --create-tables. Nothing was changed.', current_schema();
+  ELSIF present = 0 THEN
 {LEGACY_TABLES.strip()}
 {records}
   ELSIF present < {len(TABLES)} THEN
@@ -165,8 +180,9 @@ END $legacy$"""
 
 def upgrade() -> None:
     migrate.note("legacy: create the deployed schema on an empty database, or adopt the existing tables unchanged")
+    # one transaction: a refusal in the DO block takes the bookkeeping table back with it
     migrate.execute(BOOKKEEPING)
-    migrate.execute(_adopt_or_create_sql())
+    migrate.execute(_adopt_or_create_sql(migrate.settings().create_tables))
 
 
 def downgrade() -> None:

@@ -3,20 +3,28 @@
 Online-safe, in short steps, each of which is idempotent (a retry after a lock timeout
 or a crash resumes where the last attempt stopped):
 
-1. preflight: ``flow_id`` has no duplicates, and no master's ``id`` is another master's
-   ``flow_id`` (else stored values could not be translated unambiguously);
+1. preflight, before anything changes: ``flow_id`` has no duplicates, no master's ``id``
+   is another master's ``flow_id`` (else stored values could not be translated
+   unambiguously), row-level security hides no row from this role, no composite FK
+   involves ``master_flow_id``, and a partitioned table that needs a new FK is on a
+   server that can add one NOT VALID (PostgreSQL 18);
 2. a unique index on ``flow_id``, built CONCURRENTLY, then attached as constraint
    ``uq_crewai_flow_state_extensions_flow_id`` (skipped if an equivalent index exists);
 3. per table, in one short transaction: record and drop the FKs on ``master_flow_id``
    that do not reference ``flow_id`` (found by column in pg_constraint, whatever their
-   names), and add ``fk_<table>_master_flow_id`` NOT VALID;
+   names), and add ``fk_<table>_master_flow_id`` NOT VALID with the delete rule and
+   DEFERRABLE of the FK it replaces (a plain FK where there was none). A table whose FK
+   already references ``flow_id`` keeps it exactly as it is (name, rule, validation);
 4. per table, in batches of 10,000 rows (one transaction each): translate values that
    hold a master's ``id`` into its ``flow_id`` (logged in ``flowfix_translations``);
    values matching no master go to ``flowfix_quarantine`` and become NULL;
 5. indexes on ``master_flow_id`` (CONCURRENTLY) where none exists;
-6. ANALYZE, then VALIDATE each FK in its own transaction.
+6. ANALYZE, then VALIDATE each FK this revision added, in its own transaction.
 
-Columns stay nullable. The downgrade reverses every step, data included.
+Columns stay nullable. The downgrade reverses every step, data included: it drops only
+the FKs this revision added and restores the ones it replaced by name and definition
+(validated where they were and still can be); it refuses, changing nothing, while
+another table's FK depends on the unique constraint it would drop.
 
 Revision ID: fix_master_flow_fk
 Revises: legacy
@@ -37,12 +45,9 @@ depends_on: str | Sequence[str] | None = None
 
 UNIQUE_FLOW_ID = "uq_crewai_flow_state_extensions_flow_id"
 TENANT_CREATED = "ix_crewai_flow_state_extensions_tenant_created"
-#: ON DELETE CASCADE on all three, so deleting a master flow removes its import, the
-#: import's records and its discovery flow. The plan cascades only data_imports; with its
-#: NO ACTION on raw_import_records, Postgres checks that FK before the cascade through
-#: data_imports has reached the records, so no master with records could ever be deleted.
-ON_DELETE = {"data_imports": "ON DELETE CASCADE", "raw_import_records": "ON DELETE CASCADE",
-             "discovery_flows": "ON DELETE CASCADE"}
+#: PostgreSQL adds a NOT VALID FK to a partitioned table from version 18 on.
+PARTITIONED_NOT_VALID_FK = 180000
+CHILDREN_SQL = "ARRAY[" + ", ".join(f"'{t}'" for t in CHILD_TABLES) + "]"
 
 CREATE_FLOWFIX_TABLES = (
     """CREATE TABLE IF NOT EXISTS flowfix_quarantine (
@@ -92,9 +97,46 @@ CREATE_FLOWFIX_TABLES = (
     "CREATE INDEX IF NOT EXISTS ix_flowfix_changes_run_id ON flowfix_changes (run_id)",
 )
 
-PREFLIGHT = """DO $preflight$
+#: A single-column FK on ``{t}.master_flow_id`` (``{t}`` a SQL expression for the table
+#: name) that references the master's flow_id.
+HAS_FLOW_ID_FK = """EXISTS (
+    SELECT 1 FROM pg_constraint c
+    JOIN pg_attribute sa ON sa.attrelid = c.conrelid AND sa.attnum = c.conkey[1]
+    JOIN pg_attribute ta ON ta.attrelid = c.confrelid AND ta.attnum = c.confkey[1]
+    WHERE c.contype = 'f' AND c.conrelid = to_regclass({t}) AND cardinality(c.conkey) = 1
+      AND sa.attname = 'master_flow_id' AND c.confrelid = to_regclass('crewai_flow_state_extensions')
+      AND ta.attname = 'flow_id')"""
+
+#: Checks that touch only the catalog: the same before the upgrade and the downgrade.
+CATALOG_PREFLIGHT = f"""
+  SELECT string_agg(relname, ', ') INTO found FROM ({catalog.RLS_LIMITED_TEMPLATE.format(
+      tables="ARRAY['crewai_flow_state_extensions', " + CHILDREN_SQL[6:])}) hidden;
+  IF found IS NOT NULL THEN
+    RAISE EXCEPTION 'flowfix: row-level security hides rows of % from role %, so this revision cannot see every row; run it as the tables'' owner (without FORCE ROW LEVEL SECURITY), a superuser or a BYPASSRLS role. Nothing was changed.', found, current_user;
+  END IF;
+  SELECT string_agg(format('%s on %s: %s', c.conname, cl.relname, pg_get_constraintdef(c.oid)), '; ') INTO found
+  FROM pg_constraint c
+  JOIN pg_class cl ON cl.oid = c.conrelid
+  JOIN pg_namespace n ON n.oid = cl.relnamespace
+  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attname = 'master_flow_id'
+  WHERE c.contype = 'f' AND c.conparentid = 0 AND n.nspname = current_schema() AND cl.relname = ANY({CHILDREN_SQL})
+    AND a.attnum = ANY(c.conkey) AND cardinality(c.conkey) > 1;
+  IF found IS NOT NULL THEN
+    RAISE EXCEPTION 'flowfix: composite foreign key %; flowfix repoints single-column foreign keys on master_flow_id only: replace it by a single-column one (or drop it) first. Nothing was changed.', found;
+  END IF;"""
+
+PREFLIGHT = f"""DO $preflight$
 DECLARE found text;
-BEGIN
+BEGIN{CATALOG_PREFLIGHT}
+  IF current_setting('server_version_num')::int < {PARTITIONED_NOT_VALID_FK} THEN
+    SELECT string_agg(cl.relname, ', ') INTO found
+    FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
+    WHERE n.nspname = current_schema() AND cl.relname = ANY({CHILDREN_SQL}) AND cl.relkind = 'p'
+      AND NOT {HAS_FLOW_ID_FK.format(t="cl.relname")};
+    IF found IS NOT NULL THEN
+      RAISE EXCEPTION 'flowfix: % is partitioned, and PostgreSQL % cannot add a NOT VALID foreign key to a partitioned table (PostgreSQL 18 can): upgrade the server first. Nothing was changed.', found, current_setting('server_version');
+    END IF;
+  END IF;
   SELECT string_agg(flow_id::text, ', ') INTO found FROM (
     SELECT flow_id FROM crewai_flow_state_extensions
     GROUP BY flow_id HAVING count(*) > 1 ORDER BY flow_id LIMIT 20) d;
@@ -107,6 +149,24 @@ BEGIN
     ORDER BY a.id LIMIT 20) a;
   IF found IS NOT NULL THEN
     RAISE EXCEPTION 'flowfix: these master ids are also the flow_id of another master, so stored links cannot be translated unambiguously (first 20): %', found;
+  END IF;
+END $preflight$"""
+
+#: Before the downgrade (after PREFLIGHT): no FK that flowfix did not add may depend on
+#: the unique constraint flowfix added (dropping it would fail, or take that FK along).
+DOWNGRADE_PREFLIGHT = f"""DO $preflight$
+DECLARE found text;
+BEGIN
+  SELECT string_agg(format('%s on %s', c.conname, c.conrelid::regclass), ', ') INTO found
+  FROM pg_constraint c
+  WHERE c.contype = 'f' AND c.conparentid = 0 AND c.conindid = to_regclass('{UNIQUE_FLOW_ID}')
+    AND EXISTS (SELECT 1 FROM flowfix_schema_changes sc WHERE sc.revision = 'fix_master_flow_fk'
+                AND sc.kind = 'constraint_created' AND sc.object_name = '{UNIQUE_FLOW_ID}')
+    AND NOT EXISTS (SELECT 1 FROM flowfix_schema_changes sc WHERE sc.revision = 'fix_master_flow_fk'
+                    AND sc.kind = 'constraint_created' AND sc.object_name = c.conname
+                    AND sc.table_name = c.conrelid::regclass::text);
+  IF found IS NOT NULL THEN
+    RAISE EXCEPTION 'flowfix: the unique constraint {UNIQUE_FLOW_ID}, which this downgrade would drop, is referenced by foreign key % (not added by flowfix): drop that FK first, or stay at fix_master_flow_fk. Nothing was changed.', found;
   END IF;
 END $preflight$"""
 
@@ -127,43 +187,48 @@ def _fk_query(table: str) -> str:
     return catalog.FOREIGN_KEYS_SQL.replace(":table", f"'{table}'").replace(":column", "'master_flow_id'")
 
 
-def _drop_old_fks(table: str) -> str:
-    """Record, then drop, every FK on ``table.master_flow_id`` that does not reference
-    ``flow_id``, whatever its name (production names differ from the plan's)."""
+def _swap_fk_sql(table: str) -> str:
+    """One DO block (the same online and in ``--sql`` output): if ``table`` has an FK on
+    ``master_flow_id`` that does not reference ``flow_id``, lock master and table, record
+    and drop it (whatever its name: production names differ from the plan's); unless an
+    FK to ``flow_id`` exists already, add one NOT VALID carrying the replaced FK's
+    rule (ON DELETE, ON UPDATE, DEFERRABLE: what follows the referenced columns in its
+    definition). A table whose FK already references ``flow_id`` is not touched."""
+    fk = f"fk_{table}_master_flow_id"
     return f"""DO $swap$
-DECLARE r record;
+DECLARE
+  r record;
+  rule text;
+  has_new boolean := {HAS_FLOW_ID_FK.format(t=f"'{table}'")};
 BEGIN
+  IF has_new AND NOT EXISTS (
+      SELECT 1 FROM ({_fk_query(table).strip()}) f
+      WHERE NOT (f.target_table = '{MASTER_TABLE}' AND f.target_column = 'flow_id')) THEN
+    RETURN;
+  END IF;
+  LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE;
   FOR r IN {_fk_query(table).strip()}
   LOOP
     IF NOT (r.target_table = '{MASTER_TABLE}' AND r.target_column = 'flow_id') THEN
       INSERT INTO flowfix_schema_changes (revision, kind, table_name, object_name, definition, validated)
       VALUES ('fix_master_flow_fk', 'foreign_key_replaced', '{table}', r.name, r.definition, r.validated);
+      rule := COALESCE(rule, regexp_replace(substring(r.definition from 'REFERENCES [^(]+[(][^)]*[)](.*)$'),
+                                            '\\s*NOT VALID$', ''));
       EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', r.name);
     END IF;
   END LOOP;
+  IF NOT has_new THEN
+    INSERT INTO flowfix_schema_changes (revision, kind, table_name, object_name)
+    VALUES ('fix_master_flow_fk', 'constraint_created', '{table}', '{fk}');
+    EXECUTE 'ALTER TABLE {table} ADD CONSTRAINT {fk} FOREIGN KEY (master_flow_id) REFERENCES {MASTER_TABLE} (flow_id)'
+            || COALESCE(rule, '') || ' NOT VALID';
+  END IF;
 END $swap$"""
-
-
-def _lock_pair(table: str) -> None:
-    """Dropping a FK takes ACCESS EXCLUSIVE on both tables. Take both up front, master
-    first (the order in which the application writes: master, import, records), so a
-    writer and this step cannot deadlock; each wait is bounded by lock_timeout."""
-    migrate.execute(f"LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE")
 
 
 def _swap_fk(table: str) -> None:
     """One short transaction: the old FK goes, the new one arrives NOT VALID (no scan)."""
-    fk = f"fk_{table}_master_flow_id"
-    _lock_pair(table)
-    migrate.execute(_drop_old_fks(table))
-    has_new = not migrate.offline() and any(
-        f.target_table == MASTER_TABLE and f.target_column == "flow_id"
-        for f in catalog.foreign_keys(migrate.bind(), table, "master_flow_id"))
-    if not has_new:
-        migrate.execute(f"ALTER TABLE {table} ADD CONSTRAINT {fk} FOREIGN KEY (master_flow_id)"
-                        f" REFERENCES {MASTER_TABLE} (flow_id) {ON_DELETE[table]} NOT VALID")
-        migrate.execute("INSERT INTO flowfix_schema_changes (revision, kind, table_name, object_name)"
-                        " VALUES ('fix_master_flow_fk', 'constraint_created', :table, :name)", table=table, name=fk)
+    migrate.execute(_swap_fk_sql(table))
     migrate.commit()
 
 
@@ -239,7 +304,11 @@ def _build_index(table: str, name: str, columns: str, why: str, *, kind: str = "
     """Build one index without blocking writes, the same way every time: drop the INVALID
     leftover of an interrupted CONCURRENTLY build (online), note the index in
     flowfix_schema_changes if it is not there yet (so the downgrade drops only what this
-    revision built), then CREATE ... CONCURRENTLY IF NOT EXISTS."""
+    revision built), then CREATE ... CONCURRENTLY IF NOT EXISTS. A partitioned table
+    cannot build an index CONCURRENTLY: see :func:`_build_partitioned_index`."""
+    if not migrate.offline() and _is_partitioned(table):
+        _build_partitioned_index(table, name, columns, why)
+        return
     if not migrate.offline() and _invalid_index(name):
         migrate.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
     migrate.execute(_record_if_absent(kind, table, name, f"to_regclass('{name}') IS NULL"))
@@ -248,9 +317,46 @@ def _build_index(table: str, name: str, columns: str, why: str, *, kind: str = "
         why, f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({columns})")
 
 
+def _is_partitioned(table: str) -> bool:
+    return bool(migrate.bind().exec_driver_sql(
+        f"SELECT count(*) FROM pg_class WHERE oid = to_regclass('{table}') AND relkind = 'p'").scalar_one())
+
+
+def _build_partitioned_index(table: str, name: str, columns: str, why: str) -> None:
+    """PostgreSQL's recipe for a partitioned table: the parent's index ``ON ONLY`` (instant,
+    invalid), each partition's CONCURRENTLY, then ATTACH each (instant); the parent's
+    index is valid once every partition's is attached. Only direct partitions that are
+    plain tables are handled: a sub-partitioned one is reported and left without."""
+    conn = migrate.bind()
+    parts = conn.exec_driver_sql(
+        "SELECT c.relname, c.relkind::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        f" WHERE i.inhparent = to_regclass('{table}') ORDER BY 1").all()
+    if any(kind != "r" for _, kind in parts):
+        migrate.warn(f"{table} has sub-partitions: index {name} is not built; build it by hand if needed")
+        return
+    migrate.execute(_record_if_absent("index_created", table, name, f"to_regclass('{name}') IS NULL"))
+    migrate.execute(f"CREATE INDEX IF NOT EXISTS {name} ON ONLY {table} ({columns})")
+    migrate.commit()
+    for part, _ in parts:
+        part_index = f"ix_{part}_{columns.replace(', ', '_')}"[:63]
+        if _invalid_index(part_index):
+            migrate.outside_transaction("drop the invalid leftover index",
+                                        f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(part_index)}")
+        migrate.outside_transaction(f"{why}: partition {part}",
+                                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {migrate.quote(part_index)}"
+                                    f" ON {migrate.quote(part)} ({columns})")
+        attached = conn.exec_driver_sql(
+            f"SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass({migrate.sql_literal(part_index)})"
+            f" AND inhparent = to_regclass('{name}')").scalar_one()
+        if not attached:
+            migrate.execute(f"ALTER INDEX {name} ATTACH PARTITION {migrate.quote(part_index)}")
+            migrate.commit()
+
+
 def _invalid_index(name: str) -> bool:
     return bool(migrate.bind().exec_driver_sql(
-        f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass('{name}') AND NOT indisvalid").scalar_one())
+        f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass({migrate.sql_literal(name)})"
+        " AND NOT indisvalid").scalar_one())
 
 
 def _ensure_unique_flow_id() -> None:
@@ -280,22 +386,38 @@ def _ensure_master_flow_id_index(table: str) -> None:
                  f"index {table}(master_flow_id) so cascades and joins do not scan")
 
 
+def _created_fks(table: str) -> list[str]:
+    """The FKs on ``table`` this revision added (an FK that was there before is never
+    validated, dropped or otherwise touched)."""
+    return list(migrate.bind().exec_driver_sql(
+        "SELECT object_name FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'"
+        f" AND kind = 'constraint_created' AND table_name = '{table}' ORDER BY id").scalars())
+
+
 def _validate(table: str) -> None:
     if migrate.offline():
-        names = [f"fk_{table}_master_flow_id"]
-    else:
-        names = [fk.name for fk in catalog.foreign_keys(migrate.bind(), table, "master_flow_id")
-                 if fk.target_table == MASTER_TABLE and fk.target_column == "flow_id" and not fk.validated]
-    for name in names:
-        migrate.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {migrate.quote(name)}")
+        # the DO block below validates the FK only where step 3 added it
+        migrate.execute(f"""DO $validate$
+BEGIN
+  IF EXISTS (SELECT 1 FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'
+             AND kind = 'constraint_created' AND table_name = '{table}') THEN
+    ALTER TABLE {table} VALIDATE CONSTRAINT fk_{table}_master_flow_id;
+  END IF;
+END $validate$""")
         migrate.commit()
+        return
+    invalid = {fk.name for fk in catalog.foreign_keys(migrate.bind(), table, "master_flow_id") if not fk.validated}
+    for name in _created_fks(table):
+        if name in invalid:
+            migrate.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {migrate.quote(name)}")
+            migrate.commit()
 
 
 def upgrade() -> None:
-    migrate.note("step 1: flowfix tables (quarantine, ledger) and preflight checks")
+    migrate.note("step 1: preflight checks (nothing changes if one fails), then flowfix's tables (quarantine, ledger)")
+    migrate.execute(PREFLIGHT)
     for sql in CREATE_FLOWFIX_TABLES:
         migrate.execute(sql)
-    migrate.execute(PREFLIGHT)
     migrate.commit()
 
     _ensure_unique_flow_id()
@@ -334,41 +456,81 @@ WHERE q.table_name = '{table}' AND q.column_name = 'master_flow_id'
   AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.id = q.row_id AND t.master_flow_id IS DISTINCT FROM q.old_value)"""
 
 
-def _drop_flow_id_fks(table: str) -> str:
+def _drop_created_fks(table: str) -> str:
+    """Drop the FKs step 3 added to ``table`` (by their recorded names), master and table
+    locked first; FKs that were there before the upgrade stay."""
     return f"""DO $drop$
 DECLARE r record;
 BEGIN
-  FOR r IN {_fk_query(table).strip()}
+  FOR r IN SELECT sc.object_name FROM flowfix_schema_changes sc
+           JOIN pg_constraint c ON c.conrelid = '{table}'::regclass AND c.conname = sc.object_name
+           WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'constraint_created' AND sc.table_name = '{table}'
   LOOP
-    IF r.target_table = '{MASTER_TABLE}' AND r.target_column = 'flow_id' THEN
-      EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', r.name);
-    END IF;
+    LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE;
+    EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', r.object_name);
   END LOOP;
 END $drop$"""
 
 
-def _restore_fks(table: str, *, validate: bool) -> str:
-    """Re-add the FKs step 3 replaced, by their recorded names and definitions (NOT VALID),
-    or validate those that were validated before."""
-    action = (
-        "EXECUTE format('ALTER TABLE {t} VALIDATE CONSTRAINT %I', r.object_name);"
-        if validate else
-        "IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{t}'::regclass AND conname = r.object_name) THEN\n"
-        "      EXECUTE format('ALTER TABLE {t} ADD CONSTRAINT %I %s NOT VALID', r.object_name,\n"
-        "                     regexp_replace(r.definition, '\\s+NOT VALID$', ''));\n"
-        "    END IF;"
-    ).format(t=table)
-    condition = " AND validated" if validate else ""
+def _restore_fks(table: str) -> str:
+    """Re-add the FKs step 3 replaced, by their recorded names and definitions, NOT VALID
+    (no scan while the tables are locked)."""
     return f"""DO $restore$
 DECLARE r record;
 BEGIN
   FOR r IN SELECT object_name, definition FROM flowfix_schema_changes
-           WHERE revision = 'fix_master_flow_fk' AND kind = 'foreign_key_replaced' AND table_name = '{table}'{condition}
+           WHERE revision = 'fix_master_flow_fk' AND kind = 'foreign_key_replaced' AND table_name = '{table}'
+             AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{table}'::regclass AND conname = object_name)
            ORDER BY id
   LOOP
-    {action}
+    LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE;
+    EXECUTE format('ALTER TABLE {table} ADD CONSTRAINT %I %s NOT VALID', r.object_name,
+                   regexp_replace(r.definition, '\\s+NOT VALID$', ''));
   END LOOP;
 END $restore$"""
+
+
+def _validate_restored_fks(table: str) -> str:
+    """VALIDATE each restored FK that was validated before. Rows may break it (a VALID FK
+    over violating rows: a restore loaded with triggers off): it then stays NOT VALID,
+    with a warning, instead of failing the downgrade."""
+    return f"""DO $validate$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT object_name FROM flowfix_schema_changes
+           WHERE revision = 'fix_master_flow_fk' AND kind = 'foreign_key_replaced' AND table_name = '{table}'
+             AND validated ORDER BY id
+  LOOP
+    BEGIN
+      EXECUTE format('ALTER TABLE {table} VALIDATE CONSTRAINT %I', r.object_name);
+    EXCEPTION WHEN foreign_key_violation THEN
+      RAISE WARNING 'flowfix: % on {table} stays NOT VALID: rows break it (it was VALID over them before)', r.object_name;
+    END;
+  END LOOP;
+END $validate$"""
+
+
+#: Rows that keep a restored FK (to the master's id) from validating.
+VIOLATING_ROWS = """SELECT t.id::text FROM {table} t
+WHERE t.master_flow_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions m WHERE m.id = t.master_flow_id)
+ORDER BY t.id LIMIT 10"""
+
+
+def _report_unvalidated(table: str) -> None:
+    """Say which restored FKs stayed NOT VALID, and which rows keep them from validating."""
+    if migrate.offline():
+        return
+    conn = migrate.bind()
+    stuck = conn.exec_driver_sql(
+        "SELECT sc.object_name FROM flowfix_schema_changes sc"
+        f" JOIN pg_constraint c ON c.conrelid = '{table}'::regclass AND c.conname = sc.object_name"
+        " WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced'"
+        f" AND sc.table_name = '{table}' AND sc.validated AND NOT c.convalidated").scalars().all()
+    for name in stuck:
+        rows = conn.exec_driver_sql(VIOLATING_ROWS.format(table=table)).scalars().all()
+        migrate.warn(f"{table}: foreign key {name} was VALID before the upgrade but rows break it, so it is back"
+                     f" NOT VALID; rows (first 10): {', '.join(rows) or 'none found'}")
 
 
 def _drop_created_indexes() -> None:
@@ -383,22 +545,28 @@ BEGIN
 END $drop$""")
         migrate.commit()
         return
-    names = migrate.bind().exec_driver_sql(
-        "SELECT object_name FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk' AND kind = 'index_created'"
-    ).scalars().all()
-    if names:
+    rows = migrate.bind().exec_driver_sql(
+        "SELECT sc.object_name, c.relkind = 'I' FROM flowfix_schema_changes sc"
+        " LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(sc.object_name))"
+        " WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'index_created'").all()
+    plain = [name for name, partitioned in rows if not partitioned]
+    if plain:
         migrate.outside_transaction("drop the indexes this revision built",
-                                    *[f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(n)}" for n in names])
+                                    *[f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(n)}" for n in plain])
+    for name in [name for name, partitioned in rows if partitioned]:
+        # a partitioned index cannot be dropped CONCURRENTLY; this takes its partitions along
+        migrate.execute(f"DROP INDEX IF EXISTS {migrate.quote(name)}")
+        migrate.commit()
 
 
 def downgrade() -> None:
-    migrate.note("downgrade fix_master_flow_fk: back to FKs on crewai_flow_state_extensions.id, data included")
+    migrate.note("downgrade fix_master_flow_fk: back to the FKs that were there before, data included")
     migrate.execute(PREFLIGHT)
+    migrate.execute(DOWNGRADE_PREFLIGHT)
     migrate.commit()
     for table in CHILD_TABLES:
-        migrate.note(f"{table}: drop the FK to flow_id")
-        _lock_pair(table)
-        migrate.execute(_drop_flow_id_fks(table))
+        migrate.note(f"{table}: drop the FK this revision added")
+        migrate.execute(_drop_created_fks(table))
         migrate.commit()
     for table in CHILD_TABLES:
         migrate.in_batches(f"{table}: translate values back", table, TRANSLATE_BACK)
@@ -408,15 +576,15 @@ def downgrade() -> None:
         migrate.execute(FORGET_RESTORED.format(table=table))
         migrate.commit()
     for table in CHILD_TABLES:
-        migrate.note(f"{table}: re-add the original FKs NOT VALID")
-        _lock_pair(table)
-        migrate.execute(_restore_fks(table, validate=False))
+        migrate.note(f"{table}: re-add the FKs this revision replaced, NOT VALID")
+        migrate.execute(_restore_fks(table))
         migrate.commit()
     migrate.outside_transaction("fresh statistics before VALIDATE", f"ANALYZE {MASTER_TABLE}, {', '.join(CHILD_TABLES)}")
     for table in CHILD_TABLES:
-        migrate.note(f"{table}: VALIDATE the original FKs that were validated before")
-        migrate.execute(_restore_fks(table, validate=True))
+        migrate.note(f"{table}: VALIDATE the restored FKs that were validated before")
+        migrate.execute(_validate_restored_fks(table))
         migrate.commit()
+        _report_unvalidated(table)
     _drop_created_indexes()
     migrate.execute(f"""DO $drop$
 BEGIN

@@ -1,0 +1,72 @@
+"""Everything a test needs to say "the database is exactly as it was": every row of every
+table in the schema and the catalog of the schema (constraints with their definitions and
+validation state, indexes, row-level security, column nullability)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flowfix.config import Settings
+from tests.helpers import sql
+
+CONSTRAINTS_SQL = """
+SELECT cl.relname AS table_name, c.conname AS name, c.contype::text AS type,
+       pg_get_constraintdef(c.oid) AS definition, c.convalidated AS validated
+FROM pg_constraint c
+JOIN pg_class cl ON cl.oid = c.conrelid
+JOIN pg_namespace n ON n.oid = cl.relnamespace
+WHERE n.nspname = current_schema() AND cl.relname NOT LIKE 'flowfix%'
+ORDER BY 1, 2, 4
+"""
+
+INDEXES_SQL = """
+SELECT tablename, indexname, indexdef FROM pg_indexes
+WHERE schemaname = current_schema() AND tablename NOT LIKE 'flowfix%'
+ORDER BY 1, 2
+"""
+
+TABLES_SQL = """
+SELECT c.relname AS name, c.relkind::text AS kind, c.relrowsecurity AS rls, c.relforcerowsecurity AS force_rls
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname NOT LIKE 'flowfix%'
+ORDER BY 1
+"""
+
+COLUMNS_SQL = """
+SELECT table_name, column_name, is_nullable, column_default FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name NOT LIKE 'flowfix%'
+ORDER BY 1, 2
+"""
+
+POLICIES_SQL = """
+SELECT tablename, policyname, roles::text, qual FROM pg_policies WHERE schemaname = current_schema() ORDER BY 1, 2
+"""
+
+
+@dataclass
+class Snapshot:
+    tables: list[dict[str, Any]]
+    columns: list[dict[str, Any]]
+    constraints: list[dict[str, Any]]
+    indexes: list[dict[str, Any]]
+    policies: list[dict[str, Any]]
+    rows: dict[str, list[tuple[Any, ...]]]
+
+    def foreign_keys(self, table: str) -> set[tuple[str, str, bool]]:
+        """(name, definition, validated) of every FK of ``table``."""
+        return {(c["name"], c["definition"], c["validated"]) for c in self.constraints
+                if c["table_name"] == table and c["type"] == "f"}
+
+
+def take(settings: Settings, *, rows: bool = True) -> Snapshot:
+    """The whole schema (flowfix's own ``flowfix_*`` tables left out: they are its memory)."""
+    tables = sql(settings, TABLES_SQL)
+    data: dict[str, list[tuple[Any, ...]]] = {}
+    if rows:
+        for t in tables:
+            if t["kind"] == "r" or t["kind"] == "p":
+                got = sql(settings, f'SELECT t::text AS r FROM "{t["name"]}" t')
+                data[t["name"]] = sorted(r["r"] for r in got)
+    return Snapshot(tables, sql(settings, COLUMNS_SQL), sql(settings, CONSTRAINTS_SQL), sql(settings, INDEXES_SQL),
+                    sql(settings, POLICIES_SQL), data)
