@@ -134,3 +134,122 @@ def test_upgrade_keeps_delete_rules_and_the_round_trip_is_exact(make_shape: Call
         before.constraints = [c for c in before.constraints if c["name"] != fk]
         restored.constraints = [c for c in restored.constraints if c["name"] != fk]
     assert restored == before
+
+
+def nothing_changed(s: Settings, before: snapshot.Snapshot, rev: str | None) -> None:
+    assert snapshot.take(s) == before
+    assert revision(s) == rev
+    flowfix_tables = sql(s, "SELECT relname FROM pg_class WHERE relname IN ('flowfix_quarantine', 'flowfix_runs',"
+                            " 'flowfix_translations') AND relnamespace = to_regnamespace(current_schema())")
+    assert flowfix_tables == [] or rev == "fix_master_flow_fk"
+
+
+def cli_env(s: Settings, **extra: str) -> dict[str, str]:
+    return {"DATABASE_URL": s.url.render_as_string(hide_password=False), "FLOWFIX_SCHEMA": s.schema, **extra}
+
+
+def test_a_composite_fk_on_master_flow_id_is_refused_in_one_line_changing_nothing(
+        make_shape: Callable[..., Settings]) -> None:
+    from typer.testing import CliRunner
+
+    from flowfix.cli import app
+
+    s = make_shape("composite")
+    seed(s)
+    before = snapshot.take(s)
+    result = CliRunner().invoke(app, ["upgrade", "fix_master_flow_fk"], env=cli_env(s))
+    assert result.exit_code == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("flowfix: error: composite foreign key fk_raw_import_records_master_tenant")
+    assert "Nothing was changed" in last and "Traceback" not in result.output
+    nothing_changed(s, before, "legacy")
+
+
+def server_version(s: Settings) -> int:
+    return int(sql(s, "SELECT current_setting('server_version_num') AS v")[0]["v"])
+
+
+def test_a_partitioned_records_table_round_trips_on_18_and_is_refused_before_18(
+        make_shape: Callable[..., Settings]) -> None:
+    s = make_shape("partitioned")
+    ids = seed(s)
+    before = snapshot.take(s)
+    if server_version(s) < 180000:
+        with pytest.raises(CommandError, match="raw_import_records is partitioned, and PostgreSQL .* cannot add"):
+            upgrade(s, "fix_master_flow_fk")
+        nothing_changed(s, before, "legacy")
+        return
+    upgrade(s, "fix_master_flow_fk")
+    assert {t: fk_rules(s, t) for t in CHILD_TABLES} == EXPECTED_AFTER_UPGRADE["partitioned"]
+    assert sql(s, "SELECT master_flow_id FROM raw_import_records WHERE id = :r", {"r": ids["r1"]}) == [
+        {"master_flow_id": ids["f1"]}]
+    # the index on the partitioned table was built partition by partition, and is valid
+    assert with_catalog(s, catalog.has_usable_index, "raw_import_records", "master_flow_id")
+    downgrade(s, "legacy")
+    assert snapshot.take(s) == before
+
+
+def test_force_row_level_security_for_the_owner_is_refused_changing_nothing(
+        make_shape: Callable[..., Settings]) -> None:
+    s = make_shape("app_head")
+    seed(s)
+    sql(s, "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'flowfix_owner') THEN"
+           " CREATE ROLE flowfix_owner LOGIN; END IF; END $$")
+    for statement in (
+            "GRANT USAGE, CREATE ON SCHEMA migration TO flowfix_owner",
+            *(f"ALTER TABLE {t} OWNER TO flowfix_owner" for t in (MASTER_TABLE, *CHILD_TABLES)),
+            "GRANT ALL ON flowfix_alembic_version, flowfix_schema_changes TO flowfix_owner",
+            f"ALTER TABLE {MASTER_TABLE} FORCE ROW LEVEL SECURITY"):
+        sql(s, statement)
+    before = snapshot.take(s)
+    owner = Settings(url=s.url.set(username="flowfix_owner", password=None), schema=s.schema,
+                     lock_timeout="2s", lock_retries=0)
+    with pytest.raises(CommandError, match="row-level security hides rows of crewai_flow_state_extensions from"
+                                           " role flowfix_owner"):
+        upgrade(owner, "fix_master_flow_fk")
+    nothing_changed(s, before, "legacy")
+
+
+def test_downgrade_refuses_while_an_application_fk_depends_on_the_new_unique_constraint(settings: Settings) -> None:
+    upgrade(settings, "fix_master_flow_fk")
+    sql(settings, "CREATE TABLE app_refs (id uuid PRIMARY KEY,"
+                  " flow uuid REFERENCES crewai_flow_state_extensions (flow_id))")
+    before = snapshot.take(settings)
+    with pytest.raises(CommandError, match="is referenced by foreign key app_refs_flow_fkey on app_refs"):
+        downgrade(settings, "legacy")
+    assert snapshot.take(settings) == before
+    assert revision(settings) == "fix_master_flow_fk"
+
+
+def test_a_forgotten_flowfix_schema_is_refused_naming_the_schema_that_holds_the_tables(
+        make_shape: Callable[..., Settings]) -> None:
+    s = make_shape("deployed", adopted=False)
+    public = Settings(url=s.url, schema="public", lock_timeout="2s", lock_retries=0)
+    before = snapshot.take(public)
+    with pytest.raises(CommandError, match="schema public has none of the discovery-flow tables, but schema"
+                                           " migration has them: set FLOWFIX_SCHEMA"):
+        upgrade(public, "head")
+    assert snapshot.take(public) == before
+    assert sql(public, "SELECT count(*) AS n FROM pg_class WHERE relname LIKE 'flowfix%'") == [{"n": 0}]
+
+
+def test_an_empty_schema_needs_the_explicit_choice_to_create_tables(settings: Settings) -> None:
+    import dataclasses
+
+    with pytest.raises(CommandError, match="run flowfix upgrade legacy --create-tables"):
+        upgrade(dataclasses.replace(settings, create_tables=False), "legacy")
+    assert sql(settings, "SELECT count(*) AS n FROM pg_class WHERE relname LIKE 'flowfix%'"
+                         " OR relname = 'data_imports'") == [{"n": 0}]
+    upgrade(settings, "legacy")
+    assert revision(settings) == "legacy"
+
+
+@pytest.mark.parametrize("schema", ["information_schema", "pg_catalog", "pg_toast"])
+def test_a_system_schema_is_refused(schema: str) -> None:
+    from typer.testing import CliRunner
+
+    from flowfix.cli import app
+
+    result = CliRunner().invoke(app, ["upgrade"], env={"DATABASE_URL": "postgresql://u@h/d", "FLOWFIX_SCHEMA": schema})
+    assert result.exit_code == 2
+    assert "is a PostgreSQL system schema" in result.stderr
