@@ -35,11 +35,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from flowfix import ledger
+from flowfix import catalog, ledger
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError
-from flowfix.models import TENANT_SCOPE
+from flowfix.models import MASTER_TABLE, TENANT_SCOPE
 
 DISCOVERY_EVIDENCE = "exact:flow_id"
 EXACT_DF = "exact:discovery_flow"
@@ -152,7 +152,8 @@ class Result:
 
 ORPHAN_DISCOVERY_FLOWS = f"""
 SELECT t.id, t.flow_id, t.client_account_id, t.engagement_id, t.user_id, t.flow_name, t.status,
-       m.flow_id AS master, m.flow_type, m.client_account_id AS master_client, m.engagement_id AS master_engagement
+       m.flow_id AS master, m.flow_type, m.client_account_id AS master_client, m.engagement_id AS master_engagement,
+       EXISTS (SELECT 1 FROM crewai_flow_state_extensions x WHERE x.id = t.flow_id) AS flow_id_is_a_master_id
 FROM discovery_flows t
 LEFT JOIN crewai_flow_state_extensions m ON m.flow_id = t.flow_id
 WHERE t.master_flow_id IS NULL AND {TENANT_SCOPE}
@@ -266,6 +267,43 @@ ORDER BY r.id
 """
 
 
+#: The master's columns CREATE_MASTERS fills, and for those that may be NULL on the
+#: discovery flow, where the value comes from.
+MASTER_VALUES_FROM_DISCOVERY_FLOW = {"user_id": "user_id", "flow_name": "flow_name"}
+MASTER_COLUMNS_FILLED = {"id", "flow_id", "client_account_id", "engagement_id", "flow_type", "flow_status",
+                         "flow_configuration", *MASTER_VALUES_FROM_DISCOVERY_FLOW}
+
+
+@dataclass(frozen=True)
+class MasterCreation:
+    """What --create-missing-masters can fill on this database: the application's schema
+    has NOT NULL columns without defaults (found in the catalog, not assumed)."""
+
+    required: list[str]
+
+    @property
+    def unknown(self) -> list[str]:
+        """Required columns flowfix has no value for: no master can be created."""
+        return [c for c in self.required if c not in MASTER_COLUMNS_FILLED]
+
+    @property
+    def needs(self) -> dict[str, bool]:
+        """For CREATE_MASTERS: which discovery-flow values must be present."""
+        return {f"need_{c}": c in self.required for c in MASTER_VALUES_FROM_DISCOVERY_FLOW}
+
+    def refusal(self, row: Any) -> str | None:
+        """Why no master can be created for this orphan discovery flow, or None."""
+        if self.unknown:
+            return (f"{MASTER_TABLE}.{', '.join(self.unknown)} is NOT NULL without a default, and flowfix has no"
+                    " value for it")
+        for master_column, df_column in MASTER_VALUES_FROM_DISCOVERY_FLOW.items():
+            if master_column in self.required and row[df_column] is None:
+                return f"its {df_column} is NULL and {MASTER_TABLE}.{master_column} is NOT NULL"
+        if row["flow_id_is_a_master_id"]:
+            return "its flow_id is another master's id (the upgrade could no longer tell the two apart)"
+        return None
+
+
 def _compatible(row_client: uuid.UUID | None, row_engagement: uuid.UUID | None,
                 client: uuid.UUID | None, engagement: uuid.UUID | None) -> bool:
     """Same tenant, where the row says anything: a NULL on the row is no evidence either
@@ -310,13 +348,17 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
     """What the backfill would do now, with the evidence for each link. Reads only."""
     plan = Plan()
     scope = opts.scope
+    creation = MasterCreation(await conn.run_sync(catalog.required_columns, MASTER_TABLE))
 
     # 1. discovery flows: their own flow_id names their master.
     df_ids: list[uuid.UUID] = []
     df_masters: list[uuid.UUID] = []
     for row in (await conn.execute(text(ORPHAN_DISCOVERY_FLOWS), scope)).mappings():
         if row["master"] is None:
-            if opts.create_missing_masters:
+            why_not = creation.refusal(row) if opts.create_missing_masters else None
+            if why_not:
+                plan.unmatched.append(Unmatched("discovery_flows", str(row["id"]), f"cannot create its master: {why_not}"))
+            elif opts.create_missing_masters:
                 plan.masters_to_create.append(dict(row))
                 plan.discovery_links.append(Link("discovery_flows", str(row["id"]), str(row["flow_id"]), CREATED))
                 df_ids.append(row["id"])
@@ -426,16 +468,22 @@ SELECT :run, 'discovery_flows', id, 'master_flow_id', NULL, master, :evidence, n
 RETURNING row_id
 """
 
+#: A master for each discovery flow of :ids that still has none, from the flow's own
+#: columns; flowfix supplies the id (the application's schema has no default for it).
+#: The planner's refusals are checked again, so a row changed since planning is skipped,
+#: never an error.
 CREATE_MASTERS = """
 WITH todo AS (SELECT * FROM unnest(CAST(:ids AS uuid[])) AS x(id)),
 created AS (
-    INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, user_id, flow_type,
+    INSERT INTO crewai_flow_state_extensions (id, flow_id, client_account_id, engagement_id, user_id, flow_type,
                                               flow_name, flow_status, flow_configuration)
-    SELECT d.flow_id, d.client_account_id, d.engagement_id, d.user_id, 'discovery', d.flow_name, d.status,
+    SELECT gen_random_uuid(), d.flow_id, d.client_account_id, d.engagement_id, d.user_id, 'discovery', d.flow_name,
+           COALESCE(d.status, 'initialized'),
            jsonb_build_object('created_by', 'flowfix backfill', 'run_id', CAST(:run_text AS text))
     FROM discovery_flows d JOIN todo ON todo.id = d.id
     WHERE d.master_flow_id IS NULL
-      AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions m WHERE m.flow_id = d.flow_id)
+      AND (d.user_id IS NOT NULL OR NOT :need_user_id) AND (d.flow_name IS NOT NULL OR NOT :need_flow_name)
+      AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions m WHERE m.flow_id = d.flow_id OR m.id = d.flow_id)
     RETURNING flow_id
 )
 INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence, applied_at)
@@ -620,11 +668,14 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
     counts: dict[str, int] = defaultdict(int)
 
     # 1. discovery flows (and the masters --create-missing-masters adds)
+    async with conn.begin():
+        creation = MasterCreation(await conn.run_sync(catalog.required_columns, MASTER_TABLE))
     for chunk in _chunks(plan.masters_to_create, opts.batch_size):
         started = time.perf_counter()
         async with conn.begin():
             made = (await conn.execute(text(CREATE_MASTERS), {"run": run_id, "run_text": str(run_id),
-                                                                "ids": [c["id"] for c in chunk]})).all()
+                                                                "ids": [c["id"] for c in chunk],
+                                                                **creation.needs})).all()
         batcher.done(time.perf_counter() - started)
         counts["masters_created"] += len(made)
     for chunk in _chunks(plan.discovery_links, opts.batch_size):

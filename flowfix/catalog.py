@@ -96,6 +96,15 @@ GROUP BY c.oid, c.conname, sn.nspname, st.relname
 ORDER BY 2, 1
 """
 
+#: Columns of :table that an INSERT must supply: NOT NULL, no default, not generated.
+REQUIRED_COLUMNS_SQL = """
+SELECT a.attname
+FROM pg_attribute a
+WHERE a.attrelid = to_regclass(:table) AND a.attnum > 0 AND NOT a.attisdropped
+  AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+ORDER BY a.attnum
+"""
+
 #: Schemas of the database, other than the current one, that hold a table named :table.
 SCHEMAS_HOLDING_SQL = """
 SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -170,6 +179,12 @@ def referencing(conn: Connection, table: str) -> list[Reference]:
     """Every FK in the database that references ``table``: the catalog's list, not a
     fixed one (the application adds tables that reference the master)."""
     return [Reference(**row) for row in conn.execute(text(REFERENCING_SQL), {"table": table}).mappings()]
+
+
+def required_columns(conn: Connection, table: str) -> list[str]:
+    """The columns an INSERT into ``table`` must supply (the application's schema has no
+    server default even on ``id``)."""
+    return list(conn.execute(text(REQUIRED_COLUMNS_SQL), {"table": table}).scalars())
 
 
 def schemas_holding(conn: Connection, table: str) -> list[str]:

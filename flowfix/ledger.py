@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 Executor = AsyncConnection | AsyncSession
 
+from flowfix import catalog
 from flowfix.errors import FlowfixError
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
@@ -154,13 +155,11 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
             what = f"{expected - reverted} of its records" if ch.row_ids is not None else "it"
             report.skipped.append({"table": ch.table_name, "id": str(ch.row_id),
                                    "reason": f"{what} changed since the run"})
-    for ch in changes:
-        if ch.column_name != CREATED_ROW or ch.table_name != MASTER_TABLE:
-            continue
-        deleted = (await conn.execute(text(
-            f"DELETE FROM {MASTER_TABLE} m WHERE m.flow_id = :flow"
-            + "".join(f" AND NOT EXISTS (SELECT 1 FROM {t} x WHERE x.master_flow_id = m.flow_id)" for t in CHILD_TABLES)
-            + " RETURNING id"), {"flow": ch.new_value})).first()
+    created = [ch for ch in changes if ch.column_name == CREATED_ROW and ch.table_name == MASTER_TABLE]
+    if created:
+        unreferenced = await _unreferenced_master_sql(conn)
+    for ch in created:
+        deleted = (await conn.execute(text(unreferenced), {"flow": ch.new_value})).first()
         if deleted:
             report.deleted_masters += 1
             await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
@@ -171,6 +170,19 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
     await finish_run(conn, undo_run, "finished", counts)
     await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
     return report
+
+
+async def _unreferenced_master_sql(conn: Executor) -> str:
+    """DELETE a master created by a run (``:flow``) only if no row anywhere references it:
+    every FK in the database that points at the master table, read from the catalog
+    (the application has tables flowfix does not know, some with ON DELETE CASCADE)."""
+    refs = await conn.run_sync(lambda sync: catalog.referencing(sync, MASTER_TABLE))  # type: ignore[arg-type]
+    guards = "".join(
+        f" AND NOT EXISTS (SELECT 1 FROM {ref.source} x WHERE "
+        + " AND ".join(f"x.{col} = m.{target}" for col, target in zip(ref.columns, ref.referenced, strict=True))
+        + ")"
+        for ref in refs)
+    return f"DELETE FROM {MASTER_TABLE} m WHERE m.flow_id = :flow{guards} RETURNING m.id"
 
 
 async def undo_run(session: AsyncSession, run_id: uuid.UUID) -> UndoReport:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flowfix import ledger
+from flowfix import catalog, ledger
 from flowfix.errors import FlowfixError
 from flowfix.ledger import Change
+from flowfix.models import MASTER_TABLE
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class TenantMismatch(LinkError):
 
 class AlreadyLinked(LinkError):
     pass
+
+
+class MissingValue(LinkError):
+    """The application's schema requires a value the request does not carry."""
 
 
 @dataclass
@@ -130,21 +135,29 @@ async def start_discovery_flow(session: AsyncSession, *, data_import_id: uuid.UU
                                  f"{context.client_account_id} / engagement {context.engagement_id}")
         if imp.master_flow_id is not None:
             return imp.master_flow_id  # the first caller already did the work
+        if context.user_id is None:
+            required = await session.run_sync(
+                lambda s: {t for t in (MASTER_TABLE, "discovery_flows")
+                           if "user_id" in catalog.required_columns(s, t)})  # type: ignore[arg-type]
+            if required:
+                raise MissingValue(f"{' and '.join(sorted(required))}.user_id is NOT NULL on this database:"
+                                   " the request context must carry a user_id")
         flow_id = uuid.uuid4()
         name = flow_name or f"Discovery Import {data_import_id}"
+        # ids are supplied here: the application's own schema has no server default for them
         await session.execute(text(
-            "INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, user_id,"
+            "INSERT INTO crewai_flow_state_extensions (id, flow_id, client_account_id, engagement_id, user_id,"
             " flow_type, flow_name, flow_status, flow_configuration, flow_persistence_data)"
-            " VALUES (:f, :c, :e, :u, 'discovery', :n, 'initialized',"
+            " VALUES (:id, :f, :c, :e, :u, 'discovery', :n, 'initialized',"
             " jsonb_build_object('source', 'data_import', 'import_id', CAST(:i AS text)),"
             " jsonb_build_object('data_import_id', CAST(:i AS text)))"),
-            {"f": flow_id, "c": context.client_account_id, "e": context.engagement_id, "u": context.user_id,
-             "n": name, "i": str(data_import_id)})
+            {"id": uuid.uuid4(), "f": flow_id, "c": context.client_account_id, "e": context.engagement_id,
+             "u": context.user_id, "n": name, "i": str(data_import_id)})
         await session.execute(text(
-            "INSERT INTO discovery_flows (flow_id, master_flow_id, data_import_id, client_account_id,"
-            " engagement_id, user_id, flow_name) VALUES (:f, :f, :i, :c, :e, :u, :n)"),
-            {"f": flow_id, "i": data_import_id, "c": context.client_account_id, "e": context.engagement_id,
-             "u": context.user_id, "n": name})
+            "INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id,"
+            " engagement_id, user_id, flow_name) VALUES (:id, :f, :f, :i, :c, :e, :u, :n)"),
+            {"id": uuid.uuid4(), "f": flow_id, "i": data_import_id, "c": context.client_account_id,
+             "e": context.engagement_id, "u": context.user_id, "n": name})
         await session.execute(text("UPDATE data_imports SET master_flow_id = :f, updated_at = now() WHERE id = :i"),
                               {"f": flow_id, "i": data_import_id})
         await _link_records(session, data_import_id, flow_id, context.client_account_id, context.engagement_id)

@@ -92,6 +92,14 @@ def test_settings(url: str, schema: str = "public") -> Settings:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
+    """An empty database, schema public (modules of runbook tests override this with
+    ``shaped``)."""
+    return test_settings(database_url)
+
+
+@pytest.fixture
+def empty_settings(database_url: str) -> Settings:
+    """An empty database, schema public, also where a module's ``settings`` is shaped."""
     return test_settings(database_url)
 
 

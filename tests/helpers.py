@@ -170,3 +170,14 @@ def add_discovery_flow(settings: Settings, *, flow_id: uuid.UUID, master: uuid.U
            {"id": id_, "flow_id": flow_id, "master_flow_id": master, "data_import_id": data_import,
             "client_account_id": client, "engagement_id": engagement})
     return id_
+
+
+def plain_url(settings: Settings) -> str:
+    """The libpq-style URL (password included) of the test database, for asyncpg and
+    for DATABASE_URL."""
+    return settings.require_url().set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a flowfix command needs to reach this test database and schema."""
+    return {"DATABASE_URL": plain_url(settings), "FLOWFIX_SCHEMA": settings.schema, **extra}

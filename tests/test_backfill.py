@@ -4,6 +4,7 @@ contention, tenants, reruns, undo, a killed run resumed, concurrent writes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from flowfix.cli import app
 from flowfix.config import Settings
 from flowfix.db import make_engine
 from tests.conftest import ROOT, upgrade
-from tests.helpers import add_discovery_flow, add_import, add_master, add_record, links, sql
+from tests.helpers import add_discovery_flow, add_import, add_master, add_record, cli_env, links, plain_url, sql
 from tests.test_validate import run_validate
 
 A = (uuid.uuid4(), uuid.uuid4())  # tenant A: client account, engagement
@@ -69,9 +70,10 @@ def import_links(p: bf.Plan) -> dict[uuid.UUID, tuple[uuid.UUID, str]]:
 
 
 @pytest.fixture
-def s(settings: Settings) -> Settings:
-    upgrade(settings, "fix_master_flow_fk")
-    return settings
+def s(shaped: Settings) -> Settings:
+    """Every backfill test runs on each production shape (tests/shapes), after the fix."""
+    upgrade(shaped, "fix_master_flow_fk")
+    return shaped
 
 
 def test_discovery_flows_take_the_master_with_their_flow_id_or_get_one_created(s: Settings) -> None:
@@ -195,19 +197,19 @@ def test_rerun_changes_nothing_and_undo_restores_everything(s: Settings) -> None
     assert {t: links(s, t) for t in ("data_imports", "raw_import_records")} == after
     assert run_validate(s).ok
 
-    result = runner.invoke(app, ["undo", first.run_id], env={"DATABASE_URL": s.url.render_as_string(False)})
+    result = runner.invoke(app, ["undo", first.run_id], env=cli_env(s))
     assert result.exit_code == 0, result.output
     assert {t: links(s, t) for t in ("data_imports", "raw_import_records")} == before
 
 
-def test_a_second_concurrent_run_is_refused(s: Settings, database_url: str) -> None:
+def test_a_second_concurrent_run_is_refused(s: Settings) -> None:
     import asyncpg
 
     async def hold_and_try() -> str:
-        conn = await asyncpg.connect(database_url)
+        conn = await asyncpg.connect(plain_url(s))
         try:
             await conn.execute("SELECT pg_advisory_lock(hashtext('flowfix.runs'))")
-            result = await asyncio.to_thread(runner.invoke, app, ["backfill"], env={"DATABASE_URL": database_url})
+            result = await asyncio.to_thread(runner.invoke, app, ["backfill"], env=cli_env(s))
             assert result.exit_code == 2
             return result.stderr
         finally:
@@ -222,15 +224,15 @@ def test_a_second_concurrent_run_is_refused(s: Settings, database_url: str) -> N
     (["--window", "0s"], "must be longer than zero"), (["--window", "2 fortnights"], "is not a duration"),
     (["--client-account", "x"], "is not a UUID"), (["--format", "xml"], "--format must be one of"),
 ])
-def test_bad_arguments_exit_2_and_change_nothing(s: Settings, database_url: str, args, message) -> None:  # type: ignore[no-untyped-def]
+def test_bad_arguments_exit_2_and_change_nothing(s: Settings, args, message) -> None:  # type: ignore[no-untyped-def]
     orphan(s)
     master(s, minutes=1)
-    result = runner.invoke(app, ["backfill", *args], env={"DATABASE_URL": database_url})
+    result = runner.invoke(app, ["backfill", *args], env=cli_env(s))
     assert result.exit_code == 2 and message in result.stderr
     assert set(links(s, "data_imports").values()) == {None}
 
 
-def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, database_url: str, tmp_path) -> None:
+def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, tmp_path) -> None:
     import json
 
     master(s, minutes=1)
@@ -238,7 +240,7 @@ def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, databa
     orphan(s, None)
     report = tmp_path / "plan.json"
     dry = runner.invoke(app, ["backfill", "--dry-run", "--format", "json", "--report", str(report)],
-                        env={"DATABASE_URL": database_url})
+                        env=cli_env(s))
     assert dry.exit_code == 1
     body = json.loads(dry.stdout)
     assert json.loads(report.read_text()) == body
@@ -247,19 +249,18 @@ def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, databa
     assert {l["evidence"] for l in body["links"]} == {"time_window", "via_import"}
     assert sql(s, "SELECT count(*) AS n FROM flowfix_runs") == [{"n": 0}]
     assert set(links(s, "data_imports").values()) == {None}
-    real = runner.invoke(app, ["backfill"], env={"DATABASE_URL": database_url})
+    real = runner.invoke(app, ["backfill"], env=cli_env(s))
     assert real.exit_code == 1
 
 
 def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
-        s: Settings, database_url: str, pg_server: str) -> None:
+        s: Settings, pg_server: str) -> None:
     """SIGKILL mid-run (batches of 2 rows), rerun, compare with a clean run on a copy."""
     for n in range(60):
         master(s, minutes=n * 30)
         orphan(s, minutes=n * 30 + (n % 7), records=3)
-    twin = database_url.replace(database_url.rsplit("/", 1)[1].split("?")[0], "twin_" + uuid.uuid4().hex[:8])
-    twin_name = twin.rsplit("/", 1)[1].split("?")[0]
-    source = database_url.rsplit("/", 1)[1].split("?")[0]
+    twin_name = "twin_" + uuid.uuid4().hex[:8]
+    source = s.require_url().database
     from flowfix.db import admin
     asyncio.run(admin(pg_server, f"CREATE DATABASE {twin_name} TEMPLATE {source}"))
     try:
@@ -268,7 +269,7 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
         sql(s, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
                " $$ BEGIN PERFORM pg_sleep(0.03); RETURN NEW; END $$")
         sql(s, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
-        env = {**os.environ, "DATABASE_URL": database_url}
+        env = {**os.environ, **cli_env(s)}
         proc = subprocess.Popen([sys.executable, "-m", "flowfix", "backfill", "--batch-size", "2"], env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -286,7 +287,7 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
 
         resumed = run(s)
         assert resumed.resumed
-        twin_settings = Settings(url=s.url.set(database=twin_name))
+        twin_settings = dataclasses.replace(s, url=s.require_url().set(database=twin_name))
         run(twin_settings)
         for table in ("data_imports", "raw_import_records"):
             assert links(s, table) == links(twin_settings, table)
@@ -295,9 +296,7 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
         asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {twin_name} WITH (FORCE)"))
 
 
-def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings, database_url: str) -> None:
-    import asyncpg
-
+def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings) -> None:
     for n in range(40):
         master(s, minutes=n * 30)
         orphan(s, minutes=n * 30 + 1, records=5)
@@ -305,19 +304,10 @@ def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings, d
     written: list[uuid.UUID] = []
 
     def app_writes() -> None:
-        async def go() -> None:
-            conn = await asyncpg.connect(database_url)
-            try:
-                while not stop.is_set():
-                    written.append(await conn.fetchval(
-                        "INSERT INTO data_imports (client_account_id, engagement_id, created_at)"
-                        " VALUES ($1, $2, now()) RETURNING id", A[0], A[1]))
-                    started.set()
-                    await asyncio.sleep(0.005)
-            finally:
-                await conn.close()
-
-        asyncio.run(go())
+        while not stop.is_set():
+            written.append(add_import(s, master=None, client=A[0], engagement=A[1]))  # created now()
+            started.set()
+            time.sleep(0.005)
 
     writer = threading.Thread(target=app_writes)
     writer.start()

@@ -16,6 +16,7 @@ from tests.helpers import (
     add_master,
     add_record,
     links,
+    plain_url,
     revision,
     script,
     sql,
@@ -29,7 +30,8 @@ def _nullable(s: Settings) -> bool:
     return with_catalog(s, catalog.columns, ["discovery_flows"])["discovery_flows"]["master_flow_id"]
 
 
-def test_enforce_stops_with_a_count_while_rows_are_null_then_succeeds(settings: Settings) -> None:
+def test_enforce_stops_with_a_count_while_rows_are_null_then_succeeds(shaped: Settings) -> None:
+    settings = shaped  # on each production shape
     upgrade(settings, "fix_master_flow_fk")
     _, f1 = add_master(settings, client=C, engagement=E)
     d_null = [add_discovery_flow(settings, flow_id=uuid.uuid4(), master=None, client=C, engagement=E) for _ in range(3)]
@@ -139,7 +141,7 @@ def test_legacy_refuses_a_partial_set_of_tables(settings: Settings) -> None:
         upgrade(settings, "legacy")
 
 
-def test_a_null_row_committed_during_enforce_undoes_the_check_and_stops(settings: Settings, database_url: str) -> None:
+def test_a_null_row_committed_during_enforce_undoes_the_check_and_stops(shaped: Settings) -> None:
     """The race the precondition cannot see: a writer's NULL row commits after the count,
     while the ADD CHECK waits for its lock. VALIDATE then fails; the CHECK is removed
     again and the revision stays at fix_master_flow_fk."""
@@ -148,17 +150,18 @@ def test_a_null_row_committed_during_enforce_undoes_the_check_and_stops(settings
 
     import asyncpg
 
+    settings = shaped  # on each production shape
     upgrade(settings, "fix_master_flow_fk")
     inserted = threading.Event()
 
     def writer() -> None:
         async def go() -> None:
-            conn = await asyncpg.connect(database_url)
+            conn = await asyncpg.connect(plain_url(settings), server_settings={"search_path": settings.schema})
             try:
                 async with conn.transaction():
                     await conn.execute(
-                        "INSERT INTO discovery_flows (flow_id, client_account_id, engagement_id)"
-                        " VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid())")
+                        "INSERT INTO discovery_flows (id, flow_id, client_account_id, engagement_id, user_id, flow_name)"
+                        " VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 'u', 'n')")
                     inserted.set()
                     await asyncio.sleep(1.0)
             finally:

@@ -18,12 +18,18 @@ from flowfix.config import Settings
 from flowfix.db import make_engine, make_sessionmaker
 from flowfix.linking import RequestContext
 from tests.conftest import upgrade
-from tests.helpers import add_import, add_master, add_record, links, script, sql
+from tests.helpers import add_import, add_master, add_record, cli_env, links, script, sql
 from tests.test_validate import run_validate
 
 CTX = RequestContext(uuid.uuid4(), uuid.uuid4(), "alice")
 OTHER = RequestContext(uuid.uuid4(), uuid.uuid4(), "mallory")
 runner = CliRunner()
+
+
+@pytest.fixture
+def settings(shaped: Settings) -> Settings:
+    """Every linking test runs on each production shape (tests/shapes), from legacy."""
+    return shaped
 
 
 def with_session(settings: Settings, fn: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -153,16 +159,12 @@ def test_inside_a_callers_transaction_a_refusal_leaves_it_usable(settings: Setti
 # --- flowfix link / undo / runs ----------------------------------------------------------
 
 
-def _env(url: str) -> dict[str, str]:
-    return {"DATABASE_URL": url, "FLOWFIX_SCHEMA": "public"}
-
-
-def test_link_then_undo_from_the_cli(settings: Settings, database_url: str) -> None:
+def test_link_then_undo_from_the_cli(settings: Settings) -> None:
     upgrade(settings, "fix_master_flow_fk")
     imp, records = new_import(settings)
     _, flow = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
 
-    result = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(flow)], env=_env(database_url))
+    result = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(flow)], env=cli_env(settings))
     assert result.exit_code == 0, result.output
     assert f"linked import {imp} and 3 records to flow {flow}" in result.stdout
     assert links(settings, "raw_import_records") == {r: flow for r in records}
@@ -172,20 +174,20 @@ def test_link_then_undo_from_the_cli(settings: Settings, database_url: str) -> N
     # Somebody edits one record afterwards: undo leaves that one alone and says so.
     _, elsewhere = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
     sql(settings, "UPDATE raw_import_records SET master_flow_id = :f WHERE id = :r", {"f": elsewhere, "r": records[0]})
-    result = runner.invoke(app, ["undo", str(run_id)], env=_env(database_url))
+    result = runner.invoke(app, ["undo", str(run_id)], env=cli_env(settings))
     assert result.exit_code == 0, result.output
     assert "3 values reverted, 1 left alone" in result.stdout
     assert links(settings, "data_imports") == {imp: None}
     assert links(settings, "raw_import_records") == {records[0]: elsewhere, records[1]: None, records[2]: None}
 
-    again = runner.invoke(app, ["undo", str(run_id)], env=_env(database_url))
+    again = runner.invoke(app, ["undo", str(run_id)], env=cli_env(settings))
     assert again.exit_code == 0 and "already undone" in again.stdout
-    listing = runner.invoke(app, ["runs"], env=_env(database_url))
+    listing = runner.invoke(app, ["runs"], env=cli_env(settings))
     assert listing.exit_code == 0
     assert [line.split()[1:3] for line in listing.stdout.splitlines()] == [["undo", "finished"], ["link", "undone"]]
 
 
-def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings, database_url: str) -> None:
+def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings) -> None:
     upgrade(settings, "fix_master_flow_fk")
     imp, _ = new_import(settings)
     _, foreign = add_master(settings, client=OTHER.client_account_id, engagement=OTHER.engagement_id)
@@ -201,23 +203,23 @@ def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings
         (["--import", str(imp), "--flow", str(assessment)], "is a 'assessment' flow, not a discovery flow"),
     ]
     for args, message in cases:
-        result = runner.invoke(app, ["link", *args], env=_env(database_url))
+        result = runner.invoke(app, ["link", *args], env=cli_env(settings))
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert links(settings, "data_imports") == {imp: None}
     assert sql(settings, "SELECT count(*) AS n FROM flowfix_runs") == [{"n": 0}]
 
-    assert runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine)], env=_env(database_url)).exit_code == 0
-    refused = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine2)], env=_env(database_url))
+    assert runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine)], env=cli_env(settings)).exit_code == 0
+    refused = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine2)], env=cli_env(settings))
     assert refused.exit_code == 2 and "already linked" in refused.stderr
-    forced = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine2), "--force"], env=_env(database_url))
+    forced = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(mine2), "--force"], env=cli_env(settings))
     assert forced.exit_code == 0
     assert links(settings, "data_imports") == {imp: mine2}
 
 
-def test_link_before_the_fix_revision_says_what_to_do(settings: Settings, database_url: str) -> None:
+def test_link_before_the_fix_revision_says_what_to_do(settings: Settings) -> None:
     upgrade(settings, "legacy")
     result = runner.invoke(app, ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())],
-                           env=_env(database_url))
+                           env=cli_env(settings))
     assert result.exit_code == 2
     assert "run `flowfix upgrade fix_master_flow_fk` first" in result.stderr

@@ -253,3 +253,107 @@ def test_a_system_schema_is_refused(schema: str) -> None:
     result = CliRunner().invoke(app, ["upgrade"], env={"DATABASE_URL": "postgresql://u@h/d", "FLOWFIX_SCHEMA": schema})
     assert result.exit_code == 2
     assert "is a PostgreSQL system schema" in result.stderr
+
+
+# --- the backfill and undo on shape H --------------------------------------------------
+
+
+def test_create_missing_masters_on_shape_h_supplies_ids_and_reports_what_it_cannot_fill(
+        make_shape: Callable[..., Settings]) -> None:
+    """Shape H has no id defaults and NOT NULL user_id: flowfix supplies both. A master it
+    cannot fill is reported while planning; every other link is still made."""
+    from tests.test_backfill import run
+
+    s = make_shape("app_head")
+    upgrade(s, "fix_master_flow_fk")
+    lonely_flow, blank_flow = uuid.uuid4(), uuid.uuid4()
+    lonely = add_discovery_flow(s, flow_id=lonely_flow, master=None, client=C, engagement=E)
+    sql(s, "UPDATE discovery_flows SET user_id = 'alice', flow_name = 'Q3 import' WHERE id = :d", {"d": lonely})
+    sql(s, "ALTER TABLE discovery_flows ALTER COLUMN user_id DROP NOT NULL")
+    blank = add_discovery_flow(s, flow_id=blank_flow, master=None, client=C, engagement=E)
+    sql(s, "UPDATE discovery_flows SET user_id = NULL WHERE id = :d", {"d": blank})
+    _, existing = add_master(s, client=C, engagement=E)
+    linked = add_discovery_flow(s, flow_id=existing, master=None, client=C, engagement=E)
+
+    result = run(s, create_missing_masters=True)
+    assert result.exit_code == 1  # the blank one is left, and said
+    reasons = {u.id: u.reason for u in result.plan.unmatched}
+    assert reasons == {str(blank): f"cannot create its master: its user_id is NULL and {MASTER_TABLE}.user_id is"
+                                   " NOT NULL"}
+    created = sql(s, "SELECT id, user_id, flow_name, flow_type FROM crewai_flow_state_extensions WHERE flow_id = :f",
+                  {"f": lonely_flow})
+    assert len(created) == 1 and created[0]["id"] is not None and created[0]["id"] != lonely_flow
+    assert (created[0]["user_id"], created[0]["flow_name"], created[0]["flow_type"]) == (
+        "alice", "Q3 import", "discovery")
+    got = {r["id"]: r["master_flow_id"] for r in sql(s, "SELECT id, master_flow_id FROM discovery_flows")}
+    assert got == {lonely: lonely_flow, blank: None, linked: existing}
+    assert sql(s, "SELECT status FROM flowfix_runs") == [{"status": "finished"}]
+
+
+def test_a_required_column_flowfix_cannot_fill_is_found_while_planning(make_shape: Callable[..., Settings]) -> None:
+    from tests.test_backfill import run
+
+    s = make_shape("app_head")
+    upgrade(s, "fix_master_flow_fk")
+    sql(s, "ALTER TABLE crewai_flow_state_extensions ADD COLUMN tier_budget integer NOT NULL DEFAULT 0",
+        )
+    sql(s, "ALTER TABLE crewai_flow_state_extensions ALTER COLUMN tier_budget DROP DEFAULT")
+    orphan_flow = add_discovery_flow(s, flow_id=uuid.uuid4(), master=None, client=C, engagement=E)
+    _, existing = add_master(s, client=C, engagement=E)
+    linked = add_discovery_flow(s, flow_id=existing, master=None, client=C, engagement=E)
+
+    dry = run(s, create_missing_masters=True, dry_run=True)
+    assert [(u.id, u.reason) for u in dry.plan.unmatched] == [
+        (str(orphan_flow), f"cannot create its master: {MASTER_TABLE}.tier_budget is NOT NULL without a default,"
+                           " and flowfix has no value for it")]
+    result = run(s, create_missing_masters=True)
+    assert result.exit_code == 1
+    got = {r["id"]: r["master_flow_id"] for r in sql(s, "SELECT id, master_flow_id FROM discovery_flows")}
+    assert got == {orphan_flow: None, linked: existing}
+    assert sql(s, "SELECT status FROM flowfix_runs") == [{"status": "finished"}]
+
+
+def test_undo_keeps_a_created_master_that_another_table_references(make_shape: Callable[..., Settings]) -> None:
+    """Shape H: nine FKs of other tables reference masters by flow_id, some with ON DELETE
+    CASCADE. A master the backfill created is deleted by undo only if nothing points at it."""
+    from typer.testing import CliRunner
+
+    from flowfix.cli import app
+    from tests.helpers import cli_env
+    from tests.test_backfill import run
+
+    s = make_shape("app_head")
+    upgrade(s, "fix_master_flow_fk")
+    kept_flow, gone_flow = uuid.uuid4(), uuid.uuid4()
+    for flow in (kept_flow, gone_flow):
+        add_discovery_flow(s, flow_id=flow, master=None, client=C, engagement=E)
+    result = run(s, create_missing_masters=True)
+    assert result.counts["masters_created"] == 2
+    # the application starts a collection flow on one of them (ON DELETE CASCADE)
+    collection = uuid.uuid4()
+    sql(s, "INSERT INTO collection_flows (id, master_flow_id) VALUES (:id, :f)", {"id": collection, "f": kept_flow})
+
+    undone = CliRunner().invoke(app, ["undo", str(result.run_id)], env=cli_env(s))
+    assert undone.exit_code == 0, undone.output
+    masters = {r["flow_id"] for r in sql(s, "SELECT flow_id FROM crewai_flow_state_extensions")}
+    assert masters == {kept_flow}
+    assert sql(s, "SELECT id, master_flow_id FROM collection_flows") == [{"id": collection, "master_flow_id": kept_flow}]
+    assert {r["master_flow_id"] for r in sql(s, "SELECT master_flow_id FROM discovery_flows")} == {None}
+
+
+def test_the_violated_shape_runs_the_whole_runbook(make_shape: Callable[..., Settings]) -> None:
+    """Shape D restored with triggers off: the upgrade moves the two breaking values to
+    quarantine, the backfill links those records through their import, validate passes."""
+    from tests.test_backfill import run
+    from tests.test_validate import run_validate
+
+    s = make_shape("violated")
+    upgrade(s, "fix_master_flow_fk")
+    quarantined = sql(s, "SELECT row_id::text, old_value::text FROM flowfix_quarantine ORDER BY row_id")
+    assert [q["old_value"] for q in quarantined] == ["0000dead-0000-4000-8000-000000000001",
+                                                     "0000dead-0000-4000-8000-000000000002"]
+    result = run(s)
+    assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
+    report = run_validate(s)
+    failing = {c.name for c in report.checks if c.status == "fail"}
+    assert failing == set(), report.to_text()

@@ -12,16 +12,33 @@ import pytest
 from sqlalchemy.pool import NullPool
 from typer.testing import CliRunner
 
+from flowfix import catalog
 from flowfix import validate as v
 from flowfix.cli import app
 from flowfix.config import Settings, normalize_url
 from flowfix.db import make_engine
 from tests.conftest import upgrade
-from tests.helpers import add_discovery_flow, add_import, add_master, add_record, script, sql
+from tests.helpers import (
+    add_discovery_flow,
+    add_import,
+    add_master,
+    add_record,
+    cli_env,
+    plain_url,
+    script,
+    sql,
+    with_catalog,
+)
 
 A_C, A_E = uuid.uuid4(), uuid.uuid4()  # tenant A
 B_C, B_E = uuid.uuid4(), uuid.uuid4()  # tenant B
 runner = CliRunner()
+
+
+@pytest.fixture
+def settings(shaped: Settings) -> Settings:
+    """Every validate test runs on each production shape (tests/shapes), from legacy."""
+    return shaped
 
 
 def run_validate(s: Settings, **options: object) -> v.Report:
@@ -84,7 +101,8 @@ def test_orphans_are_counted_per_table_and_sampled_in_id_order(settings: Setting
 def test_dangling_values_are_found_while_the_fk_is_missing(settings: Settings) -> None:
     upgrade(settings, "fix_master_flow_fk")
     linked_flow(settings)
-    script(settings, "ALTER TABLE data_imports DROP CONSTRAINT fk_data_imports_master_flow_id")
+    (fk,) = with_catalog(settings, catalog.foreign_keys, "data_imports", "master_flow_id")  # named per shape
+    script(settings, f'ALTER TABLE data_imports DROP CONSTRAINT "{fk.name}"')
     ghost = uuid.uuid4()
     bad = sorted(add_import(settings, master=ghost, client=A_C, engagement=A_E) for _ in range(2))
     report = run_validate(settings)
@@ -126,7 +144,9 @@ def test_record_import_disagreement_and_discovery_identity(settings: Settings) -
     assert not dataclasses.replace(report, fail_on="warn").ok
 
 
-def test_legacy_schema_reports_the_wrong_fk_targets_and_no_fanout_on_duplicate_flow_ids(settings: Settings) -> None:
+def test_legacy_schema_reports_the_wrong_fk_targets_and_no_fanout_on_duplicate_flow_ids(
+        empty_settings: Settings) -> None:
+    settings = empty_settings  # the friendly shape: shape H forbids duplicate flow_ids
     upgrade(settings, "legacy")
     m, flow = add_master(settings, client=A_C, engagement=A_E)
     sql(settings, "INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, flow_type)"
@@ -143,12 +163,12 @@ def test_legacy_schema_reports_the_wrong_fk_targets_and_no_fanout_on_duplicate_f
         "warn", "at legacy; head is enforce_master_flow_not_null")
 
 
-def _reader(settings: Settings, database_url: str) -> tuple[Settings, str]:
+def _reader(settings: Settings) -> tuple[Settings, str]:
     role = f"flowfix_reader_{uuid.uuid4().hex[:8]}"
     script(settings, f"CREATE ROLE {role} LOGIN PASSWORD 'reader-pw'",
-           f"GRANT USAGE ON SCHEMA public TO {role}",
-           f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
-    url = normalize_url(database_url).set(username=role, password="reader-pw")
+           f"GRANT USAGE ON SCHEMA {settings.schema} TO {role}",
+           f"GRANT SELECT ON ALL TABLES IN SCHEMA {settings.schema} TO {role}")
+    url = normalize_url(plain_url(settings)).set(username=role, password="reader-pw")
     return dataclasses.replace(settings, url=url), role
 
 
@@ -156,12 +176,24 @@ def _drop_role(settings: Settings, role: str) -> None:
     script(settings, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
 
 
-def test_a_select_only_role_can_validate_and_rls_is_detected(settings: Settings, database_url: str) -> None:
+def test_a_select_only_role_can_validate_and_rls_is_detected(settings: Settings) -> None:
     upgrade(settings, "head")
     linked_flow(settings)
     hidden = linked_flow(settings, B_C, B_E)
-    reader, role = _reader(settings, database_url)
+    reader, role = _reader(settings)
     try:
+        enabled = [r["relname"] for r in sql(settings, "SELECT relname FROM pg_class WHERE relrowsecurity"
+                                                       " AND relnamespace = to_regnamespace(current_schema())"
+                                                       " ORDER BY 1")]
+        if enabled:
+            # shape H: RLS is on for three tables, with no policy for this role: it sees
+            # none of their rows, and validate says so instead of passing on partial counts
+            report = run_validate(reader)
+            assert (report.check("rls_visibility").status, report.check("rls_visibility").samples) == (
+                "fail", enabled)
+            assert not report.ok
+            assert run_validate(settings).check("rls_visibility").status == "pass"
+            return
         report = run_validate(reader)
         assert report.ok and report.revision == "enforce_master_flow_not_null"
         with pytest.raises(Exception, match="permission denied"):
@@ -198,14 +230,10 @@ def test_scope_restricts_counts_to_one_tenant(settings: Settings) -> None:
 # --- CLI ------------------------------------------------------------------------------
 
 
-def _env(url: str) -> dict[str, str]:
-    return {"DATABASE_URL": url, "FLOWFIX_SCHEMA": "public"}
-
-
-def test_cli_exit_codes_json_and_junit(settings: Settings, database_url: str, tmp_path) -> None:
+def test_cli_exit_codes_json_and_junit(settings: Settings, tmp_path) -> None:
     upgrade(settings, "head")
     linked_flow(settings)
-    ok = runner.invoke(app, ["validate", "--format", "json"], env=_env(database_url))
+    ok = runner.invoke(app, ["validate", "--format", "json"], env=cli_env(settings))
     assert ok.exit_code == 0, ok.output
     body = json.loads(ok.stdout)
     assert body["ok"] is True and body["revision"] == "enforce_master_flow_not_null"
@@ -214,7 +242,7 @@ def test_cli_exit_codes_json_and_junit(settings: Settings, database_url: str, tm
     a = linked_flow(settings)
     sql(settings, "UPDATE data_imports SET client_account_id = :c WHERE id = :i", {"c": B_C, "i": a["import"]})
     out = tmp_path / "validate.xml"
-    bad = runner.invoke(app, ["validate", "--format", "junit", "--output", str(out)], env=_env(database_url))
+    bad = runner.invoke(app, ["validate", "--format", "junit", "--output", str(out)], env=cli_env(settings))
     assert bad.exit_code == 1
     suite = ET.parse(out).getroot()
     failed = [case.get("name") for case in suite.iter("testcase") if case.find("failure") is not None]
@@ -227,25 +255,25 @@ def test_cli_exit_codes_json_and_junit(settings: Settings, database_url: str, tm
     (["--format", "yaml"], "--format must be one of text, json, junit, not 'yaml'"),
     (["--fail-on", "never"], "--fail-on must be one of error, warn, not 'never'"),
 ])
-def test_cli_bad_options_exit_2_with_one_line(args: list[str], message: str, database_url: str) -> None:
-    result = runner.invoke(app, ["validate", *args], env=_env(database_url))
+def test_cli_bad_options_exit_2_with_one_line(args: list[str], message: str, empty_settings: Settings) -> None:
+    result = runner.invoke(app, ["validate", *args], env=cli_env(empty_settings))
     assert result.exit_code == 2
     assert result.stderr.strip() == f"flowfix: error: {message}"
 
 
-def test_cli_wrong_schema_is_exit_2(settings: Settings, database_url: str) -> None:
-    result = runner.invoke(app, ["validate"], env=_env(database_url))
+def test_cli_wrong_schema_is_exit_2(empty_settings: Settings) -> None:
+    result = runner.invoke(app, ["validate"], env=cli_env(empty_settings))
     assert result.exit_code == 2
     assert "schema 'public' has no table crewai_flow_state_extensions" in result.stderr
 
 
-def test_status_names_the_next_runbook_step(settings: Settings, database_url: str) -> None:
+def test_status_names_the_next_runbook_step(settings: Settings) -> None:
     upgrade(settings, "legacy")
-    result = runner.invoke(app, ["status"], env=_env(database_url))
+    result = runner.invoke(app, ["status"], env=cli_env(settings))
     assert result.exit_code == 0, result.output
     assert "next step: flowfix upgrade fix_master_flow_fk" in result.stdout
     upgrade(settings, "fix_master_flow_fk")
     add_import(settings, master=None, client=A_C, engagement=A_E)
-    result = runner.invoke(app, ["status"], env=_env(database_url))
+    result = runner.invoke(app, ["status"], env=cli_env(settings))
     assert "next step: flowfix backfill --dry-run" in result.stdout
     assert "data_imports        orphaned         1" in result.stdout
