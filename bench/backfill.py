@@ -24,9 +24,8 @@ import argparse
 import asyncio
 import time
 
-import asyncpg
 
-from bench.common import build_legacy_dataset, fresh_database, server, settings_for
+from bench.common import build_legacy_dataset, connect, fresh_database, server, settings_for
 from flowfix import backfill, schema
 from flowfix.db import make_engine
 
@@ -41,7 +40,7 @@ LIMIT 1
 
 async def run_plan_script(url: str, without_index: bool = False) -> tuple[float, int, int]:
     """The plan's Phase 3.1 loop: one session, one transaction, three queries per orphan."""
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         if without_index:
             await conn.execute("DROP INDEX ix_crewai_flow_state_extensions_tenant_created")
@@ -76,7 +75,7 @@ async def run_flowfix(url: str) -> tuple[float, backfill.Result]:
 
 
 async def run_floor(url: str, links: list[tuple[str, str]]) -> tuple[float, int]:
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         await conn.execute(
             "UPDATE data_imports d SET master_flow_id = x.flow FROM unnest($1::uuid[], $2::uuid[]) AS x(id, flow)"

@@ -1,7 +1,10 @@
 """Shared by all benchmarks: a server to run on, and a deterministic legacy dataset.
 
 The dataset is built set-based in SQL (ids derived from md5 of a counter, so two builds
-are identical), on the schema of revision ``legacy``: master flows spread over several
+are identical), on a production shape (tests/shapes): shape H (``app_head``, what the
+application's migrations build: no id defaults, no index on the records' import or
+master columns) unless ``FLOWFIX_BENCH_SHAPE`` names another (``friendly``, the schema
+flowfix's own ``legacy`` revision creates; ``deployed``). Master flows spread over several
 tenants and months, one import per discovery master created within minutes of it, 50
 raw records per import, and a discovery flow per master whose ``master_flow_id`` is its
 ``flow_id``. ``master_flow_id`` on imports and records is NULL: the production state the
@@ -23,8 +26,18 @@ import asyncpg
 from flowfix import embedded, schema
 from flowfix.config import Settings, libpq_url, normalize_url
 from flowfix.db import admin
+from tests.shapes import SHAPES
 
 TENANTS = 8  # client accounts, two engagements each
+SHAPE = SHAPES[os.environ.get("FLOWFIX_BENCH_SHAPE", "app_head")]
+
+
+def use_shape(name: str) -> None:
+    """Switch the shape (a benchmark whose subject only exists on one shape)."""
+    global SHAPE
+    SHAPE = SHAPES[name]
+#: the one user the shapes with a users table hold (data_imports.imported_by references it)
+BENCH_USER = "00000000-0000-4000-8000-00000000a11c"
 
 
 @contextmanager
@@ -41,7 +54,30 @@ def server() -> Iterator[str]:
 
 
 def settings_for(url: str) -> Settings:
-    return Settings(url=normalize_url(url), schema="public", create_tables=True)
+    return Settings(url=normalize_url(url), schema=SHAPE.schema, create_tables=True)
+
+
+def app_writes() -> tuple[str, str, str]:
+    """What the application writes in one transaction, on the current shape: a master, an
+    import (``RETURNING id``) and five records of it (``$1``), every id supplied."""
+    friendly = not SHAPE.files
+    imported_by = "'bench'" if friendly else f"'{BENCH_USER}'::uuid"
+    raw_type = "json" if SHAPE.name == "app_head" else "jsonb"
+    return (
+        "INSERT INTO crewai_flow_state_extensions (id, flow_id, client_account_id, engagement_id, user_id, flow_type)"
+        " VALUES (gen_random_uuid(), gen_random_uuid(), md5('client-1')::uuid, md5('engagement-1-1')::uuid,"
+        " 'bench', 'discovery')",
+        "INSERT INTO data_imports (id, client_account_id, engagement_id, import_name, import_type, filename,"
+        f" imported_by, status) VALUES (gen_random_uuid(), md5('client-1')::uuid, md5('engagement-1-1')::uuid,"
+        f" 'live', 'csv', 'live.csv', {imported_by}, 'pending') RETURNING id",
+        f"INSERT INTO raw_import_records (id, data_import_id, {SHAPE.position_column}, raw_data)"
+        f" SELECT gen_random_uuid(), $1, r, CAST('{{}}' AS {raw_type}) FROM generate_series(1, 5) r",
+    )
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    """A plain asyncpg connection whose search_path is the shape's schema."""
+    return await asyncpg.connect(url, server_settings={"search_path": SHAPE.schema})
 
 
 def fresh_database(server_url: str, name: str, template: str | None = None) -> str:
@@ -66,17 +102,18 @@ DATASET_SQL = (
                                 filename, imported_by, status, created_at, updated_at)
        SELECT md5('import-' || g)::uuid,
               md5('client-' || (g % {tenants}))::uuid, md5('engagement-' || (g % {tenants}) || '-' || (g % 2))::uuid,
-              NULL, 'Import ' || g, 'cmdb', 'import_' || g || '.csv', 'user-' || (g % 50), 'completed',
+              NULL, 'Import ' || g, 'cmdb', 'import_' || g || '.csv', {imported_by}, 'completed',
               timestamptz '2026-01-01' + g * interval '11 minutes' - (g % 7) * interval '1 minute',
               timestamptz '2026-01-01' + g * interval '11 minutes'
        FROM generate_series(1, {imports}) AS g""",
     """INSERT INTO raw_import_records (id, data_import_id, client_account_id, engagement_id, master_flow_id,
-                                      row_number, raw_data, created_at)
+                                      {position}, raw_data, created_at)
        SELECT md5('record-' || g || '-' || r)::uuid, md5('import-' || g)::uuid,
               md5('client-' || (g % {tenants}))::uuid, md5('engagement-' || (g % {tenants}) || '-' || (g % 2))::uuid,
               NULL, r,
-              jsonb_build_object('hostname', 'host-' || g || '-' || r, 'ip', '10.0.' || (r % 250) || '.' || (g % 250),
-                                 'os', 'linux', 'owner', 'team-' || (g % 40)),
+              CAST(jsonb_build_object('hostname', 'host-' || g || '-' || r,
+                                      'ip', '10.0.' || (r % 250) || '.' || (g % 250),
+                                      'os', 'linux', 'owner', 'team-' || (g % 40)) AS {raw_type}),
               timestamptz '2026-01-01' + g * interval '11 minutes'
        FROM generate_series(1, {imports}) AS g, generate_series(1, {records_per_import}) AS r""",
     """INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id, engagement_id,
@@ -93,15 +130,28 @@ DATASET_SQL = (
 
 def build_legacy_dataset(url: str, *, imports: int, records_per_import: int = 50,
                          discovery_names_import: bool = True) -> None:
-    """Revision ``legacy`` plus the dataset, in the database at ``url``. With
-    ``discovery_names_import=False`` no discovery flow names its import, so the only
-    evidence left is time (what the plan's script relies on)."""
+    """The shape's tables (adopted by revision ``legacy``) plus the dataset, in the
+    database at ``url``. With ``discovery_names_import=False`` no discovery flow names
+    its import, so the only evidence left is time (what the plan's script relies on)."""
+
+    async def create() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            for body in SHAPE.sql():
+                await conn.execute(body)
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
     schema.upgrade(settings_for(url), "legacy")
+    friendly = not SHAPE.files
     params = dict(tenants=TENANTS, imports=imports, masters=imports + imports // 9, records_per_import=records_per_import,
-                  discovery_names_import="TRUE" if discovery_names_import else "FALSE")
+                  discovery_names_import="TRUE" if discovery_names_import else "FALSE",
+                  imported_by="'user-' || (g % 50)" if friendly else f"'{BENCH_USER}'::uuid",
+                  position=SHAPE.position_column, raw_type="json" if SHAPE.name == "app_head" else "jsonb")
 
     async def load() -> None:
-        conn = await asyncpg.connect(url)
+        conn = await connect(url)
         try:
             for sql in DATASET_SQL:
                 await conn.execute(sql.format(**params))

@@ -1,6 +1,8 @@
 """How long does live traffic stall while the FKs are repointed?
 
-Builds a legacy database (default 20,000 imports x 50 = 1M raw records), copies it, and
+Builds a database of shape D (``deployed``: its FKs reference the master's id, so there is
+something to repoint; on shape H they already reference flow_id; FLOWFIX_BENCH_SHAPE
+overrides), default 20,000 imports x 50 = 1M raw records, copies it, and
 on each copy runs one migration while a writer keeps inserting a master flow, an import
 and five records per transaction (what the application does all day):
 
@@ -21,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import threading
 import time
 
-import asyncpg
-
-from bench.common import Latencies, build_legacy_dataset, fresh_database, ms, server, settings_for
+from bench import common
+from bench.common import Latencies, build_legacy_dataset, connect, fresh_database, ms, server, settings_for
 from flowfix import schema
 
 PLAN_MIGRATION = """
@@ -64,22 +66,17 @@ class Writer(threading.Thread):
             self.error = exc
 
     async def _loop(self) -> None:
-        conn = await asyncpg.connect(self.url)
+        master, import_, records = common.app_writes()
+        conn = await connect(self.url)
         n = 0
         try:
             while not self.stop.is_set():
                 n += 1
                 t0 = time.perf_counter()
                 async with conn.transaction():
-                    await conn.execute(
-                        "INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, flow_type)"
-                        " VALUES (gen_random_uuid(), md5('client-1')::uuid, md5('engagement-1-1')::uuid, 'discovery')")
-                    imp = await conn.fetchval(
-                        "INSERT INTO data_imports (client_account_id, engagement_id, status)"
-                        " VALUES (md5('client-1')::uuid, md5('engagement-1-1')::uuid, 'pending') RETURNING id")
-                    await conn.execute(
-                        "INSERT INTO raw_import_records (data_import_id, row_number, raw_data)"
-                        " SELECT $1, r, '{}'::jsonb FROM generate_series(1, 5) r", imp)
+                    await conn.execute(master)
+                    imp = await conn.fetchval(import_)
+                    await conn.execute(records, imp)
                 self.latencies.append(time.perf_counter() - t0)
                 if n == 20:
                     self.ready.set()
@@ -91,7 +88,7 @@ class Writer(threading.Thread):
 
 def run_plan(url: str) -> None:
     async def go() -> None:
-        conn = await asyncpg.connect(url)
+        conn = await connect(url)
         try:
             await conn.execute(PLAN_MIGRATION)
         finally:
@@ -110,7 +107,7 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         async def go() -> None:
-            conn = await asyncpg.connect(self.url)
+            conn = await connect(self.url)
             try:
                 async with conn.transaction():
                     await conn.fetchval("SELECT count(*) FROM data_imports")
@@ -150,6 +147,7 @@ def main() -> None:
     parser.add_argument("--reader-seconds", type=float, default=8.0,
                         help="how long the report transaction of the 'reader' scenario stays open")
     args = parser.parse_args()
+    common.use_shape(os.environ.get("FLOWFIX_BENCH_SHAPE", "deployed"))
     print("migration_locks: writer latency while the FKs are repointed (lower is better);"
           f" flowfix lock_timeout {settings_for('postgresql://x/y').lock_timeout}")
     print(f"{'records':>10} {'scenario':<8} {'variant':<8} {'wall':>9} {'longest stall':>14} {'p99':>9} {'txns':>6}")

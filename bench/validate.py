@@ -21,9 +21,8 @@ import asyncio
 import statistics
 import time
 
-import asyncpg
 
-from bench.common import build_legacy_dataset, fresh_database, server, settings_for
+from bench.common import build_legacy_dataset, connect, fresh_database, server, settings_for
 from flowfix import schema
 from flowfix.db import make_engine
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
@@ -37,7 +36,7 @@ LINK_ALL = (
 
 
 async def floor(url: str, heap: bool = False) -> float:
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         if heap:
             await conn.execute("SET enable_indexonlyscan = off; SET enable_bitmapscan = off")
@@ -61,7 +60,7 @@ async def flowfix_validate(url: str) -> tuple[float, bool]:
 
 
 async def link_all(url: str) -> None:
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         for sql in LINK_ALL:
             await conn.execute(sql)

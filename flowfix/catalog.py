@@ -122,6 +122,14 @@ class ForeignKey:
     on_delete: str  # pg_constraint.confdeltype: a=no action, r=restrict, c=cascade, n=set null, d=set default
     definition: str
 
+    @property
+    def rule(self) -> str:
+        """What the FK does on delete (and update, and whether it is DEFERRABLE), as its
+        definition says after the referenced columns; NO ACTION spelled out."""
+        after = self.definition.split(" REFERENCES ", 1)[-1]
+        rule = after[after.find(")") + 1:].replace(" NOT VALID", "").strip()
+        return rule if "ON DELETE" in rule else f"ON DELETE NO ACTION {rule}".strip()
+
 
 @dataclass(frozen=True)
 class Reference:

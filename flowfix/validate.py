@@ -208,10 +208,11 @@ def _schema_checks(conn, revision: str | None) -> list[Check]:  # type: ignore[n
         fks = catalog.foreign_keys(conn, table, "master_flow_id")
         good = [f for f in fks if f.target_table == MASTER_TABLE and f.target_column == "flow_id"]
         wrong = [f"{f.name} -> {f.target_table}({f.target_column})" for f in fks if f not in good]
+        target = f"{good[0].name} -> {MASTER_TABLE}(flow_id) {good[0].rule}" if good else ""
         if good and all(f.validated for f in good) and not wrong:
-            checks.append(Check(f"fk.{table}", "pass", 0, [], f"{good[0].name} -> {MASTER_TABLE}(flow_id), validated"))
+            checks.append(Check(f"fk.{table}", "pass", 0, [], f"{target}, validated"))
         elif good and not wrong:
-            checks.append(Check(f"fk.{table}", "fail", 0, [], f"{good[0].name} -> {MASTER_TABLE}(flow_id) is NOT VALID"))
+            checks.append(Check(f"fk.{table}", "fail", 0, [], f"{target} is NOT VALID"))
         else:
             what = ", ".join(wrong) if wrong else "no foreign key"
             checks.append(Check(f"fk.{table}", "fail", 0, [], f"{what}; expected -> {MASTER_TABLE}(flow_id)"))

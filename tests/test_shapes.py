@@ -115,6 +115,13 @@ def test_upgrade_keeps_delete_rules_and_the_round_trip_is_exact(make_shape: Call
     for table in CHILD_TABLES:
         assert sql(s, f"SELECT master_flow_id FROM {table} WHERE id = ANY(:ids) AND master_flow_id IS NOT NULL",
                    {"ids": [ids["i1"], ids["r1"], ids["d1"]]}) == [{"master_flow_id": ids["f1"]}]
+    # validate names each FK with its rule (NO ACTION spelled out)
+    from tests.test_validate import run_validate
+
+    report = run_validate(s)
+    for table, ((fk_name, rule),) in EXPECTED_AFTER_UPGRADE[name].items():
+        shown = rule.strip() if "ON DELETE" in rule else f"ON DELETE NO ACTION {rule.strip()}".strip()
+        assert report.check(f"fk.{table}").message == f"{fk_name} -> {MASTER_TABLE}(flow_id) {shown}, validated"
     after = snapshot.take(s, rows=False)
     # the other tables' FKs and the unique key they depend on are untouched
     others = [c for c in before.constraints if c["table_name"] not in CHILD_TABLES]
