@@ -245,7 +245,10 @@ def require_tables(conn, schema: str) -> None:  # type: ignore[no-untyped-def]
     present = catalog.columns(conn, wanted)
     missing = [t for t in wanted if t not in present]
     if missing:
-        raise FlowfixError(f"schema '{schema}' has no table {', '.join(missing)}: check DATABASE_URL and FLOWFIX_SCHEMA")
+        elsewhere = catalog.schemas_holding(conn, missing[0])
+        hint = (f"schema {', '.join(elsewhere)} has it: set FLOWFIX_SCHEMA" if elsewhere
+                else "check DATABASE_URL and FLOWFIX_SCHEMA")
+        raise FlowfixError(f"schema '{schema}' has no table {', '.join(missing)}; {hint}")
 
 
 async def validate(engine: AsyncEngine, settings: Settings, opts: Options = Options()) -> Report:

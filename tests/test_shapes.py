@@ -16,7 +16,16 @@ from flowfix.config import Settings
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 from tests import snapshot
 from tests.conftest import downgrade, shape_settings, upgrade
-from tests.helpers import add_discovery_flow, add_import, add_master, add_record, revision, sql, with_catalog
+from tests.helpers import (
+    add_discovery_flow,
+    add_import,
+    add_master,
+    add_record,
+    cli_env,
+    revision,
+    sql,
+    with_catalog,
+)
 from tests.shapes import SHAPES, Shape
 
 C, E = uuid.uuid4(), uuid.uuid4()
@@ -151,10 +160,6 @@ def nothing_changed(s: Settings, before: snapshot.Snapshot, rev: str | None) -> 
     assert flowfix_tables == [] or rev == "fix_master_flow_fk"
 
 
-def cli_env(s: Settings, **extra: str) -> dict[str, str]:
-    return {"DATABASE_URL": s.url.render_as_string(hide_password=False), "FLOWFIX_SCHEMA": s.schema, **extra}
-
-
 def test_a_composite_fk_on_master_flow_id_is_refused_in_one_line_changing_nothing(
         make_shape: Callable[..., Settings]) -> None:
     from typer.testing import CliRunner
@@ -237,6 +242,14 @@ def test_a_forgotten_flowfix_schema_is_refused_naming_the_schema_that_holds_the_
                                            " migration has them: set FLOWFIX_SCHEMA"):
         upgrade(public, "head")
     assert snapshot.take(public) == before
+    from typer.testing import CliRunner
+
+    from flowfix.cli import app
+
+    result = CliRunner().invoke(app, ["validate"], env=cli_env(public))
+    assert result.exit_code == 2
+    assert "schema 'public' has no table crewai_flow_state_extensions" in result.stderr
+    assert "schema migration has it: set FLOWFIX_SCHEMA" in result.stderr
     assert sql(public, "SELECT count(*) AS n FROM pg_class WHERE relname LIKE 'flowfix%'") == [{"n": 0}]
 
 
@@ -326,7 +339,6 @@ def test_undo_keeps_a_created_master_that_another_table_references(make_shape: C
     from typer.testing import CliRunner
 
     from flowfix.cli import app
-    from tests.helpers import cli_env
     from tests.test_backfill import run
 
     s = make_shape("app_head")
