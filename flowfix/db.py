@@ -5,6 +5,10 @@ else), so models, revisions and hand-written SQL name tables without a schema an
 land in ``FLOWFIX_SCHEMA``; a missing schema fails loudly instead of falling back to
 ``public``. ``application_name`` makes flowfix's sessions easy to spot in
 ``pg_stat_activity``.
+
+Connections are opened by asyncpg from a libpq-style DSN (``async_creator``), not from
+keyword arguments SQLAlchemy derives from the URL: that is what makes ``sslmode``,
+``sslrootcert``, ``?host=``, PG* variables and ``~/.pgpass`` work as they do with libpq.
 """
 
 from __future__ import annotations
@@ -12,29 +16,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import text
+from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from flowfix.config import Settings, libpq_url, mask_url
+from flowfix.config import Settings, connect_args, libpq_url, mask_url
 from flowfix.errors import DatabaseUnavailable
 
-CONNECT_TIMEOUT_S = 10
 T = TypeVar("T")
 
 
-def make_engine(settings: Settings, **kwargs: object) -> AsyncEngine:
+def make_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     """Create the AsyncEngine for ``settings`` (asyncpg, search_path pinned to the schema)."""
-    return create_async_engine(
-        settings.require_url(),
-        connect_args={
-            "server_settings": {"search_path": settings.schema, "application_name": "flowfix"},
-            "timeout": CONNECT_TIMEOUT_S,
-        },
-        pool_pre_ping=True,
-        **kwargs,
-    )
+    import asyncpg
+
+    args = connect_args(settings.require_url(), settings.schema)
+
+    async def connect() -> Any:
+        return await asyncpg.connect(**args.kwargs())
+
+    return create_async_engine(URL.create("postgresql+asyncpg"), async_creator=connect, pool_pre_ping=True,
+                               **kwargs)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -43,13 +46,11 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 def unavailable(settings: Settings, exc: BaseException) -> DatabaseUnavailable:
-    """A one-line, password-free error for a connection failure."""
+    """A one-line error for a connection failure; the URL shown is rendered from its parts
+    without the password (driver messages never carry it: it is passed apart)."""
     detail = str(getattr(exc, "orig", None) or exc).strip()
     reason = detail.splitlines()[0] if detail else type(exc).__name__
-    url = settings.url
-    if url is not None and url.password:
-        reason = reason.replace(url.password, "***")
-    return DatabaseUnavailable(f"cannot connect to {mask_url(url) if url else 'database'}: {reason}")
+    return DatabaseUnavailable(f"cannot connect to {mask_url(settings.url)}: {reason}")
 
 
 @asynccontextmanager

@@ -41,7 +41,7 @@ def test_wrong_revision_is_exit_2_and_changes_nothing(database_url: str, setting
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({"DATABASE_URL": "postgresql://ops:hunter2@127.0.0.1:1/prod"}, "cannot connect to postgresql+asyncpg://ops:***@"),
+    ({"DATABASE_URL": "postgresql://ops:hunter2@127.0.0.1:1/prod"}, "cannot connect to postgresql://ops:***@"),
     ({"DATABASE_URL": "mysql://ops:hunter2@db/prod"}, "must be a PostgreSQL URL"),
     ({"DATABASE_URL": "postgresql://ops:hunter2@db/prod", "FLOWFIX_SCHEMA": "Bad-Name"}, "not a plain identifier"),
     ({"DATABASE_URL": "postgresql://ops:hunter2@db/prod", "FLOWFIX_LOCK_TIMEOUT": "forever"}, "must look like"),

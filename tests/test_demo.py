@@ -44,4 +44,4 @@ def test_an_unreachable_server_with_a_password_is_one_line() -> None:
     result = runner.invoke(app, ["validate"], env={"DATABASE_URL": "postgresql://ops:Sup3r-s3cret-pw@127.0.0.1:1/x"})
     assert result.exit_code == 2
     assert "Sup3r-s3cret-pw" not in result.stdout + result.stderr
-    assert result.stderr.strip().startswith("flowfix: error: cannot connect to postgresql+asyncpg://ops:***@127.0.0.1:1/x")
+    assert result.stderr.strip().startswith("flowfix: error: cannot connect to postgresql://ops:***@127.0.0.1:1/x")

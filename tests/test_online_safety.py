@@ -115,7 +115,7 @@ def test_unreachable_database_is_one_line_without_password(tmp_path) -> None:
     with pytest.raises(CommandError) as err:
         command.upgrade(make_alembic_config(bad), "head")
     message = str(err.value)
-    assert message.startswith("cannot connect to postgresql+asyncpg://flowfix:***@127.0.0.1:1/nowhere")
+    assert message.startswith("cannot connect to postgresql://flowfix:***@127.0.0.1:1/nowhere")
     assert "s3cret-pw" not in message and "\n" not in message
 
 
