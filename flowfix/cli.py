@@ -1,64 +1,163 @@
 """The ``flowfix`` command: parse, call the library, print, exit.
 
-Exit codes: 0 ok, 1 integrity problems found, 2 usage or connection error (one line on
-stderr, nothing changed). No SQL lives here.
+No SQL lives here. :class:`FlowfixGroup` is the one error boundary: whatever a command
+raises (flowfix's own errors, driver and server errors, bad values, Ctrl-C, bugs) ends
+as one line on stderr and one of the exit codes below, for every command.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import traceback
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from flowfix import backfill as backfilling, ledger, linking, schema, validate as validation
 from flowfix.config import Settings, mask_url
 from flowfix.db import make_sessionmaker, run_with_engine
-from flowfix.errors import FlowfixError
+from flowfix.errors import FlowfixError, RunInterrupted, UsageProblem, translate
 from flowfix.window import parse_window
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+class Exit(IntEnum):
+    """flowfix's exit codes (README: Exit codes)."""
+
+    OK = 0
+    PROBLEMS = 1  # integrity problems found (validate), rows left unlinked (backfill)
+    USAGE = 2  # bad input, connection, permission or lock error, refusal: one line on stderr
+    BUG = 3  # an unexpected error in flowfix itself: rerun with --debug for the traceback
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = Exit.OK, Exit.PROBLEMS, Exit.USAGE
+#: Largest values the numeric options accept (checked before anything runs).
+MAX_BATCH_SIZE = 1_000_000
+MAX_SAMPLES = 10_000
+MAX_LIMIT = 100_000
+MAX_ORPHANS = 2**53
+
+
+def _debug(args: Sequence[str]) -> bool:
+    return "--debug" in args or os.environ.get("FLOWFIX_DEBUG", "") not in ("", "0")
+
+
+def _where() -> str:
+    """The masked URL of DATABASE_URL, for connection errors (never its password)."""
+    try:
+        return Settings.from_env().masked_url
+    except FlowfixError:
+        return "the database"
+
+
+def error_line(exc: BaseException) -> tuple[str, Exit]:
+    """The one line and the exit code for anything a command raised."""
+    if isinstance(exc, typer.TyperException):  # click's usage errors: bad option, missing argument ...
+        lines = exc.format_message().strip().splitlines()
+        return (lines[0] if lines else "usage error"), Exit.USAGE
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
+        return ("interrupted: what was committed stays (backfill and undo resume when run again; a revision"
+                " resumes on the next upgrade)"), Exit.INTERRUPTED
+    translated = translate(exc, _where())
+    if translated is None:
+        return (f"unexpected error ({type(exc).__name__}): this is a bug in flowfix; rerun with --debug for the"
+                " traceback and report it"), Exit.BUG
+    message = str(translated).removeprefix("flowfix: ")
+    if isinstance(translated, RunInterrupted) and exc.__cause__ is not None:
+        cause = translate(exc.__cause__, _where())
+        if cause is not None:
+            message = f"{str(cause).removeprefix('flowfix: ')}; {message}"
+    return " ".join(message.split()), Exit.USAGE
+
+
+class FlowfixGroup(TyperGroup):
+    """Runs the command without click's own error handling (which prints three lines for
+    a usage error and tracebacks for the rest) and maps every outcome to an exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+            code = result if isinstance(result, int) else Exit.OK
+        except typer.Exit as exc:
+            code = exc.exit_code
+        except BaseException as exc:  # noqa: BLE001 - this is the boundary: everything ends here
+            if isinstance(exc, SystemExit):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `flowfix`: the help, as click shows it
+                typer.echo(exc.ctx.get_help())  # type: ignore[attr-defined]
+                code = Exit.USAGE
+            else:
+                line, code = error_line(exc)
+                if _debug(argv):
+                    traceback.print_exception(exc)
+                typer.echo(f"flowfix: error: {line}", err=True)
+        if not standalone_mode:
+            return code
+        sys.exit(int(code))
+
 
 app = typer.Typer(
     name="flowfix",
+    cls=FlowfixGroup,
     help="Repair and guard the master-flow links of the discovery-flow tables.\n\n"
-    "Reads DATABASE_URL (postgresql://...) and FLOWFIX_SCHEMA (default: public).",
+    "Reads DATABASE_URL (postgresql://..., libpq parameters such as sslmode accepted; PG* variables and"
+    " ~/.pgpass as with libpq) and FLOWFIX_SCHEMA (default: public). Exit codes: 0 ok, 1 integrity problems,"
+    " 2 usage/connection/permission/lock error or refusal, 3 a bug in flowfix (rerun with --debug),"
+    " 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals would include database URLs
-    pretty_exceptions_enable=False,  # a bug's traceback stays plain and short
-    rich_markup_mode=None,  # plain click errors: "Error: ..." on one line, no box
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 T = TypeVar("T")
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    typer.echo(f"flowfix: error: {message}", err=True)
-    raise typer.Exit(code)
+@app.callback()
+def root(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False) -> None:
+    """Repair and guard the master-flow links of the discovery-flow tables."""
 
 
-def guarded(fn: Callable[[], T], settings: Settings | None = None) -> T:
-    """Run a library call; typed errors become one line on stderr and exit 2."""
-    try:
-        return fn()
-    except FlowfixError as exc:
-        message = str(exc).removeprefix("flowfix: ")
-        if settings is not None and settings.url is not None and settings.url.password:
-            message = message.replace(settings.url.password, "***")
-        fail(message)
+def fail(message: str) -> NoReturn:
+    raise UsageProblem(message)
 
 
 def load_settings(*, require_url: bool = True) -> Settings:
-    settings = guarded(Settings.from_env)
-    if require_url and settings.url is None:
-        fail("DATABASE_URL is not set (e.g. postgresql://user@host/db)")
+    settings = Settings.from_env()
+    if require_url:
+        settings.require_url()
     return settings
+
+
+def check_output_path(path: Path | None, option: str) -> None:
+    """Refuse an output file that cannot be written, before the database is touched."""
+    if path is None:
+        return
+    if path.is_dir():
+        fail(f"{option} {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        fail(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"{option} {path} is not writable")
+
+
+def check_bound(value: int, option: str, maximum: int) -> int:
+    if value > maximum:
+        fail(f"{option} {value} is larger than {maximum:,}")
+    return value
 
 
 @app.command()
@@ -73,7 +172,7 @@ def upgrade(
     settings = dataclasses.replace(load_settings(require_url=not sql), create_tables=create_tables)
     if not sql:
         typer.echo(f"upgrading {mask_url(settings.require_url())} (schema {settings.schema}) to {revision}", err=True)
-    guarded(lambda: schema.upgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql), settings)
+    schema.upgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)
 
 
 @app.command()
@@ -83,7 +182,7 @@ def downgrade(
 ) -> None:
     """Revert flowfix's revisions, data included (same as `alembic downgrade`)."""
     settings = load_settings(require_url=not sql)
-    guarded(lambda: schema.downgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql), settings)
+    schema.downgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)
 
 
 def parse_uuid(value: str | None, option: str) -> uuid.UUID | None:
@@ -102,18 +201,20 @@ def parse_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
 
 
 def run_async(settings: Settings, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work(engine)`` on a fresh engine; typed errors become one line and exit 2."""
-    return guarded(lambda: run_with_engine(settings, work), settings)
+    """Run ``work(engine)`` on a fresh engine (errors go to the boundary)."""
+    return run_with_engine(settings, work)
 
 
-def write_output(content: str, output: Path | None) -> None:
+def write_output(content: str, output: Path | None, *, committed: str = "") -> None:
+    """Write a report (checked beforehand by :func:`check_output_path`); if it still
+    fails, say what was committed, since the database was changed already."""
     if output is None:
         typer.echo(content)
         return
     try:
         output.write_text(content + "\n")
     except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}")
+        fail(f"cannot write {output}: {exc.strerror}{'; ' + committed if committed else ''}")
 
 
 ClientOpt = Annotated[str | None, typer.Option("--client-account", help="Only rows of this client account (UUID).")]
@@ -136,8 +237,10 @@ def validate_cmd(
     Exit 0 when every check passes, 1 when one fails, 2 on usage or connection errors.
     """
     fmt = parse_choice(format, "--format", ("text", "json", "junit"))
+    check_output_path(output, "--output")
     opts = validation.Options(
-        samples=samples, max_orphans=max_orphans, allow_rls=allow_rls,
+        samples=check_bound(samples, "--samples", MAX_SAMPLES),
+        max_orphans=check_bound(max_orphans, "--max-orphans", MAX_ORPHANS), allow_rls=allow_rls,
         fail_on=parse_choice(fail_on, "--fail-on", ("error", "warn")),  # type: ignore[arg-type]
         client_account=parse_uuid(client_account, "--client-account"),
         engagement=parse_uuid(engagement, "--engagement"),
@@ -183,8 +286,9 @@ def backfill(
     ambiguous or unmatched rows remain; 2: usage, connection or lock error.
     """
     fmt = parse_choice(format, "--format", ("text", "json"))
+    check_output_path(report, "--report")
     opts = backfilling.Options(
-        window_seconds=guarded(lambda: parse_window(window)), batch_size=batch_size,
+        window_seconds=parse_window(window), batch_size=check_bound(batch_size, "--batch-size", MAX_BATCH_SIZE),
         create_missing_masters=create_missing_masters, dry_run=dry_run,
         client_account=parse_uuid(client_account, "--client-account"),
         engagement=parse_uuid(engagement, "--engagement"),
@@ -198,7 +302,8 @@ def backfill(
     console = Console(stderr=True, force_terminal=None if fmt == "text" else False)
     result = run_async(settings, lambda engine: backfill_with_progress(engine, settings, opts, console))
     if report is not None:
-        write_output(result.to_json(), report)
+        write_output(result.to_json(), report, committed="" if result.dry_run else (
+            f"backfill run {result.run_id} was committed (flowfix undo {result.run_id} reverts it)"))
     if fmt == "json":
         typer.echo(result.to_json())
     else:
@@ -250,7 +355,7 @@ def demo(
     """
     from flowfix.demo import run_demo
 
-    raise typer.Exit(guarded(lambda: run_demo(size=size, keep=keep)))
+    raise typer.Exit(run_demo(size=size, keep=keep))
 
 
 def require_uuid(value: str, option: str) -> uuid.UUID:
@@ -305,6 +410,7 @@ def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert
 @app.command()
 def runs(limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs, newest first.")] = 20) -> None:
     """List the ledger's runs (backfill, link, undo), newest first."""
+    check_bound(limit, "--limit", MAX_LIMIT)
     settings = load_settings()
 
     async def work(engine):  # type: ignore[no-untyped-def]

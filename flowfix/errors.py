@@ -1,4 +1,16 @@
-"""Typed errors. Library code raises these; the CLI turns each into one line and exit 2."""
+"""Typed errors, and the one place where driver and server errors become them.
+
+Library code raises :class:`FlowfixError` subclasses and never decides exit codes; the
+CLI's boundary (``flowfix.cli``) and Alembic's ``env.py`` call :func:`translate` on
+anything else, so a lost connection, a permission error or a lock timeout reads the same
+wherever it happens: one line, saying what to do. What :func:`translate` does not
+recognise is a bug in flowfix (the CLI exits 3 and suggests ``--debug``).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
 
 
 class FlowfixError(Exception):
@@ -9,9 +21,134 @@ class ConfigError(FlowfixError):
     """A setting (URL, schema, option) is malformed."""
 
 
+class UsageProblem(FlowfixError):
+    """A command-line value is wrong (checked before anything runs)."""
+
+
 class DatabaseUnavailable(FlowfixError):
-    """The database could not be reached or refused the connection."""
+    """The database could not be reached, refused the login, or went away."""
 
 
 class MigrationError(FlowfixError):
     """A revision refused to run because the database is not in the state it needs."""
+
+
+class DatabaseRefused(FlowfixError):
+    """The server refused what flowfix asked: permissions, read-only, locks, timeouts."""
+
+
+class RunInterrupted(FlowfixError):
+    """A run stopped after committing some of its work; the message names the run."""
+
+    def __init__(self, message: str, run_id: Any) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+# --- driver and server errors ----------------------------------------------------------
+
+LOCK_NOT_AVAILABLE = "55P03"
+DEADLOCK_DETECTED = "40P01"
+
+#: SQLSTATE (or its two-character class) -> what it means for the operator.
+SQLSTATE_MESSAGES: dict[str, str] = {
+    "28": "the server refused the login ({detail}): check the user and password (DATABASE_URL, PGPASSWORD,"
+          " ~/.pgpass)",
+    "3D000": "{detail}: check the database name in DATABASE_URL",
+    "42501": "permission denied ({detail}): run flowfix as a role that may do this (the tables' owner for"
+             " upgrade and downgrade; SELECT, INSERT and UPDATE on the four tables and the ledger for backfill,"
+             " link and undo; SELECT for validate and status)",
+    "25006": "the database is read-only ({detail}): it is a replica, in recovery, or"
+             " default_transaction_read_only is on; run flowfix against the primary",
+    LOCK_NOT_AVAILABLE: "gave up waiting for a lock ({detail}): a long transaction holds it (see"
+                        " pg_stat_activity); run the command again later, or raise FLOWFIX_LOCK_TIMEOUT",
+    DEADLOCK_DETECTED: "a deadlock with another session was broken by the server ({detail}): run the command"
+                       " again",
+    "57014": "the server cancelled a statement ({detail}): statement_timeout (set for this role or database)"
+             " is shorter than the step needs, or someone cancelled it; raise it for flowfix's role and rerun",
+    "25P03": "the server closed an idle transaction ({detail}): idle_in_transaction_session_timeout; rerun",
+    "57P01": "the server ended flowfix's session ({detail}: pg_terminate_backend or a shutdown); rerun when"
+             " it is back",
+    "57P02": "the server crashed and ended flowfix's session ({detail}); rerun when it is back",
+    "57P03": "the server is not accepting connections yet ({detail}); rerun when it is up",
+    "53": "the server is out of a resource ({detail}); rerun when it has recovered",
+    "08": "the connection to the server failed ({detail}); check that it is up and reachable",
+}
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, however deeply the driver wrapped it."""
+    for cur in _chain(exc):
+        code = getattr(cur, "sqlstate", None) or getattr(cur, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and all(cur is not s for s in seen) and len(seen) < 10:
+        seen.append(cur)
+        cur = getattr(cur, "orig", None) or cur.__cause__ or cur.__context__
+    return seen
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """A wait for a lock was given up (lock_timeout) or broken (deadlock): worth a retry."""
+    return sqlstate(exc) in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED)
+
+
+def _detail(exc: BaseException) -> str:
+    for cur in _chain(exc):
+        if getattr(cur, "sqlstate", None) or isinstance(cur, (OSError, TimeoutError)):
+            text = str(cur).strip()
+            break
+    else:
+        text = str(getattr(exc, "orig", None) or exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:300]
+
+
+def is_connect_failure(exc: BaseException) -> bool:
+    """Could not reach or keep a connection to the server (not an error in our SQL)."""
+    import asyncpg
+
+    code = sqlstate(exc)
+    if code is not None:
+        return code[:2] in ("08", "28") or code in ("3D000", "57P01", "57P02", "57P03")
+    return any(isinstance(cur, (OSError, TimeoutError, socket.gaierror, asyncpg.InterfaceError,
+                                asyncpg.ClientConfigurationError, ConnectionError))
+               for cur in _chain(exc))
+
+
+def translate(exc: BaseException, where: str = "") -> FlowfixError | None:
+    """The :class:`FlowfixError` an operator should see for ``exc``, or None when ``exc``
+    is not something a database or a setting can cause (a bug). ``where`` (a masked URL)
+    is named in connection failures."""
+    if isinstance(exc, FlowfixError):
+        return exc
+    import asyncpg
+
+    code = sqlstate(exc)
+    detail = _detail(exc)
+    lost = (ConnectionResetError, BrokenPipeError, asyncpg.ConnectionDoesNotExistError)
+    if any(isinstance(cur, lost) or "connection is closed" in str(cur) for cur in _chain(exc)):
+        return DatabaseUnavailable(f"lost the connection to {where or 'the database'} ({detail}); what was"
+                                   " committed stays: rerun when the server is back")
+    if code is not None:
+        template = SQLSTATE_MESSAGES.get(code) or SQLSTATE_MESSAGES.get(code[:2])
+        if template is not None:
+            message = template.format(detail=detail)
+            if code[:2] in ("08", "28") or code == "3D000":
+                return DatabaseUnavailable(f"cannot connect to {where or 'the database'}: {message}")
+            if code[:2] == "57" or code[:2] == "53":
+                return DatabaseUnavailable(message)
+            return DatabaseRefused(message)
+        if code[:2] in ("22", "54"):
+            return DatabaseRefused(f"the server refused a value ({detail}); check the options given")
+        if code[:2] in ("42", "0A", "23", "P0"):
+            return None  # an error in flowfix's own SQL, or one its checks should have caught: a bug
+    if is_connect_failure(exc):
+        return DatabaseUnavailable(f"cannot connect to {where or 'the database'}: {detail}")
+    return None

@@ -15,7 +15,7 @@ from alembic import op
 from sqlalchemy import Connection, text
 
 from flowfix.config import Settings
-from flowfix.errors import FlowfixError, MigrationError
+from flowfix.errors import MigrationError, is_lock_timeout, sqlstate, translate
 
 log = logging.getLogger("flowfix.migrate")
 
@@ -142,76 +142,39 @@ def in_batches(title: str, table: str, template: str, *, rows: int = BATCH_ROWS)
 
 # --- errors and retries (used by alembic/env.py) ---------------------------------------
 
-LOCK_NOT_AVAILABLE = "55P03"
-DEADLOCK_DETECTED = "40P01"
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, however deeply the driver wrapped it."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        code = getattr(cur, "sqlstate", None) or getattr(cur, "pgcode", None)
-        if isinstance(code, str):
-            return code
-        cur = getattr(cur, "orig", None) or cur.__cause__
-    return None
-
-
-def is_lock_timeout(exc: BaseException) -> bool:
-    """A wait for a lock was given up (lock_timeout) or broken (deadlock): worth a retry,
-    since every step of a revision is idempotent and nothing was left half-done."""
-    return sqlstate(exc) in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED)
+#: What a revision's own refusal (``RAISE EXCEPTION ... USING ERRCODE = 'FF000'`` in its
+#: DO blocks) carries, so that it is told from other errors by code, not by its text.
+REFUSAL_SQLSTATE = "FF000"
 
 
 def lock_backoff(attempt: int) -> float:
-    """1 s, 2 s, 4 s ... capped at 30 s: long enough for a blocking transaction to end."""
-    return min(30.0, 2.0**attempt)
+    """About 1 s, 2 s, 4 s ... capped at 30 s, with jitter (pgroll's way) so that two
+    sessions that gave up together do not come back together."""
+    import random
 
-
-def is_connect_failure(exc: BaseException) -> bool:
-    """Could not reach or log in to the server (not an error in our SQL)."""
-    code = sqlstate(exc)
-    if code is not None:
-        return code[:2] in ("08", "28") or code in ("3D000", "57P03")
-    cur: BaseException | None = exc
-    for _ in range(5):
-        if cur is None:
-            break
-        if isinstance(cur, (OSError, TimeoutError)):
-            return True
-        cur = getattr(cur, "orig", None) or cur.__cause__
-    return False
+    return min(30.0, 2.0**attempt) * random.uniform(0.75, 1.25)
 
 
 def as_command_error(exc: BaseException, settings: Settings | None = None) -> BaseException:
-    """One line for the operator, no traceback, no password.
-
-    Messages raised by our own SQL start with ``flowfix:`` and are passed on as they are;
-    anything else that is not a connection failure is left alone (it is a bug).
-    """
+    """One line for the operator, no traceback, no password; a bug is returned as it is."""
     from alembic.util import CommandError
 
-    from flowfix.db import unavailable
+    from flowfix.config import mask_url
 
     if isinstance(exc, CommandError):
         return exc
-    if isinstance(exc, FlowfixError):
-        return CommandError(str(exc))
-    if is_lock_timeout(exc):
-        timeout = settings.lock_timeout if settings is not None else "lock_timeout"
-        retries = settings.lock_retries if settings is not None else 0
-        attempts = f"{retries + 1} attempt{'s' if retries else ''}"
+    if sqlstate(exc) == REFUSAL_SQLSTATE:
+        message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        return CommandError(message[message.find("flowfix: "):].removeprefix("flowfix: "))
+    if is_lock_timeout(exc) and settings is not None:
+        attempts = f"{settings.lock_retries + 1} attempt{'s' if settings.lock_retries else ''}"
         return CommandError(
-            f"flowfix: gave up waiting for a table lock ({attempts} of {timeout}): a long-running "
-            "transaction holds it. Nothing is half-done; run the upgrade again later "
-            "(see pg_stat_activity), or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES.")
-    message = str(getattr(exc, "orig", None) or exc)
-    if "flowfix:" in message:
-        return CommandError(message[message.index("flowfix:"):].splitlines()[0])
-    if settings is not None and is_connect_failure(exc):
-        return CommandError(str(unavailable(settings, exc)))
+            f"gave up waiting for a table lock ({attempts} of {settings.lock_timeout}): a long-running transaction"
+            " holds it (see pg_stat_activity). Steps finished before are kept; run the upgrade again later to"
+            " resume, or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES.")
+    translated = translate(exc, mask_url(settings.url) if settings is not None else "")
+    if translated is not None:
+        return CommandError(str(translated).removeprefix("flowfix: "))
     return exc
 
 

@@ -11,8 +11,9 @@ import re
 from flowfix.errors import ConfigError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_SHORT = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_ISO = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+# [0-9], not \d: only ASCII digits count ('٢h' is not two hours)
+_SHORT = re.compile(r"^(?:([0-9]{1,9})d)?(?:([0-9]{1,9})h)?(?:([0-9]{1,9})m)?(?:([0-9]{1,9})s)?$")
+_ISO = re.compile(r"^P(?:([0-9]{1,9})D)?(?:T(?:([0-9]{1,9})H)?(?:([0-9]{1,9})M)?(?:([0-9]{1,9}(?:\.[0-9]{1,9})?)S)?)?$")
 MAX_SECONDS = 366 * 86400
 
 
@@ -31,7 +32,8 @@ def parse_window(value: str) -> float:
             d, h, m = (int(g or 0) for g in iso.groups()[:3])
             seconds = d * 86400 + h * 3600 + m * 60 + float(iso.group(4) or 0)
     if seconds is None:
-        raise ConfigError(f"--window '{value}' is not a duration (examples: 90s, 30m, 2h, 1d, PT2H)")
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ConfigError(f"--window '{shown}' is not a duration (examples: 90s, 30m, 2h, 1d, PT2H)")
     if seconds <= 0:
         raise ConfigError(f"--window '{value}' must be longer than zero")
     if seconds > MAX_SECONDS:

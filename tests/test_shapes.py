@@ -173,7 +173,7 @@ def test_a_composite_fk_on_master_flow_id_is_refused_in_one_line_changing_nothin
     assert result.exit_code == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("flowfix: error: composite foreign key fk_raw_import_records_master_tenant")
-    assert "Nothing was changed" in last and "Traceback" not in result.output
+    assert "This revision changed nothing" in last and "Traceback" not in result.output
     nothing_changed(s, before, "legacy")
 
 

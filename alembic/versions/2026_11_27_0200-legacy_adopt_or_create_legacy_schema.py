@@ -159,20 +159,20 @@ BEGIN
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relname = 'crewai_flow_state_extensions' AND c.relkind IN ('r', 'p') AND n.nspname <> current_schema();
     IF elsewhere IS NOT NULL THEN
-      RAISE EXCEPTION 'flowfix: schema % has none of the discovery-flow tables, but schema % has them: set FLOWFIX_SCHEMA to it. Nothing was changed.', current_schema(), elsewhere;
+      RAISE EXCEPTION 'flowfix: schema % has none of the discovery-flow tables, but schema % has them: set FLOWFIX_SCHEMA to it. This revision changed nothing.', current_schema(), elsewhere USING ERRCODE = 'FF000';
     END IF;
-    RAISE EXCEPTION 'flowfix: schema % has none of the discovery-flow tables (is FLOWFIX_SCHEMA right?); to create them in a new database, run flowfix upgrade legacy --create-tables. Nothing was changed.', current_schema();
+    RAISE EXCEPTION 'flowfix: schema % has none of the discovery-flow tables (is FLOWFIX_SCHEMA right?); to create them in a new database, run flowfix upgrade legacy --create-tables. This revision changed nothing.', current_schema() USING ERRCODE = 'FF000';
   ELSIF present = 0 THEN
 {LEGACY_TABLES.strip()}
 {records}
   ELSIF present < {len(TABLES)} THEN
     RAISE EXCEPTION 'flowfix: schema % has only some of the discovery-flow tables; missing: %', current_schema(),
-      (SELECT string_agg(t.name, ', ') FROM unnest(ARRAY[{table_list}]) AS t(name) WHERE to_regclass(t.name) IS NULL);
+      (SELECT string_agg(t.name, ', ') FROM unnest(ARRAY[{table_list}]) AS t(name) WHERE to_regclass(t.name) IS NULL) USING ERRCODE = 'FF000';
   ELSE
 {checks}
     IF cardinality(missing) > 0 THEN
       RAISE EXCEPTION 'flowfix: cannot adopt the existing tables in schema %; missing columns: %', current_schema(),
-        array_to_string(missing, ', ');
+        array_to_string(missing, ', ') USING ERRCODE = 'FF000';
     END IF;
   END IF;
 END $legacy$"""

@@ -112,7 +112,7 @@ CATALOG_PREFLIGHT = f"""
   SELECT string_agg(relname, ', ') INTO found FROM ({catalog.RLS_LIMITED_TEMPLATE.format(
       tables="ARRAY['crewai_flow_state_extensions', " + CHILDREN_SQL[6:])}) hidden;
   IF found IS NOT NULL THEN
-    RAISE EXCEPTION 'flowfix: row-level security hides rows of % from role %, so this revision cannot see every row; run it as the tables'' owner (without FORCE ROW LEVEL SECURITY), a superuser or a BYPASSRLS role. Nothing was changed.', found, current_user;
+    RAISE EXCEPTION 'flowfix: row-level security hides rows of % from role %, so this revision cannot see every row; run it as the tables'' owner (without FORCE ROW LEVEL SECURITY), a superuser or a BYPASSRLS role. This revision changed nothing.', found, current_user USING ERRCODE = 'FF000';
   END IF;
   SELECT string_agg(format('%s on %s: %s', c.conname, cl.relname, pg_get_constraintdef(c.oid)), '; ') INTO found
   FROM pg_constraint c
@@ -122,7 +122,7 @@ CATALOG_PREFLIGHT = f"""
   WHERE c.contype = 'f' AND c.conparentid = 0 AND n.nspname = current_schema() AND cl.relname = ANY({CHILDREN_SQL})
     AND a.attnum = ANY(c.conkey) AND cardinality(c.conkey) > 1;
   IF found IS NOT NULL THEN
-    RAISE EXCEPTION 'flowfix: composite foreign key %; flowfix repoints single-column foreign keys on master_flow_id only: replace it by a single-column one (or drop it) first. Nothing was changed.', found;
+    RAISE EXCEPTION 'flowfix: composite foreign key %; flowfix repoints single-column foreign keys on master_flow_id only: replace it by a single-column one (or drop it) first. This revision changed nothing.', found USING ERRCODE = 'FF000';
   END IF;"""
 
 PREFLIGHT = f"""DO $preflight$
@@ -134,21 +134,21 @@ BEGIN{CATALOG_PREFLIGHT}
     WHERE n.nspname = current_schema() AND cl.relname = ANY({CHILDREN_SQL}) AND cl.relkind = 'p'
       AND NOT {HAS_FLOW_ID_FK.format(t="cl.relname")};
     IF found IS NOT NULL THEN
-      RAISE EXCEPTION 'flowfix: % is partitioned, and PostgreSQL % cannot add a NOT VALID foreign key to a partitioned table (PostgreSQL 18 can): upgrade the server first. Nothing was changed.', found, current_setting('server_version');
+      RAISE EXCEPTION 'flowfix: % is partitioned, and PostgreSQL % cannot add a NOT VALID foreign key to a partitioned table (PostgreSQL 18 can): upgrade the server first. This revision changed nothing.', found, current_setting('server_version') USING ERRCODE = 'FF000';
     END IF;
   END IF;
   SELECT string_agg(flow_id::text, ', ') INTO found FROM (
     SELECT flow_id FROM crewai_flow_state_extensions
     GROUP BY flow_id HAVING count(*) > 1 ORDER BY flow_id LIMIT 20) d;
   IF found IS NOT NULL THEN
-    RAISE EXCEPTION 'flowfix: crewai_flow_state_extensions.flow_id must be unique before FKs can reference it; duplicate flow_id values (first 20): %', found;
+    RAISE EXCEPTION 'flowfix: crewai_flow_state_extensions.flow_id must be unique before FKs can reference it; duplicate flow_id values (first 20): %', found USING ERRCODE = 'FF000';
   END IF;
   SELECT string_agg(a.id::text, ', ') INTO found FROM (
     SELECT a.id FROM crewai_flow_state_extensions a
     JOIN crewai_flow_state_extensions b ON b.flow_id = a.id AND b.id <> a.id
     ORDER BY a.id LIMIT 20) a;
   IF found IS NOT NULL THEN
-    RAISE EXCEPTION 'flowfix: these master ids are also the flow_id of another master, so stored links cannot be translated unambiguously (first 20): %', found;
+    RAISE EXCEPTION 'flowfix: these master ids are also the flow_id of another master, so stored links cannot be translated unambiguously (first 20): %', found USING ERRCODE = 'FF000';
   END IF;
 END $preflight$"""
 
@@ -166,7 +166,7 @@ BEGIN
                     AND sc.kind = 'constraint_created' AND sc.object_name = c.conname
                     AND sc.table_name = c.conrelid::regclass::text);
   IF found IS NOT NULL THEN
-    RAISE EXCEPTION 'flowfix: the unique constraint {UNIQUE_FLOW_ID}, which this downgrade would drop, is referenced by foreign key % (not added by flowfix): drop that FK first, or stay at fix_master_flow_fk. Nothing was changed.', found;
+    RAISE EXCEPTION 'flowfix: the unique constraint {UNIQUE_FLOW_ID}, which this downgrade would drop, is referenced by foreign key % (not added by flowfix): drop that FK first, or stay at fix_master_flow_fk. This revision changed nothing.', found USING ERRCODE = 'FF000';
   END IF;
 END $preflight$"""
 
