@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from flowfix import catalog, ledger
 from flowfix.config import Settings
 from flowfix.db import connect
-from flowfix.errors import FlowfixError
+from flowfix.errors import FlowfixError, RunInterrupted
 from flowfix.models import MASTER_TABLE, TENANT_SCOPE
 
 DISCOVERY_EVIDENCE = "exact:flow_id"
@@ -623,14 +623,27 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, progress: 
         await conn.commit()
         if not got:
             raise ledger.RunLocked("another flowfix run (backfill, link or undo) is in progress on this database")
+        started: list[uuid.UUID] = []
         try:
-            return await _apply(conn, opts, note)
+            return await _apply(conn, opts, note, started)
+        except Exception as exc:
+            if not started:
+                raise
+            raise RunInterrupted(
+                f"backfill run {started[0]} stopped part-way; the batches it committed stay (they are in the"
+                f" ledger): run `flowfix backfill` again with the same options to resume it, or"
+                f" `flowfix undo {started[0]}` to revert them", started[0]) from exc
         finally:
-            await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": ledger.ADVISORY_LOCK_KEY})
-            await conn.commit()
+            try:
+                await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": ledger.ADVISORY_LOCK_KEY})
+                await conn.commit()
+            except Exception:  # noqa: BLE001 - a lost session took the lock with it; report the first error
+                pass
 
 
-async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result:
+async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: list[uuid.UUID]) -> Result:
+    """Plan, store (or resume), apply; ``run_ids`` receives the run id as soon as the run
+    is committed, so that a failure after that can name it."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -662,6 +675,7 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress) -> Result
             stale = {l.id for l in plan.import_links}
             plan.ambiguous = [a for a in plan.ambiguous if a.table != "data_imports" or a.id not in stale]
             plan.unmatched = [u for u in plan.unmatched if u.table != "data_imports" or u.id not in stale]
+    run_ids.append(run_id)
 
     lap("plan")
     batcher = Batcher(opts.batch_size)

@@ -66,16 +66,17 @@ def error_line(exc: BaseException) -> tuple[str, Exit]:
     if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
         return ("interrupted: what was committed stays (backfill and undo resume when run again; a revision"
                 " resumes on the next upgrade)"), Exit.INTERRUPTED
-    translated = translate(exc, _where())
+    cause = exc.__cause__ if isinstance(exc, RunInterrupted) and exc.__cause__ is not None else exc
+    translated = translate(cause, _where())
     if translated is None:
-        return (f"unexpected error ({type(exc).__name__}): this is a bug in flowfix; rerun with --debug for the"
-                " traceback and report it"), Exit.BUG
-    message = str(translated).removeprefix("flowfix: ")
-    if isinstance(translated, RunInterrupted) and exc.__cause__ is not None:
-        cause = translate(exc.__cause__, _where())
-        if cause is not None:
-            message = f"{str(cause).removeprefix('flowfix: ')}; {message}"
-    return " ".join(message.split()), Exit.USAGE
+        message = (f"unexpected error ({type(cause).__name__}): this is a bug in flowfix; rerun with --debug for"
+                   " the traceback and report it")
+        code = Exit.BUG
+    else:
+        message, code = str(translated).removeprefix("flowfix: "), Exit.USAGE
+    if cause is not exc:
+        message = f"{message}; {str(exc).removeprefix('flowfix: ')}"
+    return " ".join(message.split()), code
 
 
 class FlowfixGroup(TyperGroup):
@@ -89,6 +90,8 @@ class FlowfixGroup(TyperGroup):
             result = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, **extra)
             code = result if isinstance(result, int) else Exit.OK
+            if code == Exit.INTERRUPTED:  # typer turns Ctrl-C into a silent exit 130
+                typer.echo(f"flowfix: error: {error_line(KeyboardInterrupt())[0]}", err=True)
         except typer.Exit as exc:
             code = exc.exit_code
         except BaseException as exc:  # noqa: BLE001 - this is the boundary: everything ends here

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from alembic import command
 from alembic.config import Config
@@ -34,18 +34,42 @@ def alembic_config(settings: Settings, *, output: TextIO | None = None, quiet: b
     return cfg
 
 
-def _run(fn, *args: object, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+def current_revision(settings: Settings) -> str | None:
+    """flowfix's revision in the database (None: flowfix never ran there)."""
+    from flowfix import catalog
+    from flowfix.db import run_with_engine
+
+    async def read(engine: Any) -> str | None:
+        async with engine.connect() as conn:
+            return await conn.run_sync(catalog.readable_revision)  # type: ignore[no-any-return]
+
+    return run_with_engine(settings, read)
+
+
+def _run(settings: Settings, fn: Any, *args: object, sql: bool = False, **kwargs: object) -> None:
+    """Run an Alembic command; a refusal becomes :class:`MigrationError`, saying where the
+    database is now when revisions before the refused one were applied (one transaction
+    per revision: those stay, and "this revision changed nothing" is about the last one)."""
+    before = None if sql else current_revision(settings)
     try:
-        fn(*args, **kwargs)
+        fn(*args, sql=sql, **kwargs)
     except CommandError as exc:
-        raise MigrationError(str(exc).strip().splitlines()[0]) from None
+        message = str(exc).strip().splitlines()[0]
+        if not sql:
+            try:
+                after = current_revision(settings)
+            except Exception:  # noqa: BLE001 - the server may be gone: the refusal is what matters
+                after = before
+            if after != before:
+                message += f" The database is now at revision {after or '(none)'} (it was at {before or '(none)'})."
+        raise MigrationError(message) from None
 
 
 def upgrade(settings: Settings, revision: str = "head", *, sql: bool = False,
             output: TextIO | None = None, quiet: bool = True) -> None:
-    _run(command.upgrade, alembic_config(settings, output=output, quiet=quiet), revision, sql=sql)
+    _run(settings, command.upgrade, alembic_config(settings, output=output, quiet=quiet), revision, sql=sql)
 
 
 def downgrade(settings: Settings, revision: str, *, sql: bool = False,
               output: TextIO | None = None, quiet: bool = True) -> None:
-    _run(command.downgrade, alembic_config(settings, output=output, quiet=quiet), revision, sql=sql)
+    _run(settings, command.downgrade, alembic_config(settings, output=output, quiet=quiet), revision, sql=sql)

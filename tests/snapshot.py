@@ -59,14 +59,17 @@ class Snapshot:
                 if c["table_name"] == table and c["type"] == "f"}
 
 
-def take(settings: Settings, *, rows: bool = True) -> Snapshot:
-    """The whole schema (flowfix's own ``flowfix_*`` tables left out: they are its memory)."""
-    tables = sql(settings, TABLES_SQL)
+def take(settings: Settings, *, rows: bool = True, flowfix_tables: bool = False) -> Snapshot:
+    """The whole schema; flowfix's own ``flowfix_*`` tables (its memory) only if asked."""
+    def q(statement: str) -> list[dict[str, Any]]:
+        return sql(settings, statement.replace(" NOT LIKE 'flowfix%'", " NOT LIKE '-'") if flowfix_tables
+                   else statement)
+
+    tables = q(TABLES_SQL)
     data: dict[str, list[tuple[Any, ...]]] = {}
     if rows:
         for t in tables:
             if t["kind"] == "r" or t["kind"] == "p":
                 got = sql(settings, f'SELECT t::text AS r FROM "{t["name"]}" t')
                 data[t["name"]] = sorted(r["r"] for r in got)
-    return Snapshot(tables, sql(settings, COLUMNS_SQL), sql(settings, CONSTRAINTS_SQL), sql(settings, INDEXES_SQL),
-                    sql(settings, POLICIES_SQL), data)
+    return Snapshot(tables, q(COLUMNS_SQL), q(CONSTRAINTS_SQL), q(INDEXES_SQL), q(POLICIES_SQL), data)

@@ -109,6 +109,13 @@ HAS_FLOW_ID_FK = """EXISTS (
 
 #: Checks that touch only the catalog: the same before the upgrade and the downgrade.
 CATALOG_PREFLIGHT = f"""
+  SELECT string_agg(c.relname, ', ') INTO found
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = current_schema() AND c.relname = ANY(ARRAY['crewai_flow_state_extensions', {CHILDREN_SQL[6:]})
+    AND NOT pg_has_role(current_user, c.relowner, 'USAGE');
+  IF found IS NOT NULL THEN
+    RAISE EXCEPTION 'flowfix: role % does not own %, and only the owner may change their constraints and indexes; run it as the tables'' owner. This revision changed nothing.', current_user, found USING ERRCODE = '42501';
+  END IF;
   SELECT string_agg(relname, ', ') INTO found FROM ({catalog.RLS_LIMITED_TEMPLATE.format(
       tables="ARRAY['crewai_flow_state_extensions', " + CHILDREN_SQL[6:])}) hidden;
   IF found IS NOT NULL THEN
