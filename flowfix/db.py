@@ -22,7 +22,7 @@ from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from flowfix.config import Settings, connect_args, libpq_url, mask_url
-from flowfix.errors import DatabaseUnavailable
+from flowfix.errors import DatabaseUnavailable, FlowfixError, translate
 
 T = TypeVar("T")
 
@@ -45,9 +45,13 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def unavailable(settings: Settings, exc: BaseException) -> DatabaseUnavailable:
-    """A one-line error for a connection failure; the URL shown is rendered from its parts
-    without the password (driver messages never carry it: it is passed apart)."""
+def unavailable(settings: Settings, exc: BaseException) -> FlowfixError:
+    """A one-line error for a connection failure (flowfix.errors.translate); the URL shown
+    is rendered from its parts without the password (driver messages never carry it: it
+    is passed apart)."""
+    translated = translate(exc, mask_url(settings.url))
+    if translated is not None:
+        return translated
     detail = str(getattr(exc, "orig", None) or exc).strip()
     reason = detail.splitlines()[0] if detail else type(exc).__name__
     return DatabaseUnavailable(f"cannot connect to {mask_url(settings.url)}: {reason}")
