@@ -173,6 +173,7 @@ def upgrade(
 ) -> None:
     """Apply flowfix's revisions (same as `alembic upgrade`), with exit code 2 on refusal."""
     settings = dataclasses.replace(load_settings(require_url=not sql), create_tables=create_tables)
+    schema.check_revision(revision, sql=sql)
     if not sql:
         typer.echo(f"upgrading {mask_url(settings.require_url())} (schema {settings.schema}) to {revision}", err=True)
     schema.upgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)

@@ -34,6 +34,23 @@ def alembic_config(settings: Settings, *, output: TextIO | None = None, quiet: b
     return cfg
 
 
+def check_revision(revision: str, *, sql: bool) -> None:
+    """Refuse an unknown revision (or a range, online) before anything connects or logs."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError as AlembicCommandError
+
+    if ":" in revision and not sql:
+        raise MigrationError(f"Range revision not allowed: '{revision}' (ranges are for --sql)")
+    script = ScriptDirectory(str(ROOT / "alembic"))
+    for part in revision.split(":"):
+        if part in ("", "base", "head", "heads") or part.startswith(("+", "-")) or "@" in part:
+            continue
+        try:
+            script.get_revision(part)
+        except AlembicCommandError as exc:
+            raise MigrationError(str(exc).strip().splitlines()[0]) from None
+
+
 def current_revision(settings: Settings) -> str | None:
     """flowfix's revision in the database (None: flowfix never ran there)."""
     from flowfix import catalog
@@ -50,6 +67,7 @@ def _run(settings: Settings, fn: Any, *args: object, sql: bool = False, **kwargs
     """Run an Alembic command; a refusal becomes :class:`MigrationError`, saying where the
     database is now when revisions before the refused one were applied (one transaction
     per revision: those stay, and "this revision changed nothing" is about the last one)."""
+    check_revision(str(args[1]), sql=sql)
     before = None if sql else current_revision(settings)
     try:
         fn(*args, sql=sql, **kwargs)

@@ -73,3 +73,44 @@ def take(settings: Settings, *, rows: bool = True, flowfix_tables: bool = False)
                 got = sql(settings, f'SELECT t::text AS r FROM "{t["name"]}" t')
                 data[t["name"]] = sorted(r["r"] for r in got)
     return Snapshot(tables, q(COLUMNS_SQL), q(CONSTRAINTS_SQL), q(INDEXES_SQL), q(POLICIES_SQL), data)
+
+
+FINGERPRINT_TABLES = """
+SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+ORDER BY 1
+"""
+FINGERPRINT_CATALOG = (
+    "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint"
+    " WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace) ORDER BY 1, 2, 3",
+    "SELECT schemaname, tablename, indexname, indexdef FROM pg_indexes"
+    " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2, 3",
+    "SELECT table_schema, table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+    " WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2, 3",
+    "SELECT schemaname, tablename, policyname, qual FROM pg_policies ORDER BY 1, 2, 3",
+    "SELECT rolname, rolsuper, rolbypassrls FROM pg_roles WHERE rolname NOT LIKE 'pg_%' ORDER BY 1",
+)
+
+
+def fingerprint(url: str) -> str:
+    """The whole database as text, over one connection: every row of every table (all
+    schemas, flowfix's own included), constraints with definition and validation, indexes,
+    columns, policies, roles. Two equal fingerprints: nothing changed."""
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> str:
+        conn = await asyncpg.connect(url)
+        try:
+            out = []
+            for statement in FINGERPRINT_CATALOG:
+                out.append(repr([tuple(r) for r in await conn.fetch(statement)]))
+            for table in await conn.fetch(FINGERPRINT_TABLES):
+                rows = await conn.fetch(f"SELECT t::text FROM {table['name']} t")
+                out.append(table["name"] + repr(sorted(r[0] for r in rows)))
+            return "\n".join(out)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
