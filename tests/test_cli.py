@@ -97,3 +97,15 @@ def test_alembic_itself_runs_the_revisions_from_the_checkout(database_url: str, 
     assert bad.returncode != 0
     assert "Traceback" not in bad.stdout + bad.stderr
     assert "FAILED: Can't locate revision identified by 'nope'" in bad.stdout
+
+
+def test_pg_variables_alone_reach_the_database_as_with_psql(settings: Settings) -> None:
+    """No DATABASE_URL: host, port, user and database come from PG* variables (libpq's way)."""
+    url = settings.require_url()
+    host = url.query.get("host") or url.host
+    env = {"DATABASE_URL": None, "PGHOST": str(host), "PGPORT": str(url.port or 5432), "PGUSER": url.username or "",
+           "PGDATABASE": url.database or "", "FLOWFIX_SCHEMA": "public"}
+    result = runner.invoke(app, ["upgrade", "legacy", "--create-tables"], env=env)  # type: ignore[arg-type]
+    assert result.exit_code == 0, result.output
+    assert revision(settings) == "legacy"
+    assert "connection from the PG* environment variables" in result.stderr
