@@ -24,8 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowfix.config import VERSION_TABLE, Settings
 from flowfix.db import make_engine
-from flowfix.errors import FlowfixError
-from flowfix.errors import is_lock_timeout
+from flowfix.errors import FlowfixError, is_lock_timeout
 from flowfix.migrate import as_command_error, lock_backoff
 from flowfix.models import Base
 
@@ -90,8 +89,7 @@ def do_run_migrations(connection: Connection) -> None:
     schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
     if schema is None:
         path = connection.exec_driver_sql("SHOW search_path").scalar()
-        raise as_command_error(FlowfixError(
-            f"schema '{path}' does not exist: create it, or set FLOWFIX_SCHEMA"))
+        raise as_command_error(FlowfixError(f"schema '{path}' does not exist: create it, or set FLOWFIX_SCHEMA"))
     # Session-level, so it holds for every transaction and autocommit step that follows.
     connection.exec_driver_sql(f"SET lock_timeout = '{settings.lock_timeout}'")
     connection.commit()
@@ -108,12 +106,17 @@ async def run_async_migrations(engine: AsyncEngine, settings: Settings) -> None:
                 async with engine.connect() as connection:
                     await connection.run_sync(do_run_migrations)
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - translated, or re-raised as it is (a bug)
                 if not is_lock_timeout(exc) or attempt == settings.lock_retries:
                     raise as_command_error(exc, settings) from None
                 delay = lock_backoff(attempt)
-                log.warning("lock not available (lock_timeout %s); retry %d/%d in %.1fs",
-                            settings.lock_timeout, attempt + 1, settings.lock_retries, delay)
+                log.warning(
+                    "lock not available (lock_timeout %s); retry %d/%d in %.1fs",
+                    settings.lock_timeout,
+                    attempt + 1,
+                    settings.lock_retries,
+                    delay,
+                )
                 await asyncio.sleep(delay)
     finally:
         if config.attributes.get("connection") is None:

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import time
 
-
 from bench.common import build_legacy_dataset, connect, fresh_database, server, settings_for
 from flowfix import backfill, schema
 from flowfix.db import make_engine
@@ -48,14 +47,16 @@ async def run_plan_script(url: str, without_index: bool = False) -> tuple[float,
         fixed = records = 0
         async with conn.transaction():
             orphans = await conn.fetch(
-                "SELECT id, client_account_id, engagement_id, created_at FROM data_imports WHERE master_flow_id IS NULL")
+                "SELECT id, client_account_id, engagement_id, created_at FROM data_imports WHERE master_flow_id IS NULL"
+            )
             for o in orphans:
                 flow = await conn.fetchval(PLAN_NEAREST, o["client_account_id"], o["engagement_id"], o["created_at"])
                 if flow is None:
                     continue
                 await conn.execute("UPDATE data_imports SET master_flow_id = $1 WHERE id = $2", flow, o["id"])
                 status = await conn.execute(
-                    "UPDATE raw_import_records SET master_flow_id = $1 WHERE data_import_id = $2", flow, o["id"])
+                    "UPDATE raw_import_records SET master_flow_id = $1 WHERE data_import_id = $2", flow, o["id"]
+                )
                 records += int(status.split()[-1])
                 fixed += 1
         return time.perf_counter() - t0, fixed, records
@@ -79,12 +80,16 @@ async def run_floor(url: str, links: list[tuple[str, str]]) -> tuple[float, int]
     try:
         await conn.execute(
             "UPDATE data_imports d SET master_flow_id = x.flow FROM unnest($1::uuid[], $2::uuid[]) AS x(id, flow)"
-            " WHERE d.id = x.id", [i for i, _ in links], [f for _, f in links])
+            " WHERE d.id = x.id",
+            [i for i, _ in links],
+            [f for _, f in links],
+        )
         await conn.execute("VACUUM ANALYZE data_imports")
         t0 = time.perf_counter()
         status = await conn.execute(
             "UPDATE raw_import_records r SET master_flow_id = d.master_flow_id FROM data_imports d"
-            " WHERE d.id = r.data_import_id AND r.master_flow_id IS NULL AND d.master_flow_id IS NOT NULL")
+            " WHERE d.id = r.data_import_id AND r.master_flow_id IS NULL AND d.master_flow_id IS NOT NULL"
+        )
         return time.perf_counter() - t0, int(status.split()[-1])
     finally:
         await conn.close()
@@ -99,8 +104,13 @@ def prepare(srv: str, imports: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--imports", type=int, default=20_000)
-    parser.add_argument("--curve", type=int, nargs="*", default=[5_000, 10_000, 20_000],
-                        help="sizes (imports) for flowfix's growth curve")
+    parser.add_argument(
+        "--curve",
+        type=int,
+        nargs="*",
+        default=[5_000, 10_000, 20_000],
+        help="sizes (imports) for flowfix's growth curve",
+    )
     args = parser.parse_args()
     with server() as srv:
         prepare(srv, args.imports)
@@ -110,32 +120,46 @@ def main() -> None:
         c = result.counts
         wall_b, fixed_b, records_b = asyncio.run(run_plan_script(copy("bench_backfill_b")))
         wall_b2, fixed_b2, records_b2 = asyncio.run(run_plan_script(copy("bench_backfill_b2"), without_index=True))
-        links = [(l.id, l.master_flow_id) for l in result.plan.import_links]
+        links = [(link.id, link.master_flow_id) for link in result.plan.import_links]
         wall_c, records_c = asyncio.run(run_floor(copy("bench_backfill_c"), links))
 
         rec_a = c["seconds"]["raw_import_records"]
         print(f"backfill: {args.imports:,} imports x 50 records, window 2h")
         print(f"{'variant':<9} {'wall':>8} {'imports':>8} {'records':>10} {'records/s':>11} {'longest txn':>12}")
-        print(f"{'flowfix':<9} {wall_a:>7.2f}s {c['data_imports']:>8,} {c['raw_import_records']:>10,}"
-              f" {c['raw_import_records'] / rec_a:>11,.0f} {c['longest_batch_ms']:>9,.0f} ms")
-        print(f"{'plan':<9} {wall_b:>7.2f}s {fixed_b:>8,} {records_b:>10,} {records_b / wall_b:>11,.0f}"
-              f" {wall_b * 1000:>9,.0f} ms")
-        print(f"{'plan-':<9} {wall_b2:>7.2f}s {fixed_b2:>8,} {records_b2:>10,} {records_b2 / wall_b2:>11,.0f}"
-              f" {wall_b2 * 1000:>9,.0f} ms")
-        print(f"{'floor':<9} {wall_c:>7.2f}s {'-':>8} {records_c:>10,} {records_c / wall_c:>11,.0f}"
-              f" {wall_c * 1000:>9,.0f} ms")
-        print(f"flowfix steps: {c['seconds']}; {c['batches']} batches;"
-              f" ambiguous {c['ambiguous']}, unmatched {c['unmatched']}")
-        print(f"ratios: plan/flowfix wall x{wall_b / wall_a:.1f}, plan-/flowfix x{wall_b2 / wall_a:.1f};"
-              f" flowfix record throughput / floor = {(c['raw_import_records'] / rec_a) / (records_c / wall_c):.2f}")
+        print(
+            f"{'flowfix':<9} {wall_a:>7.2f}s {c['data_imports']:>8,} {c['raw_import_records']:>10,}"
+            f" {c['raw_import_records'] / rec_a:>11,.0f} {c['longest_batch_ms']:>9,.0f} ms"
+        )
+        print(
+            f"{'plan':<9} {wall_b:>7.2f}s {fixed_b:>8,} {records_b:>10,} {records_b / wall_b:>11,.0f}"
+            f" {wall_b * 1000:>9,.0f} ms"
+        )
+        print(
+            f"{'plan-':<9} {wall_b2:>7.2f}s {fixed_b2:>8,} {records_b2:>10,} {records_b2 / wall_b2:>11,.0f}"
+            f" {wall_b2 * 1000:>9,.0f} ms"
+        )
+        print(
+            f"{'floor':<9} {wall_c:>7.2f}s {'-':>8} {records_c:>10,} {records_c / wall_c:>11,.0f}"
+            f" {wall_c * 1000:>9,.0f} ms"
+        )
+        print(
+            f"flowfix steps: {c['seconds']}; {c['batches']} batches;"
+            f" ambiguous {c['ambiguous']}, unmatched {c['unmatched']}"
+        )
+        print(
+            f"ratios: plan/flowfix wall x{wall_b / wall_a:.1f}, plan-/flowfix x{wall_b2 / wall_a:.1f};"
+            f" flowfix record throughput / floor = {(c['raw_import_records'] / rec_a) / (records_c / wall_c):.2f}"
+        )
 
         if args.curve:
             print("growth (flowfix, fresh dataset per size):")
             for n in args.curve:
                 prepare(srv, n)
                 wall, res = asyncio.run(run_flowfix(copy("bench_backfill_a")))
-                print(f"  {n:>7,} imports  {n * 50:>9,} records  {wall:>6.2f}s  {wall / n * 1000:.3f} ms per import"
-                      f"  longest txn {res.counts['longest_batch_ms']:,.0f} ms")
+                print(
+                    f"  {n:>7,} imports  {n * 50:>9,} records  {wall:>6.2f}s  {wall / n * 1000:.3f} ms per import"
+                    f"  longest txn {res.counts['longest_batch_ms']:,.0f} ms"
+                )
 
 
 if __name__ == "__main__":

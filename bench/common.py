@@ -36,6 +36,8 @@ def use_shape(name: str) -> None:
     """Switch the shape (a benchmark whose subject only exists on one shape)."""
     global SHAPE
     SHAPE = SHAPES[name]
+
+
 #: the one user the shapes with a users table hold (data_imports.imported_by references it)
 BENCH_USER = "00000000-0000-4000-8000-00000000a11c"
 
@@ -128,8 +130,9 @@ DATASET_SQL = (
 )
 
 
-def build_legacy_dataset(url: str, *, imports: int, records_per_import: int = 50,
-                         discovery_names_import: bool = True) -> None:
+def build_legacy_dataset(
+    url: str, *, imports: int, records_per_import: int = 50, discovery_names_import: bool = True
+) -> None:
     """The shape's tables (adopted by revision ``legacy``) plus the dataset, in the
     database at ``url``. With ``discovery_names_import=False`` no discovery flow names
     its import, so the only evidence left is time (what the plan's script relies on)."""
@@ -145,10 +148,16 @@ def build_legacy_dataset(url: str, *, imports: int, records_per_import: int = 50
     asyncio.run(create())
     schema.upgrade(settings_for(url), "legacy")
     friendly = not SHAPE.files
-    params = dict(tenants=TENANTS, imports=imports, masters=imports + imports // 9, records_per_import=records_per_import,
-                  discovery_names_import="TRUE" if discovery_names_import else "FALSE",
-                  imported_by="'user-' || (g % 50)" if friendly else f"'{BENCH_USER}'::uuid",
-                  position=SHAPE.position_column, raw_type="json" if SHAPE.name == "app_head" else "jsonb")
+    params = dict(
+        tenants=TENANTS,
+        imports=imports,
+        masters=imports + imports // 9,
+        records_per_import=records_per_import,
+        discovery_names_import="TRUE" if discovery_names_import else "FALSE",
+        imported_by="'user-' || (g % 50)" if friendly else f"'{BENCH_USER}'::uuid",
+        position=SHAPE.position_column,
+        raw_type="json" if SHAPE.name == "app_head" else "jsonb",
+    )
 
     async def load() -> None:
         conn = await connect(url)

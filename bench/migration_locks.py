@@ -142,14 +142,21 @@ def measure(url: str, migrate, reader_seconds: float = 0.0) -> tuple[float, Late
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--imports", type=int, nargs="+", default=[5_000, 20_000],
-                        help="dataset sizes (imports; 50 records each)")
-    parser.add_argument("--reader-seconds", type=float, default=8.0,
-                        help="how long the report transaction of the 'reader' scenario stays open")
+    parser.add_argument(
+        "--imports", type=int, nargs="+", default=[5_000, 20_000], help="dataset sizes (imports; 50 records each)"
+    )
+    parser.add_argument(
+        "--reader-seconds",
+        type=float,
+        default=8.0,
+        help="how long the report transaction of the 'reader' scenario stays open",
+    )
     args = parser.parse_args()
     common.use_shape(os.environ.get("FLOWFIX_BENCH_SHAPE", "deployed"))
-    print("migration_locks: writer latency while the FKs are repointed (lower is better);"
-          f" flowfix lock_timeout {settings_for('postgresql://x/y').lock_timeout}")
+    print(
+        "migration_locks: writer latency while the FKs are repointed (lower is better);"
+        f" flowfix lock_timeout {settings_for('postgresql://x/y').lock_timeout}"
+    )
     print(f"{'records':>10} {'scenario':<8} {'variant':<8} {'wall':>9} {'longest stall':>14} {'p99':>9} {'txns':>6}")
     with server() as srv:
         for imports in args.imports:
@@ -157,16 +164,22 @@ def main() -> None:
             build_legacy_dataset(template, imports=imports)
             for scenario, reader in (("quiet", 0.0), ("reader", args.reader_seconds)):
                 rows = {}
-                for variant, fn in (("flowfix", lambda u: schema.upgrade(settings_for(u), "fix_master_flow_fk")),
-                                    ("plan", run_plan)):
+                for variant, fn in (
+                    ("flowfix", lambda u: schema.upgrade(settings_for(u), "fix_master_flow_fk")),
+                    ("plan", run_plan),
+                ):
                     url = fresh_database(srv, f"bench_{variant}", template="bench_legacy")
                     wall, lat, n = measure(url, fn, reader)
                     rows[variant] = (wall, lat)
-                    print(f"{imports * 50:>10,} {scenario:<8} {variant:<8} {wall:>8.2f}s {ms(lat.longest):>14}"
-                          f" {ms(lat.p99):>9} {n:>6,}")
+                    print(
+                        f"{imports * 50:>10,} {scenario:<8} {variant:<8} {wall:>8.2f}s {ms(lat.longest):>14}"
+                        f" {ms(lat.p99):>9} {n:>6,}"
+                    )
                 (fw, fl), (pw, pl) = rows["flowfix"], rows["plan"]
-                print(f"{'':>10} {scenario:<8} {'plan/flowfix':<12} longest stall x{pl.longest / fl.longest:.1f},"
-                      f" p99 x{pl.p99 / fl.p99:.1f}, wall x{pw / fw:.2f}")
+                print(
+                    f"{'':>10} {scenario:<8} {'plan/flowfix':<12} longest stall x{pl.longest / fl.longest:.1f},"
+                    f" p99 x{pl.p99 / fl.p99:.1f}, wall x{pw / fw:.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import asyncio
 import statistics
 import time
 
-
 from bench.common import build_legacy_dataset, connect, fresh_database, server, settings_for
 from flowfix import schema
 from flowfix.db import make_engine
@@ -90,8 +89,10 @@ def main() -> None:
             heap_s = statistics.median(runs_of(args.repeat, floor, url, True))
             runs = runs_of(args.repeat, flowfix_validate, url)
             val_s = statistics.median(t for t, _ in runs)
-            print(f"{state:<8} {floor_s * 1000:>6.0f} ms {heap_s * 1000:>6.0f} ms {val_s * 1000:>6.0f} ms"
-                  f" {val_s / floor_s:>8.2f}x {val_s / heap_s:>7.2f}x  {'ok' if runs[0][1] else 'fails (as it should)'}")
+            print(
+                f"{state:<8} {floor_s * 1000:>6.0f} ms {heap_s * 1000:>6.0f} ms {val_s * 1000:>6.0f} ms"
+                f" {val_s / floor_s:>8.2f}x {val_s / heap_s:>7.2f}x  {'ok' if runs[0][1] else 'fails (as it should)'}"
+            )
 
 
 if __name__ == "__main__":

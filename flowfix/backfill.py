@@ -29,7 +29,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -54,7 +54,6 @@ STRENGTH = {EXACT_DF: 0, EXACT_CONFIG: 1}
 TARGET_BATCH_SECONDS = 0.5
 
 
-
 @dataclass(frozen=True)
 class Options:
     window_seconds: float = 7200.0
@@ -66,9 +65,12 @@ class Options:
 
     def arguments(self) -> dict[str, Any]:
         """What identifies a run (a resumed run must have been started with the same)."""
-        return {"window_seconds": self.window_seconds, "create_missing_masters": self.create_missing_masters,
-                "client_account": str(self.client_account) if self.client_account else None,
-                "engagement": str(self.engagement) if self.engagement else None}
+        return {
+            "window_seconds": self.window_seconds,
+            "create_missing_masters": self.create_missing_masters,
+            "client_account": str(self.client_account) if self.client_account else None,
+            "engagement": str(self.engagement) if self.engagement else None,
+        }
 
     @property
     def scope(self) -> dict[str, uuid.UUID | None]:
@@ -135,14 +137,21 @@ class Result:
         return 1 if self.plan.ambiguous or self.plan.unmatched else 0
 
     def to_dict(self) -> dict[str, Any]:
-        links = [asdict(l) for l in (*self.plan.discovery_links, *self.plan.import_links, *self.plan.record_links)]
+        links = [
+            asdict(link) for link in (*self.plan.discovery_links, *self.plan.import_links, *self.plan.record_links)
+        ]
         for link in links:
             if link["rows"] is None:
                 del link["rows"]
-        return {"run_id": self.run_id, "dry_run": self.dry_run, "window_seconds": self.window_seconds,
-                "counts": self.counts, "links": links,
-                "ambiguous": [asdict(a) for a in self.plan.ambiguous],
-                "unmatched": [asdict(u) for u in self.plan.unmatched]}
+        return {
+            "run_id": self.run_id,
+            "dry_run": self.dry_run,
+            "window_seconds": self.window_seconds,
+            "counts": self.counts,
+            "links": links,
+            "ambiguous": [asdict(a) for a in self.plan.ambiguous],
+            "unmatched": [asdict(u) for u in self.plan.unmatched],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -270,8 +279,16 @@ ORDER BY r.id
 #: The master's columns CREATE_MASTERS fills, and for those that may be NULL on the
 #: discovery flow, where the value comes from.
 MASTER_VALUES_FROM_DISCOVERY_FLOW = {"user_id": "user_id", "flow_name": "flow_name"}
-MASTER_COLUMNS_FILLED = {"id", "flow_id", "client_account_id", "engagement_id", "flow_type", "flow_status",
-                         "flow_configuration", *MASTER_VALUES_FROM_DISCOVERY_FLOW}
+MASTER_COLUMNS_FILLED = {
+    "id",
+    "flow_id",
+    "client_account_id",
+    "engagement_id",
+    "flow_type",
+    "flow_status",
+    "flow_configuration",
+    *MASTER_VALUES_FROM_DISCOVERY_FLOW,
+}
 
 
 @dataclass(frozen=True)
@@ -294,8 +311,10 @@ class MasterCreation:
     def refusal(self, row: Any) -> str | None:
         """Why no master can be created for this orphan discovery flow, or None."""
         if self.unknown:
-            return (f"{MASTER_TABLE}.{', '.join(self.unknown)} is NOT NULL without a default, and flowfix has no"
-                    " value for it")
+            return (
+                f"{MASTER_TABLE}.{', '.join(self.unknown)} is NOT NULL without a default, and flowfix has no"
+                " value for it"
+            )
         for master_column, df_column in MASTER_VALUES_FROM_DISCOVERY_FLOW.items():
             if master_column in self.required and row[df_column] is None:
                 return f"its {df_column} is NULL and {MASTER_TABLE}.{master_column} is NOT NULL"
@@ -304,15 +323,20 @@ class MasterCreation:
         return None
 
 
-def _compatible(row_client: uuid.UUID | None, row_engagement: uuid.UUID | None,
-                client: uuid.UUID | None, engagement: uuid.UUID | None) -> bool:
+def _compatible(
+    row_client: uuid.UUID | None,
+    row_engagement: uuid.UUID | None,
+    client: uuid.UUID | None,
+    engagement: uuid.UUID | None,
+) -> bool:
     """Same tenant, where the row says anything: a NULL on the row is no evidence either
     way (exact evidence may link it), a different value always refuses."""
     return (row_client is None or row_client == client) and (row_engagement is None or row_engagement == engagement)
 
 
-def assign_by_time(pairs: list[tuple[uuid.UUID, uuid.UUID, float]]) -> tuple[dict[uuid.UUID, tuple[uuid.UUID, float]],
-                                                                             dict[uuid.UUID, list[uuid.UUID]]]:
+def assign_by_time(
+    pairs: list[tuple[uuid.UUID, uuid.UUID, float]],
+) -> tuple[dict[uuid.UUID, tuple[uuid.UUID, float]], dict[uuid.UUID, list[uuid.UUID]]]:
     """One-to-one, deterministic: pairs are taken in order of increasing distance, a
     master goes to at most one import. At each distance, an import with two free masters
     there, or a master with two free imports there, is a tie: those imports are reported
@@ -357,21 +381,36 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
         if row["master"] is None:
             why_not = creation.refusal(row) if opts.create_missing_masters else None
             if why_not:
-                plan.unmatched.append(Unmatched("discovery_flows", str(row["id"]), f"cannot create its master: {why_not}"))
+                plan.unmatched.append(
+                    Unmatched("discovery_flows", str(row["id"]), f"cannot create its master: {why_not}")
+                )
             elif opts.create_missing_masters:
                 plan.masters_to_create.append(dict(row))
                 plan.discovery_links.append(Link("discovery_flows", str(row["id"]), str(row["flow_id"]), CREATED))
                 df_ids.append(row["id"])
                 df_masters.append(row["flow_id"])
             else:
-                plan.unmatched.append(Unmatched("discovery_flows", str(row["id"]),
-                                                "no master flow has this flow_id (--create-missing-masters creates one)"))
+                plan.unmatched.append(
+                    Unmatched(
+                        "discovery_flows",
+                        str(row["id"]),
+                        "no master flow has this flow_id (--create-missing-masters creates one)",
+                    )
+                )
         elif (row["master_client"], row["master_engagement"]) != (row["client_account_id"], row["engagement_id"]):
-            plan.unmatched.append(Unmatched("discovery_flows", str(row["id"]),
-                                            "the master flow with this flow_id belongs to another tenant"))
+            plan.unmatched.append(
+                Unmatched(
+                    "discovery_flows", str(row["id"]), "the master flow with this flow_id belongs to another tenant"
+                )
+            )
         elif row["flow_type"] != "discovery":
-            plan.unmatched.append(Unmatched("discovery_flows", str(row["id"]),
-                                            f"the master flow with this flow_id is a '{row['flow_type']}' flow"))
+            plan.unmatched.append(
+                Unmatched(
+                    "discovery_flows",
+                    str(row["id"]),
+                    f"the master flow with this flow_id is a '{row['flow_type']}' flow",
+                )
+            )
         else:
             plan.discovery_links.append(Link("discovery_flows", str(row["id"]), str(row["master"]), DISCOVERY_EVIDENCE))
             df_ids.append(row["id"])
@@ -381,10 +420,13 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
     orphans = {r["id"]: r for r in (await conn.execute(text(ORPHAN_IMPORTS), scope)).mappings()}
     exact: dict[uuid.UUID, dict[uuid.UUID, str]] = defaultdict(dict)
     foreign: set[uuid.UUID] = set()
-    for row in (await conn.execute(text(EXACT_EVIDENCE), {"imports": list(orphans), "df_ids": df_ids,
-                                                          "df_masters": df_masters})).mappings():
+    for row in (
+        await conn.execute(text(EXACT_EVIDENCE), {"imports": list(orphans), "df_ids": df_ids, "df_masters": df_masters})
+    ).mappings():
         imp = orphans[row["import_id"]]
-        if not _compatible(imp["client_account_id"], imp["engagement_id"], row["master_client"], row["master_engagement"]):
+        if not _compatible(
+            imp["client_account_id"], imp["engagement_id"], row["master_client"], row["master_engagement"]
+        ):
             foreign.add(row["import_id"])
             continue
         known = exact[row["import_id"]].get(row["flow_id"])
@@ -399,55 +441,103 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
             plan.import_links.append(Link("data_imports", str(imp_id), str(flow), evidence))
             claimed.append(flow)
         elif candidates:
-            plan.ambiguous.append(Ambiguous("data_imports", str(imp_id), sorted(str(f) for f in candidates),
-                                            "contradicting exact evidence: more than one master names this import"))
+            plan.ambiguous.append(
+                Ambiguous(
+                    "data_imports",
+                    str(imp_id),
+                    sorted(str(f) for f in candidates),
+                    "contradicting exact evidence: more than one master names this import",
+                )
+            )
         elif imp_id in foreign:
-            plan.unmatched.append(Unmatched("data_imports", str(imp_id),
-                                            "the only exact evidence names a master flow of another tenant"))
+            plan.unmatched.append(
+                Unmatched("data_imports", str(imp_id), "the only exact evidence names a master flow of another tenant")
+            )
         elif orphans[imp_id]["client_account_id"] is None or orphans[imp_id]["engagement_id"] is None:
-            plan.unmatched.append(Unmatched("data_imports", str(imp_id),
-                                            "no tenant on the import: never matched by time"))
+            plan.unmatched.append(
+                Unmatched("data_imports", str(imp_id), "no tenant on the import: never matched by time")
+            )
         else:
             undecided.append(imp_id)
 
     # ... then time, one master per import.
-    pairs = [(r.import_id, r.flow_id, r.distance) for r in (await conn.execute(text(TIME_CANDIDATES), {
-        "imports": undecided, "window": opts.window_seconds, "claimed": claimed}))]
+    pairs = [
+        (r.import_id, r.flow_id, r.distance)
+        for r in (
+            await conn.execute(
+                text(TIME_CANDIDATES), {"imports": undecided, "window": opts.window_seconds, "claimed": claimed}
+            )
+        )
+    ]
     assigned, tied = assign_by_time(pairs)
     for imp_id in undecided:
         if imp_id in assigned:
             flow, distance = assigned[imp_id]
             plan.import_links.append(Link("data_imports", str(imp_id), str(flow), TIME_WINDOW, distance))
         elif imp_id in tied:
-            plan.ambiguous.append(Ambiguous("data_imports", str(imp_id), [str(f) for f in tied[imp_id]],
-                                            "tie: more than one master at the nearest distance"))
+            plan.ambiguous.append(
+                Ambiguous(
+                    "data_imports",
+                    str(imp_id),
+                    [str(f) for f in tied[imp_id]],
+                    "tie: more than one master at the nearest distance",
+                )
+            )
         else:
-            plan.unmatched.append(Unmatched("data_imports", str(imp_id),
-                                            "no free discovery master of this tenant within the window"))
-    plan.import_links.sort(key=lambda l: l.id)
+            plan.unmatched.append(
+                Unmatched("data_imports", str(imp_id), "no free discovery master of this tenant within the window")
+            )
+    plan.import_links.sort(key=lambda link: link.id)
 
     # 3. records follow their import.
     created = plan.masters_to_create
-    planned = {"imp_ids": [uuid.UUID(l.id) for l in plan.import_links],
-               "imp_flows": [uuid.UUID(l.master_flow_id) for l in plan.import_links]}
-    for row in (await conn.execute(text(RECORD_PLAN), {
-            **scope, **planned,
-            "c_flows": [c["flow_id"] for c in created], "c_clients": [c["client_account_id"] for c in created],
-            "c_engagements": [c["engagement_id"] for c in created]})).mappings():
+    planned = {
+        "imp_ids": [uuid.UUID(link.id) for link in plan.import_links],
+        "imp_flows": [uuid.UUID(link.master_flow_id) for link in plan.import_links],
+    }
+    for row in (
+        await conn.execute(
+            text(RECORD_PLAN),
+            {
+                **scope,
+                **planned,
+                "c_flows": [c["flow_id"] for c in created],
+                "c_clients": [c["client_account_id"] for c in created],
+                "c_engagements": [c["engagement_id"] for c in created],
+            },
+        )
+    ).mappings():
         if row["to_link"]:
-            plan.record_links.append(Link("raw_import_records", str(row["data_import_id"]), str(row["flow"]),
-                                          VIA_IMPORT, rows=row["to_link"]))
+            plan.record_links.append(
+                Link(
+                    "raw_import_records", str(row["data_import_id"]), str(row["flow"]), VIA_IMPORT, rows=row["to_link"]
+                )
+            )
         if row["tenant_conflict"]:
-            plan.unmatched.append(Unmatched("raw_import_records", str(row["data_import_id"]),
-                                            f"{row['tenant_conflict']} records of this import belong to another"
-                                            " tenant than its master"))
+            plan.unmatched.append(
+                Unmatched(
+                    "raw_import_records",
+                    str(row["data_import_id"]),
+                    f"{row['tenant_conflict']} records of this import belong to another tenant than its master",
+                )
+            )
         if row["no_master"]:
-            plan.unmatched.append(Unmatched("raw_import_records", str(row["data_import_id"]),
-                                            f"{row['no_master']} records: their import has no master"))
+            plan.unmatched.append(
+                Unmatched(
+                    "raw_import_records",
+                    str(row["data_import_id"]),
+                    f"{row['no_master']} records: their import has no master",
+                )
+            )
     for row in (await conn.execute(text(DISAGREEING_RECORDS), {**scope, **planned})).mappings():
-        plan.ambiguous.append(Ambiguous("raw_import_records", str(row["id"]),
-                                        [str(row["master_flow_id"]), str(row["import_master"])],
-                                        "the record holds another master than its import: never overwritten"))
+        plan.ambiguous.append(
+            Ambiguous(
+                "raw_import_records",
+                str(row["id"]),
+                [str(row["master_flow_id"]), str(row["import_master"])],
+                "the record holds another master than its import: never overwritten",
+            )
+        )
     return plan
 
 
@@ -558,7 +648,7 @@ SELECT (SELECT id FROM last) AS last_id, (SELECT created_at FROM last) AS last_a
        (SELECT count(*) FROM changed) AS changed
 """
 
-EPOCH = datetime(1, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1, 1, 1, tzinfo=UTC)
 NIL = uuid.UUID(int=0)
 
 
@@ -592,20 +682,27 @@ async def _timed_batch(conn: AsyncConnection, batcher: Batcher, sql: str, params
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 async def _interrupted_run(conn: AsyncConnection, opts: Options) -> uuid.UUID | None:
-    row = (await conn.execute(text(
-        "SELECT id, arguments FROM flowfix_runs WHERE command = 'backfill' AND status = 'running'"
-        " ORDER BY started_at DESC LIMIT 1"))).one_or_none()
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, arguments FROM flowfix_runs WHERE command = 'backfill' AND status = 'running'"
+                " ORDER BY started_at DESC LIMIT 1"
+            )
+        )
+    ).one_or_none()
     if row is None:
         return None
     if row.arguments != opts.arguments():
         raise FlowfixError(
             f"backfill run {row.id} was interrupted with other arguments ({json.dumps(row.arguments)}): "
-            "rerun it with those to finish it, or `flowfix undo` it first")
-    return row.id
+            "rerun it with those to finish it, or `flowfix undo` it first"
+        )
+    run_id: uuid.UUID = row.id
+    return run_id
 
 
 async def run(engine: AsyncEngine, settings: Settings, opts: Options, progress: Progress | None = None) -> Result:
@@ -618,8 +715,9 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, progress: 
                 plan = await make_plan(conn, opts)
                 return Result(None, True, opts.window_seconds, plan, _plan_counts(plan))
 
-        got = (await conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"),
-                                  {"k": ledger.ADVISORY_LOCK_KEY})).scalar_one()
+        got = (
+            await conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": ledger.ADVISORY_LOCK_KEY})
+        ).scalar_one()
         await conn.commit()
         if not got:
             raise ledger.RunLocked("another flowfix run (backfill, link or undo) is in progress on this database")
@@ -632,12 +730,14 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, progress: 
             raise RunInterrupted(
                 f"backfill run {started[0]} stopped part-way; the batches it committed stay (they are in the"
                 f" ledger): run `flowfix backfill` again with the same options to resume it, or"
-                f" `flowfix undo {started[0]}` to revert them", started[0]) from exc
+                f" `flowfix undo {started[0]}` to revert them",
+                started[0],
+            ) from exc
         finally:
             try:
                 await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": ledger.ADVISORY_LOCK_KEY})
                 await conn.commit()
-            except Exception:  # noqa: BLE001 - a lost session took the lock with it; report the first error
+            except Exception:  # noqa: BLE001, S110 - a lost session took the lock with it; the first error counts
                 pass
 
 
@@ -660,19 +760,32 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
         if run_id is None:
             run_id = await ledger.start_run(conn, "backfill", opts.arguments())
             links = plan.import_links
-            await conn.execute(text(STORE_IMPORT_PLAN), {
-                "run": run_id, "ids": [uuid.UUID(l.id) for l in links],
-                "flows": [uuid.UUID(l.master_flow_id) for l in links],
-                "evidence": [l.evidence for l in links], "distances": [l.distance_seconds for l in links]})
+            await conn.execute(
+                text(STORE_IMPORT_PLAN),
+                {
+                    "run": run_id,
+                    "ids": [uuid.UUID(link.id) for link in links],
+                    "flows": [uuid.UUID(link.master_flow_id) for link in links],
+                    "evidence": [link.evidence for link in links],
+                    "distances": [link.distance_seconds for link in links],
+                },
+            )
         else:
-            stored = (await conn.execute(text(
-                "SELECT row_id, new_value, evidence, distance_seconds FROM flowfix_changes"
-                " WHERE run_id = :run AND table_name = 'data_imports' AND applied_at IS NULL AND skipped IS NULL"
-                " ORDER BY row_id"), {"run": run_id})).all()
+            stored = (
+                await conn.execute(
+                    text(
+                        "SELECT row_id, new_value, evidence, distance_seconds FROM flowfix_changes"
+                        " WHERE run_id = :run AND table_name = 'data_imports' AND applied_at IS NULL AND skipped IS NULL"
+                        " ORDER BY row_id"
+                    ),
+                    {"run": run_id},
+                )
+            ).all()
             # the stored plan wins over a fresh one: same result as one uninterrupted run
-            plan.import_links = [Link("data_imports", str(r.row_id), str(r.new_value), r.evidence, r.distance_seconds)
-                                 for r in stored]
-            stale = {l.id for l in plan.import_links}
+            plan.import_links = [
+                Link("data_imports", str(r.row_id), str(r.new_value), r.evidence, r.distance_seconds) for r in stored
+            ]
+            stale = {link.id for link in plan.import_links}
             plan.ambiguous = [a for a in plan.ambiguous if a.table != "data_imports" or a.id not in stale]
             plan.unmatched = [u for u in plan.unmatched if u.table != "data_imports" or u.id not in stale]
     run_ids.append(run_id)
@@ -687,17 +800,28 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     for chunk in _chunks(plan.masters_to_create, opts.batch_size):
         started = time.perf_counter()
         async with conn.begin():
-            made = (await conn.execute(text(CREATE_MASTERS), {"run": run_id, "run_text": str(run_id),
-                                                                "ids": [c["id"] for c in chunk],
-                                                                **creation.needs})).all()
+            made = (
+                await conn.execute(
+                    text(CREATE_MASTERS),
+                    {"run": run_id, "run_text": str(run_id), "ids": [c["id"] for c in chunk], **creation.needs},
+                )
+            ).all()
         batcher.done(time.perf_counter() - started)
         counts["masters_created"] += len(made)
     for chunk in _chunks(plan.discovery_links, opts.batch_size):
         started = time.perf_counter()
         async with conn.begin():
-            done = (await conn.execute(text(LINK_DISCOVERY_FLOWS), {
-                "run": run_id, "ids": [uuid.UUID(l.id) for l in chunk],
-                "masters": [uuid.UUID(l.master_flow_id) for l in chunk], "evidence": DISCOVERY_EVIDENCE})).all()
+            done = (
+                await conn.execute(
+                    text(LINK_DISCOVERY_FLOWS),
+                    {
+                        "run": run_id,
+                        "ids": [uuid.UUID(link.id) for link in chunk],
+                        "masters": [uuid.UUID(link.master_flow_id) for link in chunk],
+                        "evidence": DISCOVERY_EVIDENCE,
+                    },
+                )
+            ).all()
         batcher.done(time.perf_counter() - started)
         counts["discovery_flows"] += len(done)
         note("discovery_flows", len(done))
@@ -706,8 +830,9 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     # 2. imports, from the stored plan
     after = NIL
     while True:
-        last_id, applied, skipped = await _timed_batch(conn, batcher, APPLY_IMPORT_BATCH,
-                                                       {"run": run_id, "after": after})
+        last_id, applied, skipped = await _timed_batch(
+            conn, batcher, APPLY_IMPORT_BATCH, {"run": run_id, "after": after}
+        )
         if last_id is None:
             break
         after = last_id
@@ -721,9 +846,9 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     by_import = Batcher(max(1, opts.batch_size // per_import))
     after, after_at = NIL, EPOCH
     while True:
-        last_id, last_at, changed = await _timed_batch(conn, by_import, LINK_RECORDS_BATCH,
-                                                        {"run": run_id, "after": after, "after_at": after_at,
-                                                         **opts.scope})
+        last_id, last_at, changed = await _timed_batch(
+            conn, by_import, LINK_RECORDS_BATCH, {"run": run_id, "after": after, "after_at": after_at, **opts.scope}
+        )
         if last_id is None:
             break
         after, after_at = last_id, last_at
@@ -731,8 +856,13 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
         note("raw_import_records", changed)
     lap("raw_import_records")
 
-    final = {**_plan_counts(plan), **counts, "batches": batcher.count + by_import.count,
-             "longest_batch_ms": round(max(batcher.longest, by_import.longest) * 1000, 1), "seconds": seconds}
+    final = {
+        **_plan_counts(plan),
+        **counts,
+        "batches": batcher.count + by_import.count,
+        "longest_batch_ms": round(max(batcher.longest, by_import.longest) * 1000, 1),
+        "seconds": seconds,
+    }
     async with conn.begin():
         await ledger.finish_run(conn, run_id, "finished", final)
     return Result(str(run_id), False, opts.window_seconds, plan, final, resumed=resumed)

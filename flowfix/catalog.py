@@ -11,8 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
+from sqlalchemy.orm import Session
 
 from flowfix.config import VERSION_TABLE
+
+#: What the functions below read through: a Connection (revisions, validate) or a Session
+#: (the linking service, which works on the application's session).
+SyncExecutor = Connection | Session
 
 #: Every foreign key whose (single) source column is :column on :table, with its target.
 FOREIGN_KEYS_SQL = """
@@ -127,7 +132,7 @@ class ForeignKey:
         """What the FK does on delete (and update, and whether it is DEFERRABLE), as its
         definition says after the referenced columns; NO ACTION spelled out."""
         after = self.definition.split(" REFERENCES ", 1)[-1]
-        rule = after[after.find(")") + 1:].replace(" NOT VALID", "").strip()
+        rule = after[after.find(")") + 1 :].replace(" NOT VALID", "").strip()
         return rule if "ON DELETE" in rule else f"ON DELETE NO ACTION {rule}".strip()
 
 
@@ -152,17 +157,17 @@ class IndexInfo:
     constraint_name: str | None
 
 
-def foreign_keys(conn: Connection, table: str, column: str) -> list[ForeignKey]:
+def foreign_keys(conn: SyncExecutor, table: str, column: str) -> list[ForeignKey]:
     rows = conn.execute(text(FOREIGN_KEYS_SQL), {"table": table, "column": column}).mappings()
     return [ForeignKey(**row) for row in rows]
 
 
-def indexes(conn: Connection, table: str, column: str) -> list[IndexInfo]:
+def indexes(conn: SyncExecutor, table: str, column: str) -> list[IndexInfo]:
     rows = conn.execute(text(INDEXES_SQL), {"table": table, "column": column}).mappings()
     return [IndexInfo(**row) for row in rows]
 
 
-def has_unique_index(conn: Connection, table: str, column: str) -> bool:
+def has_unique_index(conn: SyncExecutor, table: str, column: str) -> bool:
     """A valid, non-partial unique index on exactly (column): what a FK target needs."""
     return any(
         ix.is_unique and ix.is_valid and not ix.is_partial and ix.key_columns == 1
@@ -170,12 +175,12 @@ def has_unique_index(conn: Connection, table: str, column: str) -> bool:
     )
 
 
-def has_usable_index(conn: Connection, table: str, column: str) -> bool:
+def has_usable_index(conn: SyncExecutor, table: str, column: str) -> bool:
     """A valid, non-partial index led by ``column``: enough for joins and FK cascades."""
     return any(ix.is_valid and not ix.is_partial for ix in indexes(conn, table, column))
 
 
-def columns(conn: Connection, tables: list[str]) -> dict[str, dict[str, bool]]:
+def columns(conn: SyncExecutor, tables: list[str]) -> dict[str, dict[str, bool]]:
     """``{table: {column: nullable}}`` for the tables that exist in the schema."""
     out: dict[str, dict[str, bool]] = {}
     for row in conn.execute(text(COLUMNS_SQL), {"tables": tables}).mappings():
@@ -183,38 +188,39 @@ def columns(conn: Connection, tables: list[str]) -> dict[str, dict[str, bool]]:
     return out
 
 
-def referencing(conn: Connection, table: str) -> list[Reference]:
+def referencing(conn: SyncExecutor, table: str) -> list[Reference]:
     """Every FK in the database that references ``table``: the catalog's list, not a
     fixed one (the application adds tables that reference the master)."""
     return [Reference(**row) for row in conn.execute(text(REFERENCING_SQL), {"table": table}).mappings()]
 
 
-def required_columns(conn: Connection, table: str) -> list[str]:
+def required_columns(conn: SyncExecutor, table: str) -> list[str]:
     """The columns an INSERT into ``table`` must supply (the application's schema has no
     server default even on ``id``)."""
     return list(conn.execute(text(REQUIRED_COLUMNS_SQL), {"table": table}).scalars())
 
 
-def schemas_holding(conn: Connection, table: str) -> list[str]:
+def schemas_holding(conn: SyncExecutor, table: str) -> list[str]:
     """The other schemas of this database that have a table named ``table``."""
     return list(conn.execute(text(SCHEMAS_HOLDING_SQL), {"table": table}).scalars())
 
 
-def rls_limited_tables(conn: Connection, tables: list[str]) -> list[str]:
+def rls_limited_tables(conn: SyncExecutor, tables: list[str]) -> list[str]:
     """The tables on which row-level security may hide rows from the current role."""
     return list(conn.execute(text(RLS_LIMITED_SQL), {"tables": tables}).scalars())
 
 
-def readable_revision(conn: Connection) -> str | None:
+def readable_revision(conn: SyncExecutor) -> str | None:
     """Like :func:`current_revision`, but None (not an error) for a role that may not read
     the version table, so a read-only transaction is not aborted by the attempt."""
     readable = conn.execute(
         text("SELECT to_regclass(:t) IS NOT NULL AND has_table_privilege(to_regclass(:t), 'SELECT')"),
-        {"t": VERSION_TABLE}).scalar_one()
+        {"t": VERSION_TABLE},
+    ).scalar_one()
     return current_revision(conn) if readable else None
 
 
-def current_revision(conn: Connection) -> str | None:
+def current_revision(conn: SyncExecutor) -> str | None:
     """flowfix's revision, from its own version table; None when flowfix never ran here."""
     exists = conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": VERSION_TABLE}).scalar_one()
     if not exists:

@@ -21,7 +21,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from flowfix import backfill as backfilling, ledger, linking, schema, validate as validation
+from flowfix import backfill as backfilling
+from flowfix import ledger, linking, schema
+from flowfix import validate as validation
 from flowfix.config import Settings, mask_url
 from flowfix.db import make_sessionmaker, run_with_engine
 from flowfix.errors import FlowfixError, RunInterrupted, UsageProblem, translate
@@ -64,13 +66,17 @@ def error_line(exc: BaseException) -> tuple[str, Exit]:
         lines = exc.format_message().strip().splitlines()
         return (lines[0] if lines else "usage error"), Exit.USAGE
     if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
-        return ("interrupted: what was committed stays (backfill and undo resume when run again; a revision"
-                " resumes on the next upgrade)"), Exit.INTERRUPTED
+        return (
+            "interrupted: what was committed stays (backfill and undo resume when run again; a revision"
+            " resumes on the next upgrade)"
+        ), Exit.INTERRUPTED
     cause = exc.__cause__ if isinstance(exc, RunInterrupted) and exc.__cause__ is not None else exc
     translated = translate(cause, _where())
     if translated is None:
-        message = (f"unexpected error ({type(cause).__name__}): this is a bug in flowfix; rerun with --debug for"
-                   " the traceback and report it")
+        message = (
+            f"unexpected error ({type(cause).__name__}): this is a bug in flowfix; rerun with --debug for"
+            " the traceback and report it"
+        )
         code = Exit.BUG
     else:
         message, code = str(translated).removeprefix("flowfix: "), Exit.USAGE
@@ -83,18 +89,25 @@ class FlowfixGroup(TyperGroup):
     """Runs the command without click's own error handling (which prints three lines for
     a usage error and tracebacks for the rest) and maps every outcome to an exit code."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
-             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         try:
-            result = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
-                                  standalone_mode=False, **extra)
+            result = super().main(
+                args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+            )
             code = result if isinstance(result, int) else Exit.OK
             if code == Exit.INTERRUPTED:  # typer turns Ctrl-C into a silent exit 130
                 typer.echo(f"flowfix: error: {error_line(KeyboardInterrupt())[0]}", err=True)
         except typer.Exit as exc:
             code = exc.exit_code
-        except BaseException as exc:  # noqa: BLE001 - this is the boundary: everything ends here
+        except BaseException as exc:
             if isinstance(exc, SystemExit):
                 raise
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `flowfix`: the help, as click shows it
@@ -128,8 +141,21 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"flowfix {version('flowfix')}")
+        raise typer.Exit(Exit.OK)
+
+
 @app.callback()
-def root(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False) -> None:
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print flowfix's version.")
+    ] = False,
+) -> None:
     """Repair and guard the master-flow links of the discovery-flow tables."""
 
 
@@ -167,9 +193,12 @@ def check_bound(value: int, option: str, maximum: int) -> int:
 def upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision: legacy, fix_master_flow_fk or head.")] = "head",
     sql: Annotated[bool, typer.Option("--sql", help="Print the SQL for review instead of running it.")] = False,
-    create_tables: Annotated[bool, typer.Option(
-        "--create-tables", help="Let revision legacy create the four tables in an empty schema (a new database)."
-    )] = False,
+    create_tables: Annotated[
+        bool,
+        typer.Option(
+            "--create-tables", help="Let revision legacy create the four tables in an empty schema (a new database)."
+        ),
+    ] = False,
 ) -> None:
     """Apply flowfix's revisions (same as `alembic upgrade`), with exit code 2 on refusal."""
     settings = dataclasses.replace(load_settings(require_url=not sql), create_tables=create_tables)
@@ -230,9 +259,20 @@ def validate_cmd(
     format: Annotated[str, typer.Option("--format", help="text, json or junit.")] = "text",
     output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Example row ids per check.")] = 5,
-    fail_on: Annotated[str, typer.Option("--fail-on", help="error: only failed checks fail the run; warn: warnings too.")] = "error",
-    max_orphans: Annotated[int, typer.Option("--max-orphans", min=0, help="Accept up to N NULL master_flow_id per table (reported as warn); dangling and cross-tenant rows still fail.")] = 0,
-    allow_rls: Annotated[bool, typer.Option("--allow-rls", help="Accept that row-level security may hide rows (warn instead of fail).")] = False,
+    fail_on: Annotated[
+        str, typer.Option("--fail-on", help="error: only failed checks fail the run; warn: warnings too.")
+    ] = "error",
+    max_orphans: Annotated[
+        int,
+        typer.Option(
+            "--max-orphans",
+            min=0,
+            help="Accept up to N NULL master_flow_id per table (reported as warn); dangling and cross-tenant rows still fail.",
+        ),
+    ] = 0,
+    allow_rls: Annotated[
+        bool, typer.Option("--allow-rls", help="Accept that row-level security may hide rows (warn instead of fail).")
+    ] = False,
     client_account: ClientOpt = None,
     engagement: EngagementOpt = None,
 ) -> None:
@@ -244,7 +284,8 @@ def validate_cmd(
     check_output_path(output, "--output")
     opts = validation.Options(
         samples=check_bound(samples, "--samples", MAX_SAMPLES),
-        max_orphans=check_bound(max_orphans, "--max-orphans", MAX_ORPHANS), allow_rls=allow_rls,
+        max_orphans=check_bound(max_orphans, "--max-orphans", MAX_ORPHANS),
+        allow_rls=allow_rls,
         fail_on=parse_choice(fail_on, "--fail-on", ("error", "warn")),  # type: ignore[arg-type]
         client_account=parse_uuid(client_account, "--client-account"),
         engagement=parse_uuid(engagement, "--engagement"),
@@ -265,18 +306,39 @@ def status() -> None:
     typer.echo(f"revision  {report.revision or '(none)'}")
     for table in ("data_imports", "raw_import_records", "discovery_flows"):
         fk = report.check(f"fk.{table}")
-        typer.echo(f"{table:<19} orphaned {report.check(f'{table}.orphaned').count:>9,}"
-                   f"  dangling {report.check(f'{table}.dangling').count:>7,}  FK: {fk.message}")
+        typer.echo(
+            f"{table:<19} orphaned {report.check(f'{table}.orphaned').count:>9,}"
+            f"  dangling {report.check(f'{table}.dangling').count:>7,}  FK: {fk.message}"
+        )
     typer.echo(f"tenant mismatches {report.check('tenant_mismatch').count:,}")
     typer.echo(f"next step: {validation.next_step(report)}")
 
 
 @app.command()
 def backfill(
-    window: Annotated[str, typer.Option("--window", help="How far apart an import and its master may have been created: 90s, 30m, 2h, 1d, PT2H.")] = "2h",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing; print the plan (exit code as the real run would).")] = False,
-    create_missing_masters: Annotated[bool, typer.Option("--create-missing-masters", help="Create a master for a discovery flow that has none, from its own columns.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows per batch (each batch is one short transaction; smaller when batches run slow).")] = 5000,
+    window: Annotated[
+        str,
+        typer.Option(
+            "--window", help="How far apart an import and its master may have been created: 90s, 30m, 2h, 1d, PT2H."
+        ),
+    ] = "2h",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Change nothing; print the plan (exit code as the real run would).")
+    ] = False,
+    create_missing_masters: Annotated[
+        bool,
+        typer.Option(
+            "--create-missing-masters", help="Create a master for a discovery flow that has none, from its own columns."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            help="Most rows per batch (each batch is one short transaction; smaller when batches run slow).",
+        ),
+    ] = 5000,
     format: Annotated[str, typer.Option("--format", help="text or json (on stdout).")] = "text",
     report: Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")] = None,
     client_account: ClientOpt = None,
@@ -292,8 +354,10 @@ def backfill(
     fmt = parse_choice(format, "--format", ("text", "json"))
     check_output_path(report, "--report")
     opts = backfilling.Options(
-        window_seconds=parse_window(window), batch_size=check_bound(batch_size, "--batch-size", MAX_BATCH_SIZE),
-        create_missing_masters=create_missing_masters, dry_run=dry_run,
+        window_seconds=parse_window(window),
+        batch_size=check_bound(batch_size, "--batch-size", MAX_BATCH_SIZE),
+        create_missing_masters=create_missing_masters,
+        dry_run=dry_run,
         client_account=parse_uuid(client_account, "--client-account"),
         engagement=parse_uuid(engagement, "--engagement"),
     )
@@ -306,8 +370,13 @@ def backfill(
     console = Console(stderr=True, force_terminal=None if fmt == "text" else False)
     result = run_async(settings, lambda engine: backfill_with_progress(engine, settings, opts, console))
     if report is not None:
-        write_output(result.to_json(), report, committed="" if result.dry_run else (
-            f"backfill run {result.run_id} was committed (flowfix undo {result.run_id} reverts it)"))
+        write_output(
+            result.to_json(),
+            report,
+            committed=""
+            if result.dry_run
+            else (f"backfill run {result.run_id} was committed (flowfix undo {result.run_id} reverts it)"),
+        )
     if fmt == "json":
         typer.echo(result.to_json())
     else:
@@ -317,18 +386,25 @@ def backfill(
 
 def backfill_summary(result: backfilling.Result) -> str:
     c = result.counts
-    head = "backfill plan (dry run: nothing changed)" if result.dry_run else (
-        f"backfill run {result.run_id}{' (resumed an interrupted run)' if result.resumed else ''}")
+    head = (
+        "backfill plan (dry run: nothing changed)"
+        if result.dry_run
+        else (f"backfill run {result.run_id}{' (resumed an interrupted run)' if result.resumed else ''}")
+    )
     lines = [head, f"  window: {result.window_seconds:g} s"]
     verb = "would link" if result.dry_run else "linked"
     if result.dry_run:
-        lines += [f"  {verb}: {c['planned_discovery_flows']:,} discovery flows"
-                  f" ({c['planned_masters_created']:,} with a new master), {c['planned_data_imports']:,} imports,"
-                  f" {c['planned_raw_import_records']:,} records"]
+        lines += [
+            f"  {verb}: {c['planned_discovery_flows']:,} discovery flows"
+            f" ({c['planned_masters_created']:,} with a new master), {c['planned_data_imports']:,} imports,"
+            f" {c['planned_raw_import_records']:,} records"
+        ]
     else:
-        lines += [f"  {verb}: {c.get('discovery_flows', 0):,} discovery flows ({c.get('masters_created', 0):,} masters"
-                  f" created), {c.get('data_imports', 0):,} imports, {c.get('raw_import_records', 0):,} records"
-                  f" in {c['batches']} batches (longest {c['longest_batch_ms']} ms)"]
+        lines += [
+            f"  {verb}: {c.get('discovery_flows', 0):,} discovery flows ({c.get('masters_created', 0):,} masters"
+            f" created), {c.get('data_imports', 0):,} imports, {c.get('raw_import_records', 0):,} records"
+            f" in {c['batches']} batches (longest {c['longest_batch_ms']} ms)"
+        ]
         if c.get("skipped"):
             lines.append(f"  skipped {c['skipped']} planned links: the rows changed since planning")
     evidence = result.plan.import_evidence()
@@ -349,7 +425,9 @@ def backfill_summary(result: backfilling.Result) -> str:
 
 @app.command()
 def demo(
-    size: Annotated[int, typer.Option("--size", min=20, max=100_000, help="Imports in the demo dataset (10 records each).")] = 300,
+    size: Annotated[
+        int, typer.Option("--size", min=20, max=100_000, help="Imports in the demo dataset (10 records each).")
+    ] = 300,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the embedded server's data directory afterwards.")] = False,
 ) -> None:
     """Walk the whole runbook on a throwaway embedded PostgreSQL with a broken dataset.
@@ -405,8 +483,10 @@ def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert
     if report.already_undone:
         typer.echo(f"run {target} was already undone: nothing to do")
         return
-    typer.echo(f"undid run {target}: {report.reverted} values reverted, {len(report.skipped)} left alone "
-               f"(changed since), {report.deleted_masters} created masters deleted; recorded as run {report.undo_run_id}")
+    typer.echo(
+        f"undid run {target}: {report.reverted} values reverted, {len(report.skipped)} left alone "
+        f"(changed since), {report.deleted_masters} created masters deleted; recorded as run {report.undo_run_id}"
+    )
     for skipped in report.skipped:
         typer.echo(f"  kept {skipped['table']} {skipped['id']}: {skipped['reason']}")
 
@@ -423,8 +503,10 @@ def runs(limit: Annotated[int, typer.Option("--limit", min=1, help="How many run
 
     for run in run_async(settings, work):
         finished = run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
-        typer.echo(f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
-                   f"  {finished}  {json.dumps(run.counts, sort_keys=True)}")
+        typer.echo(
+            f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
+            f"  {finished}  {json.dumps(run.counts, sort_keys=True)}"
+        )
 
 
 def main() -> None:

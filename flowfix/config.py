@@ -44,9 +44,23 @@ _DIGITS_RE = re.compile(r"^[0-9]{1,9}$", re.ASCII)
 SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 #: Query parameters passed on to asyncpg, which reads them as libpq does.
-DRIVER_PARAMETERS = ("host", "port", "dbname", "user", "passfile", "sslmode", "sslrootcert", "sslcert", "sslkey",
-                     "sslcrl", "sslpassword", "ssl_min_protocol_version", "ssl_max_protocol_version",
-                     "target_session_attrs", "service")
+DRIVER_PARAMETERS = (
+    "host",
+    "port",
+    "dbname",
+    "user",
+    "passfile",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "sslpassword",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "target_session_attrs",
+    "service",
+)
 #: Query parameters flowfix turns into connection arguments itself.
 OWN_PARAMETERS = ("password", "application_name", "connect_timeout", "options")
 #: Environment variables that describe a connection without DATABASE_URL (as for psql).
@@ -68,7 +82,7 @@ def parse_database_url(raw: str) -> URL:
     if scheme not in SCHEMES:
         shown = scheme if len(scheme) <= 40 else scheme[:40] + "..."
         raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL (postgresql://...), not '{shown}://'")
-    parts = urllib.parse.urlsplit("postgresql" + raw[len(scheme):])
+    parts = urllib.parse.urlsplit("postgresql" + raw[len(scheme) :])
     userinfo, at, hostport = parts.netloc.rpartition("@")
     username, colon, password = userinfo.partition(":") if at else ("", "", "")
     host, port = _host_and_port(hostport)
@@ -79,8 +93,10 @@ def parse_database_url(raw: str) -> URL:
     params: dict[str, str] = {}
     for name, value in query:
         if name not in DRIVER_PARAMETERS and name not in OWN_PARAMETERS:
-            raise ConfigError(f"DATABASE_URL parameter '{name[:40]}' is not supported; use one of "
-                              f"{', '.join(sorted(DRIVER_PARAMETERS + OWN_PARAMETERS))}")
+            raise ConfigError(
+                f"DATABASE_URL parameter '{name[:40]}' is not supported; use one of "
+                f"{', '.join(sorted(DRIVER_PARAMETERS + OWN_PARAMETERS))}"
+            )
         if name in params:
             raise ConfigError(f"DATABASE_URL parameter '{name}' is given twice")
         params[name] = value
@@ -101,7 +117,7 @@ def parse_database_url(raw: str) -> URL:
 def _host_and_port(hostport: str) -> tuple[str | None, int | None]:
     if hostport.startswith("["):  # an IPv6 address
         end = hostport.find("]")
-        host, rest = hostport[1:end], hostport[end + 1:]
+        host, rest = hostport[1:end], hostport[end + 1 :]
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port_text = hostport.partition(":")
@@ -118,8 +134,9 @@ def _check_parameters(params: dict[str, str]) -> None:
     if "connect_timeout" in params:
         value = params["connect_timeout"]
         if not _DIGITS_RE.match(value) or not 1 <= int(value) <= MAX_CONNECT_TIMEOUT_S:
-            raise ConfigError(f"DATABASE_URL connect_timeout '{value[:20]}' must be whole seconds from 1 to"
-                              f" {MAX_CONNECT_TIMEOUT_S}")
+            raise ConfigError(
+                f"DATABASE_URL connect_timeout '{value[:20]}' must be whole seconds from 1 to {MAX_CONNECT_TIMEOUT_S}"
+            )
     if "port" in params:
         _host_and_port(":" + params["port"])
     if "options" in params:
@@ -138,9 +155,7 @@ def server_options(options: str) -> dict[str, str]:
         word = words[i]
         if word == "-c" and i + 1 < len(words):
             setting, i = words[i + 1], i + 2
-        elif word.startswith("-c") and len(word) > 2:
-            setting, i = word[2:], i + 1
-        elif word.startswith("--") and "=" in word:
+        elif (word.startswith("-c") and len(word) > 2) or (word.startswith("--") and "=" in word):
             setting, i = word[2:], i + 1
         else:
             raise ConfigError(f"DATABASE_URL options: '{word[:40]}' is not a -c name=value setting")
@@ -191,8 +206,12 @@ class ConnectArgs:
     server_settings: dict[str, str] = field(default_factory=dict)
 
     def kwargs(self) -> dict[str, Any]:
-        return {"dsn": self.dsn, "password": self.password, "timeout": self.timeout,
-                "server_settings": self.server_settings}
+        return {
+            "dsn": self.dsn,
+            "password": self.password,
+            "timeout": self.timeout,
+            "server_settings": self.server_settings,
+        }
 
 
 def connect_args(url: URL, schema: str) -> ConnectArgs:
@@ -227,8 +246,9 @@ def validate_lock_timeout(value: str) -> str:
     ms = int(match.group(1)) * (1 if match.group(2) == "ms" else 1000) if match else 0
     if not match or ms > MAX_LOCK_TIMEOUT_MS:
         shown = value if len(value) <= 20 else value[:20] + "..."
-        raise ConfigError(f"FLOWFIX_LOCK_TIMEOUT '{shown}' must look like 500ms or 2s, at most"
-                          f" {MAX_LOCK_TIMEOUT_MS // 1000}s")
+        raise ConfigError(
+            f"FLOWFIX_LOCK_TIMEOUT '{shown}' must look like 500ms or 2s, at most {MAX_LOCK_TIMEOUT_MS // 1000}s"
+        )
     return value
 
 

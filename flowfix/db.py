@@ -36,8 +36,7 @@ def make_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     async def connect() -> Any:
         return await asyncpg.connect(**args.kwargs())
 
-    return create_async_engine(URL.create("postgresql+asyncpg"), async_creator=connect, pool_pre_ping=True,
-                               **kwargs)
+    return create_async_engine(URL.create("postgresql+asyncpg"), async_creator=connect, pool_pre_ping=True, **kwargs)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

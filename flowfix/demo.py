@@ -104,8 +104,11 @@ class Narrator:
     def title(self, text_: str) -> None:
         self.step += 1
         elapsed = time.perf_counter() - self.started
-        self.console.print(f"\n[bold]{self.step}. {text_}[/bold]  ({elapsed:.1f} s)" if self.console.is_terminal
-                           else f"\n{self.step}. {text_}  ({elapsed:.1f} s)")
+        self.console.print(
+            f"\n[bold]{self.step}. {text_}[/bold]  ({elapsed:.1f} s)"
+            if self.console.is_terminal
+            else f"\n{self.step}. {text_}  ({elapsed:.1f} s)"
+        )
 
     def say(self, text_: str) -> None:
         self.console.print(f"   {text_}", markup=False)
@@ -159,8 +162,10 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         schema.upgrade(settings, "fix_master_flow_fk")
         quarantined = _scalar(settings, "SELECT count(*) FROM flowfix_quarantine")
         translated = _scalar(settings, "SELECT count(*) FROM flowfix_translations WHERE old_value <> new_value")
-        n.say(f"done in {time.perf_counter() - t0:.1f} s: {translated} links translated from master id to flow_id,"
-              f" {quarantined} dangling values moved to flowfix_quarantine")
+        n.say(
+            f"done in {time.perf_counter() - t0:.1f} s: {translated} links translated from master id to flow_id,"
+            f" {quarantined} dangling values moved to flowfix_quarantine"
+        )
 
         opts = backfill.Options(window_seconds=7200, create_missing_masters=True)
         n.title("flowfix backfill --window 2h --create-missing-masters --dry-run")
@@ -170,16 +175,20 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         n.title("flowfix backfill --window 2h --create-missing-masters")
         done = run_with_engine(settings, lambda e: backfill_with_progress(e, settings, opts, n.console))
         c = done.counts
-        n.say(f"run {done.run_id}: {c['discovery_flows']} discovery flows ({c['masters_created']} masters created),"
-              f" {c['data_imports']} imports, {c['raw_import_records']:,} records linked in {c['batches']} batches"
-              f" (longest {c['longest_batch_ms']} ms)")
+        n.say(
+            f"run {done.run_id}: {c['discovery_flows']} discovery flows ({c['masters_created']} masters created),"
+            f" {c['data_imports']} imports, {c['raw_import_records']:,} records linked in {c['batches']} batches"
+            f" (longest {c['longest_batch_ms']} ms)"
+        )
 
         n.title(f"flowfix undo {done.run_id}, then backfill again (undo is exact, a rerun is identical)")
         undone = run_with_engine(settings, lambda e: _undo(e, uuid.UUID(done.run_id)))
         n.say(f"undo: {undone.reverted:,} values reverted, {undone.deleted_masters} created masters deleted")
         again = run_with_engine(settings, lambda e: backfill_with_progress(e, settings, opts, n.console))
-        n.say(f"backfill again: run {again.run_id}, {again.counts['data_imports']} imports,"
-              f" {again.counts['raw_import_records']:,} records linked")
+        n.say(
+            f"backfill again: run {again.run_id}, {again.counts['data_imports']} imports,"
+            f" {again.counts['raw_import_records']:,} records linked"
+        )
 
         n.title("flowfix validate")
         n.report(_validate(settings))
@@ -188,7 +197,12 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         ties = [a for a in again.plan.ambiguous if a.table == "data_imports"]
         for number, item in enumerate(ties):
             chosen = uuid.UUID(item.candidates[0])
-            run_id, result = run_with_engine(settings, lambda e, i=item, f=chosen: _link(e, uuid.UUID(i.id), f))
+            import_id = uuid.UUID(item.id)
+
+            async def link_one(e: Any, i: uuid.UUID = import_id, f: uuid.UUID = chosen) -> Any:
+                return await _link(e, i, f)
+
+            run_id, result = run_with_engine(settings, link_one)
             if number < 3:
                 n.say(f"import {item.id} -> flow {chosen} ({result.records_linked} records), run {run_id}")
         if len(ties) > 3:
@@ -234,10 +248,14 @@ async def _link(engine, import_id: uuid.UUID, flow_id: uuid.UUID):  # type: igno
 def _summarise_plan(n: Narrator, result: backfill.Result) -> None:
     c = result.counts
     evidence = ", ".join(f"{k} {v}" for k, v in result.plan.import_evidence().items())
-    n.say(f"would link {c['planned_discovery_flows']} discovery flows ({c['planned_masters_created']} new masters),"
-          f" {c['planned_data_imports']} imports ({evidence}), {c['planned_raw_import_records']:,} records")
+    n.say(
+        f"would link {c['planned_discovery_flows']} discovery flows ({c['planned_masters_created']} new masters),"
+        f" {c['planned_data_imports']} imports ({evidence}), {c['planned_raw_import_records']:,} records"
+    )
     reasons: dict[str, int] = {}
-    for item in [*result.plan.ambiguous, *result.plan.unmatched]:
-        reasons[f"{item.table}: {item.reason}"] = reasons.get(f"{item.table}: {item.reason}", 0) + 1
+    for table, reason in [(a.table, a.reason) for a in result.plan.ambiguous] + [
+        (u.table, u.reason) for u in result.plan.unmatched
+    ]:
+        reasons[f"{table}: {reason}"] = reasons.get(f"{table}: {reason}", 0) + 1
     for reason, count in sorted(reasons.items()):
         n.say(f"{count:>4} x {reason}")

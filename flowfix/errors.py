@@ -52,23 +52,20 @@ DEADLOCK_DETECTED = "40P01"
 
 #: SQLSTATE (or its two-character class) -> what it means for the operator.
 SQLSTATE_MESSAGES: dict[str, str] = {
-    "28": "the server refused the login ({detail}): check the user and password (DATABASE_URL, PGPASSWORD,"
-          " ~/.pgpass)",
+    "28": "the server refused the login ({detail}): check the user and password (DATABASE_URL, PGPASSWORD, ~/.pgpass)",
     "3D000": "{detail}: check the database name in DATABASE_URL",
     "42501": "permission denied ({detail}): run flowfix as a role that may do this (the tables' owner for"
-             " upgrade and downgrade; SELECT, INSERT and UPDATE on the four tables and the ledger for backfill,"
-             " link and undo; SELECT for validate and status)",
+    " upgrade and downgrade; SELECT, INSERT and UPDATE on the four tables and the ledger for backfill,"
+    " link and undo; SELECT for validate and status)",
     "25006": "the database is read-only ({detail}): it is a replica, in recovery, or"
-             " default_transaction_read_only is on; run flowfix against the primary",
+    " default_transaction_read_only is on; run flowfix against the primary",
     LOCK_NOT_AVAILABLE: "gave up waiting for a lock ({detail}): a long transaction holds it (see"
-                        " pg_stat_activity); run the command again later, or raise FLOWFIX_LOCK_TIMEOUT",
-    DEADLOCK_DETECTED: "a deadlock with another session was broken by the server ({detail}): run the command"
-                       " again",
+    " pg_stat_activity); run the command again later, or raise FLOWFIX_LOCK_TIMEOUT",
+    DEADLOCK_DETECTED: "a deadlock with another session was broken by the server ({detail}): run the command again",
     "57014": "the server cancelled a statement ({detail}): statement_timeout (set for this role or database)"
-             " is shorter than the step needs, or someone cancelled it; raise it for flowfix's role and rerun",
+    " is shorter than the step needs, or someone cancelled it; raise it for flowfix's role and rerun",
     "25P03": "the server closed an idle transaction ({detail}): idle_in_transaction_session_timeout; rerun",
-    "57P01": "the server ended flowfix's session ({detail}: pg_terminate_backend or a shutdown); rerun when"
-             " it is back",
+    "57P01": "the server ended flowfix's session ({detail}: pg_terminate_backend or a shutdown); rerun when it is back",
     "57P02": "the server crashed and ended flowfix's session ({detail}); rerun when it is back",
     "57P03": "the server is not accepting connections yet ({detail}); rerun when it is up",
     "53": "the server is out of a resource ({detail}); rerun when it has recovered",
@@ -117,9 +114,20 @@ def is_connect_failure(exc: BaseException) -> bool:
     code = sqlstate(exc)
     if code is not None:
         return code[:2] in ("08", "28") or code in ("3D000", "57P01", "57P02", "57P03")
-    return any(isinstance(cur, (OSError, TimeoutError, socket.gaierror, asyncpg.InterfaceError,
-                                asyncpg.ClientConfigurationError, ConnectionError))
-               for cur in _chain(exc))
+    return any(
+        isinstance(
+            cur,
+            (
+                OSError,
+                TimeoutError,
+                socket.gaierror,
+                asyncpg.InterfaceError,
+                asyncpg.ClientConfigurationError,
+                ConnectionError,
+            ),
+        )
+        for cur in _chain(exc)
+    )
 
 
 def translate(exc: BaseException, where: str = "") -> FlowfixError | None:
@@ -134,8 +142,10 @@ def translate(exc: BaseException, where: str = "") -> FlowfixError | None:
     detail = _detail(exc)
     lost = (ConnectionResetError, BrokenPipeError, asyncpg.ConnectionDoesNotExistError)
     if any(isinstance(cur, lost) or "connection is closed" in str(cur) for cur in _chain(exc)):
-        return DatabaseUnavailable(f"lost the connection to {where or 'the database'} ({detail}); what was"
-                                   " committed stays: rerun when the server is back")
+        return DatabaseUnavailable(
+            f"lost the connection to {where or 'the database'} ({detail}); what was"
+            " committed stays: rerun when the server is back"
+        )
     if code is not None:
         template = SQLSTATE_MESSAGES.get(code) or SQLSTATE_MESSAGES.get(code[:2])
         if template is not None:

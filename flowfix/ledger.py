@@ -17,11 +17,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-Executor = AsyncConnection | AsyncSession
-
 from flowfix import catalog
 from flowfix.errors import FlowfixError
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
+
+Executor = AsyncConnection | AsyncSession
 
 #: One advisory lock for every run that changes links: backfill, link, undo.
 ADVISORY_LOCK_KEY = "flowfix.runs"
@@ -84,47 +84,74 @@ async def require_ledger(conn: Executor) -> None:
 
 async def try_lock(conn: Executor) -> None:
     """Take the per-database run lock for this transaction, or fail at once."""
-    got = (await conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"),
-                              {"k": ADVISORY_LOCK_KEY})).scalar_one()
+    got = (
+        await conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": ADVISORY_LOCK_KEY})
+    ).scalar_one()
     if not got:
         raise RunLocked("another flowfix run (backfill, link or undo) is in progress on this database; try again later")
 
 
 async def start_run(conn: Executor, command: str, arguments: dict[str, Any]) -> uuid.UUID:
-    return (await conn.execute(
-        text("INSERT INTO flowfix_runs (command, arguments) VALUES (:c, CAST(:a AS jsonb)) RETURNING id"),
-        {"c": command, "a": json.dumps(arguments, default=str)})).scalar_one()
+    run_id: uuid.UUID = (
+        await conn.execute(
+            text("INSERT INTO flowfix_runs (command, arguments) VALUES (:c, CAST(:a AS jsonb)) RETURNING id"),
+            {"c": command, "a": json.dumps(arguments, default=str)},
+        )
+    ).scalar_one()
+    return run_id
 
 
 async def record(conn: Executor, run_id: uuid.UUID, changes: list[Change]) -> None:
     if not changes:
         return
     await conn.execute(
-        text("INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value,"
-             " evidence, distance_seconds, applied_at) VALUES (:run, :t, :r, :c, :o, :n, :e, :d, now())"),
-        [{"run": run_id, "t": c.table, "r": c.row_id, "c": c.column, "o": c.old_value, "n": c.new_value,
-          "e": c.evidence, "d": c.distance_seconds} for c in changes])
+        text(
+            "INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value,"
+            " evidence, distance_seconds, applied_at) VALUES (:run, :t, :r, :c, :o, :n, :e, :d, now())"
+        ),
+        [
+            {
+                "run": run_id,
+                "t": c.table,
+                "r": c.row_id,
+                "c": c.column,
+                "o": c.old_value,
+                "n": c.new_value,
+                "e": c.evidence,
+                "d": c.distance_seconds,
+            }
+            for c in changes
+        ],
+    )
 
 
 async def finish_run(conn: Executor, run_id: uuid.UUID, status: str, counts: dict[str, Any]) -> None:
     await conn.execute(
         text("UPDATE flowfix_runs SET status = :s, counts = CAST(:c AS jsonb), finished_at = now() WHERE id = :id"),
-        {"s": status, "c": json.dumps(counts), "id": run_id})
+        {"s": status, "c": json.dumps(counts), "id": run_id},
+    )
 
 
 async def list_runs(conn: Executor, limit: int = 20) -> list[RunInfo]:
     await require_ledger(conn)
-    rows = (await conn.execute(text(
-        "SELECT id, command, status, arguments, counts, started_at, finished_at FROM flowfix_runs"
-        " ORDER BY started_at DESC, id LIMIT :n"), {"n": limit})).mappings()
+    rows = (
+        await conn.execute(
+            text(
+                "SELECT id, command, status, arguments, counts, started_at, finished_at FROM flowfix_runs"
+                " ORDER BY started_at DESC, id LIMIT :n"
+            ),
+            {"n": limit},
+        )
+    ).mappings()
     return [RunInfo(**row) for row in rows]
 
 
 async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
     """Revert ``run_id`` inside the caller's transaction (which holds the run lock)."""
     await require_ledger(conn)
-    run = (await conn.execute(text("SELECT command, status FROM flowfix_runs WHERE id = :id FOR UPDATE"),
-                              {"id": run_id})).one_or_none()
+    run = (
+        await conn.execute(text("SELECT command, status FROM flowfix_runs WHERE id = :id FOR UPDATE"), {"id": run_id})
+    ).one_or_none()
     if run is None:
         raise UnknownRun(f"no flowfix run with id {run_id} (see `flowfix runs`)")
     if run.status == "undone":
@@ -132,29 +159,40 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
 
     undo_run = await start_run(conn, "undo", {"run_id": str(run_id)})
     report = UndoReport(run_id=run_id, undo_run_id=undo_run)
-    changes = (await conn.execute(text(
-        "SELECT id, table_name, row_id, column_name, old_value, new_value, row_ids FROM flowfix_changes"
-        " WHERE run_id = :id AND applied_at IS NOT NULL AND undone_at IS NULL ORDER BY id DESC"),
-        {"id": run_id})).all()
+    changes = (
+        await conn.execute(
+            text(
+                "SELECT id, table_name, row_id, column_name, old_value, new_value, row_ids FROM flowfix_changes"
+                " WHERE run_id = :id AND applied_at IS NOT NULL AND undone_at IS NULL ORDER BY id DESC"
+            ),
+            {"id": run_id},
+        )
+    ).all()
     for ch in changes:
         if ch.column_name == CREATED_ROW:
             continue  # created rows go last, once nothing the run linked points at them
         if (ch.table_name, ch.column_name) not in UNDOABLE_COLUMNS:
-            raise FlowfixError(f"ledger change {ch.id} names {ch.table_name}.{ch.column_name}, which undo does not touch")
+            raise FlowfixError(
+                f"ledger change {ch.id} names {ch.table_name}.{ch.column_name}, which undo does not touch"
+            )
         # one change may stand for many rows (a batch of an import's records): row_ids
         rows = list(ch.row_ids) if ch.row_ids is not None else [ch.row_id]
         result = await conn.execute(
-            text(f"UPDATE {ch.table_name} SET master_flow_id = :old"
-                 " WHERE id = ANY(:rows) AND master_flow_id IS NOT DISTINCT FROM :new"),
-            {"old": ch.old_value, "new": ch.new_value, "rows": rows})
-        reverted, expected = result.rowcount, len(rows)
+            text(
+                f"UPDATE {ch.table_name} SET master_flow_id = :old"
+                " WHERE id = ANY(:rows) AND master_flow_id IS NOT DISTINCT FROM :new"
+            ),
+            {"old": ch.old_value, "new": ch.new_value, "rows": rows},
+        )
+        reverted, expected = result.rowcount, len(rows)  # type: ignore[attr-defined]
         report.reverted += reverted
         if reverted:
             await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
         if reverted < expected:
             what = f"{expected - reverted} of its records" if ch.row_ids is not None else "it"
-            report.skipped.append({"table": ch.table_name, "id": str(ch.row_id),
-                                   "reason": f"{what} changed since the run"})
+            report.skipped.append(
+                {"table": ch.table_name, "id": str(ch.row_id), "reason": f"{what} changed since the run"}
+            )
     created = [ch for ch in changes if ch.column_name == CREATED_ROW and ch.table_name == MASTER_TABLE]
     if created:
         unreferenced = await _unreferenced_master_sql(conn)
@@ -165,8 +203,12 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
             await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
         else:
             report.kept_masters += 1
-    counts = {"reverted": report.reverted, "skipped": len(report.skipped),
-              "deleted_masters": report.deleted_masters, "kept_masters": report.kept_masters}
+    counts = {
+        "reverted": report.reverted,
+        "skipped": len(report.skipped),
+        "deleted_masters": report.deleted_masters,
+        "kept_masters": report.kept_masters,
+    }
     await finish_run(conn, undo_run, "finished", counts)
     await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
     return report
@@ -176,12 +218,13 @@ async def _unreferenced_master_sql(conn: Executor) -> str:
     """DELETE a master created by a run (``:flow``) only if no row anywhere references it:
     every FK in the database that points at the master table, read from the catalog
     (the application has tables flowfix does not know, some with ON DELETE CASCADE)."""
-    refs = await conn.run_sync(lambda sync: catalog.referencing(sync, MASTER_TABLE))  # type: ignore[arg-type]
+    refs = await conn.run_sync(lambda sync: catalog.referencing(sync, MASTER_TABLE))
     guards = "".join(
         f" AND NOT EXISTS (SELECT 1 FROM {ref.source} x WHERE "
         + " AND ".join(f"x.{col} = m.{target}" for col, target in zip(ref.columns, ref.referenced, strict=True))
         + ")"
-        for ref in refs)
+        for ref in refs
+    )
     return f"DELETE FROM {MASTER_TABLE} m WHERE m.flow_id = :flow{guards} RETURNING m.id"
 
 

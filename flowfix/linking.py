@@ -86,9 +86,14 @@ async def _transaction(session: AsyncSession) -> AsyncIterator[None]:
 
 
 async def _lock_import(session: AsyncSession, data_import_id: uuid.UUID):  # type: ignore[no-untyped-def]
-    row = (await session.execute(text(
-        "SELECT id, client_account_id, engagement_id, master_flow_id FROM data_imports WHERE id = :id FOR UPDATE"),
-        {"id": data_import_id})).one_or_none()
+    row = (
+        await session.execute(
+            text(
+                "SELECT id, client_account_id, engagement_id, master_flow_id FROM data_imports WHERE id = :id FOR UPDATE"
+            ),
+            {"id": data_import_id},
+        )
+    ).one_or_none()
     if row is None:
         raise ImportNotFound(f"data import {data_import_id} does not exist")
     return row
@@ -98,28 +103,40 @@ def _same_tenant(client: uuid.UUID | None, engagement: uuid.UUID | None, context
     return client == context.client_account_id and engagement == context.engagement_id
 
 
-async def _link_records(session: AsyncSession, data_import_id: uuid.UUID, flow_id: uuid.UUID,
-                        client: uuid.UUID, engagement: uuid.UUID) -> list[Change]:
+async def _link_records(
+    session: AsyncSession, data_import_id: uuid.UUID, flow_id: uuid.UUID, client: uuid.UUID, engagement: uuid.UUID
+) -> list[Change]:
     """Point every record of the import at ``flow_id``, in one statement; refuse (and so
     roll everything back) if any record carries another tenant."""
-    foreign = (await session.execute(text(
-        "SELECT id FROM raw_import_records WHERE data_import_id = :i"
-        " AND ((client_account_id IS NOT NULL AND client_account_id <> :c)"
-        "   OR (engagement_id IS NOT NULL AND engagement_id <> :e)) ORDER BY id LIMIT 1"),
-        {"i": data_import_id, "c": client, "e": engagement})).scalar_one_or_none()
+    foreign = (
+        await session.execute(
+            text(
+                "SELECT id FROM raw_import_records WHERE data_import_id = :i"
+                " AND ((client_account_id IS NOT NULL AND client_account_id <> :c)"
+                "   OR (engagement_id IS NOT NULL AND engagement_id <> :e)) ORDER BY id LIMIT 1"
+            ),
+            {"i": data_import_id, "c": client, "e": engagement},
+        )
+    ).scalar_one_or_none()
     if foreign is not None:
         raise TenantMismatch(f"record {foreign} of import {data_import_id} belongs to another tenant")
-    rows = (await session.execute(text(
-        "UPDATE raw_import_records r SET master_flow_id = :f"
-        " FROM raw_import_records old"
-        " WHERE r.id = old.id AND r.data_import_id = :i AND r.master_flow_id IS DISTINCT FROM :f"
-        " RETURNING r.id, old.master_flow_id"), {"f": flow_id, "i": data_import_id})).all()
-    return [Change("raw_import_records", r.id, "master_flow_id", r.master_flow_id, flow_id, "link")
-            for r in rows]
+    rows = (
+        await session.execute(
+            text(
+                "UPDATE raw_import_records r SET master_flow_id = :f"
+                " FROM raw_import_records old"
+                " WHERE r.id = old.id AND r.data_import_id = :i AND r.master_flow_id IS DISTINCT FROM :f"
+                " RETURNING r.id, old.master_flow_id"
+            ),
+            {"f": flow_id, "i": data_import_id},
+        )
+    ).all()
+    return [Change("raw_import_records", r.id, "master_flow_id", r.master_flow_id, flow_id, "link") for r in rows]
 
 
-async def start_discovery_flow(session: AsyncSession, *, data_import_id: uuid.UUID, context: RequestContext,
-                               flow_name: str | None = None) -> uuid.UUID:
+async def start_discovery_flow(
+    session: AsyncSession, *, data_import_id: uuid.UUID, context: RequestContext, flow_name: str | None = None
+) -> uuid.UUID:
     """Create the discovery master flow for an import and link everything to it, atomically.
 
     Locks the import row; if the import is already linked, returns that flow. Creates the
@@ -131,41 +148,74 @@ async def start_discovery_flow(session: AsyncSession, *, data_import_id: uuid.UU
     async with _transaction(session):
         imp = await _lock_import(session, data_import_id)
         if not _same_tenant(imp.client_account_id, imp.engagement_id, context):
-            raise TenantMismatch(f"data import {data_import_id} does not belong to client account "
-                                 f"{context.client_account_id} / engagement {context.engagement_id}")
+            raise TenantMismatch(
+                f"data import {data_import_id} does not belong to client account "
+                f"{context.client_account_id} / engagement {context.engagement_id}"
+            )
         if imp.master_flow_id is not None:
-            return imp.master_flow_id  # the first caller already did the work
+            existing: uuid.UUID = imp.master_flow_id
+            return existing  # the first caller already did the work
         if context.user_id is None:
             required = await session.run_sync(
-                lambda s: {t for t in (MASTER_TABLE, "discovery_flows")
-                           if "user_id" in catalog.required_columns(s, t)})  # type: ignore[arg-type]
+                lambda s: {t for t in (MASTER_TABLE, "discovery_flows") if "user_id" in catalog.required_columns(s, t)}
+            )
             if required:
-                raise MissingValue(f"{' and '.join(sorted(required))}.user_id is NOT NULL on this database:"
-                                   " the request context must carry a user_id")
+                raise MissingValue(
+                    f"{' and '.join(sorted(required))}.user_id is NOT NULL on this database:"
+                    " the request context must carry a user_id"
+                )
         flow_id = uuid.uuid4()
         name = flow_name or f"Discovery Import {data_import_id}"
         # ids are supplied here: the application's own schema has no server default for them
-        await session.execute(text(
-            "INSERT INTO crewai_flow_state_extensions (id, flow_id, client_account_id, engagement_id, user_id,"
-            " flow_type, flow_name, flow_status, flow_configuration, flow_persistence_data)"
-            " VALUES (:id, :f, :c, :e, :u, 'discovery', :n, 'initialized',"
-            " jsonb_build_object('source', 'data_import', 'import_id', CAST(:i AS text)),"
-            " jsonb_build_object('data_import_id', CAST(:i AS text)))"),
-            {"id": uuid.uuid4(), "f": flow_id, "c": context.client_account_id, "e": context.engagement_id,
-             "u": context.user_id, "n": name, "i": str(data_import_id)})
-        await session.execute(text(
-            "INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id,"
-            " engagement_id, user_id, flow_name) VALUES (:id, :f, :f, :i, :c, :e, :u, :n)"),
-            {"id": uuid.uuid4(), "f": flow_id, "i": data_import_id, "c": context.client_account_id,
-             "e": context.engagement_id, "u": context.user_id, "n": name})
-        await session.execute(text("UPDATE data_imports SET master_flow_id = :f, updated_at = now() WHERE id = :i"),
-                              {"f": flow_id, "i": data_import_id})
+        await session.execute(
+            text(
+                "INSERT INTO crewai_flow_state_extensions (id, flow_id, client_account_id, engagement_id, user_id,"
+                " flow_type, flow_name, flow_status, flow_configuration, flow_persistence_data)"
+                " VALUES (:id, :f, :c, :e, :u, 'discovery', :n, 'initialized',"
+                " jsonb_build_object('source', 'data_import', 'import_id', CAST(:i AS text)),"
+                " jsonb_build_object('data_import_id', CAST(:i AS text)))"
+            ),
+            {
+                "id": uuid.uuid4(),
+                "f": flow_id,
+                "c": context.client_account_id,
+                "e": context.engagement_id,
+                "u": context.user_id,
+                "n": name,
+                "i": str(data_import_id),
+            },
+        )
+        await session.execute(
+            text(
+                "INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id,"
+                " engagement_id, user_id, flow_name) VALUES (:id, :f, :f, :i, :c, :e, :u, :n)"
+            ),
+            {
+                "id": uuid.uuid4(),
+                "f": flow_id,
+                "i": data_import_id,
+                "c": context.client_account_id,
+                "e": context.engagement_id,
+                "u": context.user_id,
+                "n": name,
+            },
+        )
+        await session.execute(
+            text("UPDATE data_imports SET master_flow_id = :f, updated_at = now() WHERE id = :i"),
+            {"f": flow_id, "i": data_import_id},
+        )
         await _link_records(session, data_import_id, flow_id, context.client_account_id, context.engagement_id)
         return flow_id
 
 
-async def link_import(session: AsyncSession, *, data_import_id: uuid.UUID, flow_id: uuid.UUID,
-                      context: RequestContext | None = None, force: bool = False) -> LinkResult:
+async def link_import(
+    session: AsyncSession,
+    *,
+    data_import_id: uuid.UUID,
+    flow_id: uuid.UUID,
+    context: RequestContext | None = None,
+    force: bool = False,
+) -> LinkResult:
     """Link an existing import (and its records) to an existing discovery master flow.
 
     The import's tenant must be the master's (and the context's, if given). An import
@@ -174,9 +224,15 @@ async def link_import(session: AsyncSession, *, data_import_id: uuid.UUID, flow_
     """
     async with _transaction(session):
         imp = await _lock_import(session, data_import_id)
-        master = (await session.execute(text(
-            "SELECT flow_id, flow_type, client_account_id, engagement_id FROM crewai_flow_state_extensions"
-            " WHERE flow_id = :f FOR SHARE"), {"f": flow_id})).one_or_none()
+        master = (
+            await session.execute(
+                text(
+                    "SELECT flow_id, flow_type, client_account_id, engagement_id FROM crewai_flow_state_extensions"
+                    " WHERE flow_id = :f FOR SHARE"
+                ),
+                {"f": flow_id},
+            )
+        ).one_or_none()
         if master is None:
             raise FlowNotFound(f"no master flow with flow_id {flow_id}")
         if master.flow_type != "discovery":
@@ -188,20 +244,26 @@ async def link_import(session: AsyncSession, *, data_import_id: uuid.UUID, flow_
             raise TenantMismatch(f"data import {data_import_id} and master flow {flow_id} belong to different tenants")
         result = LinkResult(data_import_id, flow_id)
         if imp.master_flow_id is not None and imp.master_flow_id != flow_id and not force:
-            raise AlreadyLinked(f"data import {data_import_id} is already linked to {imp.master_flow_id};"
-                                " use --force to relink it")
+            raise AlreadyLinked(
+                f"data import {data_import_id} is already linked to {imp.master_flow_id}; use --force to relink it"
+            )
         if imp.master_flow_id != flow_id:
-            await session.execute(text("UPDATE data_imports SET master_flow_id = :f, updated_at = now() WHERE id = :i"),
-                                  {"f": flow_id, "i": data_import_id})
-            result.changes.append(Change("data_imports", data_import_id, "master_flow_id",
-                                         imp.master_flow_id, flow_id, "link"))
-        result.changes += await _link_records(session, data_import_id, flow_id,
-                                              master.client_account_id, master.engagement_id)
+            await session.execute(
+                text("UPDATE data_imports SET master_flow_id = :f, updated_at = now() WHERE id = :i"),
+                {"f": flow_id, "i": data_import_id},
+            )
+            result.changes.append(
+                Change("data_imports", data_import_id, "master_flow_id", imp.master_flow_id, flow_id, "link")
+            )
+        result.changes += await _link_records(
+            session, data_import_id, flow_id, master.client_account_id, master.engagement_id
+        )
         return result
 
 
-async def link_with_ledger(session: AsyncSession, *, data_import_id: uuid.UUID, flow_id: uuid.UUID,
-                           force: bool = False) -> tuple[uuid.UUID | None, LinkResult]:
+async def link_with_ledger(
+    session: AsyncSession, *, data_import_id: uuid.UUID, flow_id: uuid.UUID, force: bool = False
+) -> tuple[uuid.UUID | None, LinkResult]:
     """``flowfix link``: take the run lock, link, and record a ledger run that
     ``flowfix undo`` can revert, all in one transaction. No run is recorded when nothing
     changed (the import was already linked to this flow)."""
@@ -211,10 +273,14 @@ async def link_with_ledger(session: AsyncSession, *, data_import_id: uuid.UUID, 
         result = await link_import(session, data_import_id=data_import_id, flow_id=flow_id, force=force)
         if not result.changes:
             return None, result
-        run_id = await ledger.start_run(session, "link", {"import": str(data_import_id), "flow": str(flow_id),
-                                                          "force": force})
+        run_id = await ledger.start_run(
+            session, "link", {"import": str(data_import_id), "flow": str(flow_id), "force": force}
+        )
         await ledger.record(session, run_id, result.changes)
-        await ledger.finish_run(session, run_id, "finished",
-                                {"data_imports": len(result.changes) - result.records_linked,
-                                 "raw_import_records": result.records_linked})
+        await ledger.finish_run(
+            session,
+            run_id,
+            "finished",
+            {"data_imports": len(result.changes) - result.records_linked, "raw_import_records": result.records_linked},
+        )
         return run_id, result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from alembic import op
 from sqlalchemy import Connection, text
@@ -122,14 +123,15 @@ def in_batches(title: str, table: str, template: str, *, rows: int = BATCH_ROWS)
         return 0
 
     conn = bind()
-    first = text(template.format(table=table, after="TRUE", limit=":limit", into=""))
-    later = text(template.format(table=table, after="id > :after", limit=":limit", into=""))
+    first_stmt = text(template.format(table=table, after="TRUE", limit=":limit", into=""))
+    later_stmt = text(template.format(table=table, after="id > :after", limit=":limit", into=""))
     total = batches = 0
     after = None
     started = time.monotonic()
     with op.get_context().autocommit_block():
         while True:
-            stmt, params = (first, {"limit": rows}) if after is None else (later, {"limit": rows, "after": after})
+            stmt = first_stmt if after is None else later_stmt
+            params: dict[str, Any] = {"limit": rows} if after is None else {"limit": rows, "after": after}
             last_id, changed = conn.execute(stmt, params).one()
             if last_id is None:
                 break
@@ -165,13 +167,14 @@ def as_command_error(exc: BaseException, settings: Settings | None = None) -> Ba
         return exc
     if sqlstate(exc) == REFUSAL_SQLSTATE:
         message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        return CommandError(message[message.find("flowfix: "):].removeprefix("flowfix: "))
+        return CommandError(message[message.find("flowfix: ") :].removeprefix("flowfix: "))
     if is_lock_timeout(exc) and settings is not None:
         attempts = f"{settings.lock_retries + 1} attempt{'s' if settings.lock_retries else ''}"
         return CommandError(
             f"gave up waiting for a table lock ({attempts} of {settings.lock_timeout}): a long-running transaction"
             " holds it (see pg_stat_activity). Steps finished before are kept; run the upgrade again later to"
-            " resume, or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES.")
+            " resume, or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES."
+        )
     translated = translate(exc, mask_url(settings.url) if settings is not None else "")
     if translated is not None:
         return CommandError(str(translated).removeprefix("flowfix: "))
@@ -182,7 +185,8 @@ def quote(name: str) -> str:
     """Quote an identifier read from the catalog (constraint or index name) for DDL."""
     from sqlalchemy.dialects import postgresql
 
-    return postgresql.dialect().identifier_preparer.quote_identifier(name)
+    quoted: str = postgresql.dialect().identifier_preparer.quote_identifier(name)  # type: ignore[no-untyped-call]
+    return quoted
 
 
 def run_or_undo(sql: str, *, undo: str, when_sqlstate: str, message: str) -> None:
@@ -209,4 +213,6 @@ def lint_ignore(rule: str, reason: str) -> None:
     if offline():
         # Written straight to the output: static_output() would add a blank line, and
         # squawk only applies an ignore comment to the statement on the very next line.
-        op.get_context().impl.output_buffer.write(f"-- {reason}\n-- squawk-ignore {rule}\n")
+        buffer = op.get_context().impl.output_buffer
+        assert buffer is not None  # offline: alembic writes the SQL there
+        buffer.write(f"-- {reason}\n-- squawk-ignore {rule}\n")

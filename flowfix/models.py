@@ -126,9 +126,7 @@ class RawImportRecord(Base):
     )
     client_account_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     engagement_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
-    master_flow_id: Mapped[uuid.UUID | None] = mapped_column(
-        Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id"), index=True
-    )
+    master_flow_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey(f"{MASTER_TABLE}.flow_id"), index=True)
     row_number: Mapped[int] = mapped_column(Integer, nullable=False)
     raw_data: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = _created_at()

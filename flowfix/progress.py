@@ -12,8 +12,9 @@ from flowfix import backfill
 from flowfix.config import Settings
 
 
-async def backfill_with_progress(engine: AsyncEngine, settings: Settings, opts: backfill.Options,
-                                 console: Console) -> backfill.Result:
+async def backfill_with_progress(
+    engine: AsyncEngine, settings: Settings, opts: backfill.Options, console: Console
+) -> backfill.Result:
     """Run the backfill, with one bar per table while it links, if ``console`` is a terminal."""
     if not console.is_terminal or opts.dry_run:
         return await backfill.run(engine, settings, opts)

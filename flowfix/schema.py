@@ -2,12 +2,15 @@
 
 The revisions live in the top-level ``alembic/`` folder of the checkout, next to
 ``alembic.ini``; ``alembic upgrade head`` from the checkout and ``flowfix upgrade head``
-run exactly the same code.
+run exactly the same code. An installed wheel carries the same folder as
+``flowfix/_alembic`` (pyproject.toml maps it), and runs it without an ini file.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+from functools import cache
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,16 +22,48 @@ from flowfix.config import Settings
 from flowfix.errors import ConfigError, MigrationError
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "enforce_master_flow_not_null"
-REVISIONS = ("legacy", "fix_master_flow_fk", "enforce_master_flow_not_null")
+CHECKOUT_INI = ROOT / "alembic.ini"
+
+
+def script_location() -> Path:
+    """The revisions: the checkout's ``alembic/`` (next to alembic.ini), else the copy an
+    installed wheel carries."""
+    if CHECKOUT_INI.exists() and (ROOT / "alembic" / "env.py").exists():
+        return ROOT / "alembic"
+    installed = Path(__file__).resolve().parent / "_alembic"
+    if not (installed / "env.py").exists():
+        raise ConfigError(f"flowfix's revisions are missing (looked in {ROOT / 'alembic'} and {installed})")
+    return installed
+
+
+@cache
+def head() -> str:
+    """The head revision, from Alembic's ScriptDirectory (not a constant to keep in step)."""
+    from alembic.script import ScriptDirectory
+
+    found = ScriptDirectory(str(script_location())).get_current_head()
+    assert found is not None
+    return found
 
 
 def alembic_config(settings: Settings, *, output: TextIO | None = None, quiet: bool = True) -> Config:
-    ini = ROOT / "alembic.ini"
-    if not ini.exists():
-        raise ConfigError(f"alembic.ini not found next to the flowfix package ({ROOT}); install with pip install -e")
-    cfg = Config(str(ini), output_buffer=output or io.StringIO())
-    cfg.set_main_option("script_location", str(ROOT / "alembic"))
+    location = script_location()
+    if location.parent == ROOT:
+        cfg = Config(str(CHECKOUT_INI), output_buffer=output or io.StringIO())
+    else:  # installed: no ini file; the same logging as alembic.ini sets up
+        cfg = Config(output_buffer=output or io.StringIO())
+        cfg.set_main_option("path_separator", "os")
+        if not quiet:
+            from flowfix.logs import StderrHandler
+
+            handler = StderrHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)-5.5s [%(name)s] %(message)s"))
+            for name in ("alembic", "flowfix"):
+                logger = logging.getLogger(name)
+                logger.setLevel(logging.INFO)
+                if not logger.handlers:
+                    logger.addHandler(handler)
+    cfg.set_main_option("script_location", str(location))
     cfg.attributes["settings"] = settings
     cfg.attributes["skip_logging_config"] = quiet
     return cfg
@@ -41,7 +76,7 @@ def check_revision(revision: str, *, sql: bool) -> None:
 
     if ":" in revision and not sql:
         raise MigrationError(f"Range revision not allowed: '{revision}' (ranges are for --sql)")
-    script = ScriptDirectory(str(ROOT / "alembic"))
+    script = ScriptDirectory(str(script_location()))
     for part in revision.split(":"):
         if part in ("", "base", "head", "heads") or part.startswith(("+", "-")) or "@" in part:
             continue
@@ -83,11 +118,13 @@ def _run(settings: Settings, fn: Any, *args: object, sql: bool = False, **kwargs
         raise MigrationError(message) from None
 
 
-def upgrade(settings: Settings, revision: str = "head", *, sql: bool = False,
-            output: TextIO | None = None, quiet: bool = True) -> None:
+def upgrade(
+    settings: Settings, revision: str = "head", *, sql: bool = False, output: TextIO | None = None, quiet: bool = True
+) -> None:
     _run(settings, command.upgrade, alembic_config(settings, output=output, quiet=quiet), revision, sql=sql)
 
 
-def downgrade(settings: Settings, revision: str, *, sql: bool = False,
-              output: TextIO | None = None, quiet: bool = True) -> None:
+def downgrade(
+    settings: Settings, revision: str, *, sql: bool = False, output: TextIO | None = None, quiet: bool = True
+) -> None:
     _run(settings, command.downgrade, alembic_config(settings, output=output, quiet=quiet), revision, sql=sql)

@@ -25,7 +25,7 @@ from flowfix.config import VERSION_TABLE, Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError
 from flowfix.models import CHILD_TABLES, MASTER_TABLE, TENANT_SCOPE
-from flowfix.schema import HEAD
+from flowfix.schema import head
 
 Status = Literal["pass", "warn", "fail"]
 FailOn = Literal["error", "warn"]
@@ -35,14 +35,12 @@ FailOn = Literal["error", "warn"]
 #: first reduced to one row per flow_id.
 MASTERS_UNIQUE = MASTER_TABLE
 MASTERS_DEDUPED = (
-    "(SELECT DISTINCT ON (flow_id) flow_id, client_account_id, engagement_id"
-    f" FROM {MASTER_TABLE} ORDER BY flow_id, id)"
+    f"(SELECT DISTINCT ON (flow_id) flow_id, client_account_id, engagement_id FROM {MASTER_TABLE} ORDER BY flow_id, id)"
 )
 
 
 TENANT_DIFFERS = (
-    "m.flow_id IS NOT NULL AND (t.client_account_id <> m.client_account_id"
-    " OR t.engagement_id <> m.engagement_id)"
+    "m.flow_id IS NOT NULL AND (t.client_account_id <> m.client_account_id OR t.engagement_id <> m.engagement_id)"
 )
 
 
@@ -59,13 +57,20 @@ class RowCheck:
 
 ROW_CHECKS: tuple[RowCheck, ...] = (
     *(RowCheck(f"{t}.orphaned", t, "t.master_flow_id IS NULL", "fail") for t in CHILD_TABLES),
-    *(RowCheck(f"{t}.dangling", t, "t.master_flow_id IS NOT NULL AND m.flow_id IS NULL", "fail")
-      for t in CHILD_TABLES),
+    *(RowCheck(f"{t}.dangling", t, "t.master_flow_id IS NOT NULL AND m.flow_id IS NULL", "fail") for t in CHILD_TABLES),
     *(RowCheck("tenant_mismatch", t, TENANT_DIFFERS, "fail") for t in CHILD_TABLES),
-    RowCheck("record_import_disagreement", "raw_import_records",
-             "t.master_flow_id IS NOT NULL AND t.master_flow_id IS DISTINCT FROM i.master_flow_id", "fail"),
-    RowCheck("discovery_flow_identity", "discovery_flows",
-             "t.master_flow_id IS NOT NULL AND t.master_flow_id <> t.flow_id", "warn"),
+    RowCheck(
+        "record_import_disagreement",
+        "raw_import_records",
+        "t.master_flow_id IS NOT NULL AND t.master_flow_id IS DISTINCT FROM i.master_flow_id",
+        "fail",
+    ),
+    RowCheck(
+        "discovery_flow_identity",
+        "discovery_flows",
+        "t.master_flow_id IS NOT NULL AND t.master_flow_id <> t.flow_id",
+        "warn",
+    ),
 )
 
 #: The order checks are reported in.
@@ -96,8 +101,10 @@ def count_sql(table: str, checks: Sequence[RowCheck], masters: str) -> str:
 
 
 def sample_sql(check: RowCheck, masters: str) -> str:
-    return (f"SELECT t.id FROM {_from(check.table, masters)}\n"
-            f"WHERE {TENANT_SCOPE} AND ({check.predicate})\nORDER BY t.id LIMIT :limit")
+    return (
+        f"SELECT t.id FROM {_from(check.table, masters)}\n"
+        f"WHERE {TENANT_SCOPE} AND ({check.predicate})\nORDER BY t.id LIMIT :limit"
+    )
 
 
 @dataclass
@@ -179,7 +186,9 @@ async def _row_checks(conn: AsyncConnection, opts: Options, masters: str) -> dic
         samples: list[str] = []
         for check, n in parts:
             if n and opts.samples:
-                ids = (await conn.execute(text(sample_sql(check, masters)), {**params, "limit": opts.samples})).scalars()
+                ids = (
+                    await conn.execute(text(sample_sql(check, masters)), {**params, "limit": opts.samples})
+                ).scalars()
                 prefix = f"{check.table}:" if len(parts) > 1 else ""
                 samples += [f"{prefix}{i}" for i in ids]
         severity = parts[0][0].severity
@@ -217,15 +226,23 @@ def _schema_checks(conn, revision: str | None) -> list[Check]:  # type: ignore[n
             what = ", ".join(wrong) if wrong else "no foreign key"
             checks.append(Check(f"fk.{table}", "fail", 0, [], f"{what}; expected -> {MASTER_TABLE}(flow_id)"))
     nullable = catalog.columns(conn, ["discovery_flows"]).get("discovery_flows", {}).get("master_flow_id", True)
-    checks.append(Check("discovery_flows.not_null", "warn" if nullable else "pass", 0, [],
-                        "master_flow_id is nullable (until enforce_master_flow_not_null)" if nullable
-                        else "master_flow_id is NOT NULL"))
+    checks.append(
+        Check(
+            "discovery_flows.not_null",
+            "warn" if nullable else "pass",
+            0,
+            [],
+            "master_flow_id is nullable (until enforce_master_flow_not_null)"
+            if nullable
+            else "master_flow_id is NOT NULL",
+        )
+    )
     if revision is None:
         checks.append(Check("revision", "fail", 0, [], f"no flowfix revision recorded ({VERSION_TABLE})"))
-    elif revision != HEAD:
-        checks.append(Check("revision", "warn", 0, [], f"at {revision}; head is {HEAD}"))
+    elif revision != head():
+        checks.append(Check("revision", "warn", 0, [], f"at {revision}; head is {head()}"))
     else:
-        checks.append(Check("revision", "pass", 0, [], f"at head ({HEAD})"))
+        checks.append(Check("revision", "pass", 0, [], f"at head ({head()})"))
     return checks
 
 
@@ -234,8 +251,13 @@ def _rls_check(conn, allow: bool) -> Check:  # type: ignore[no-untyped-def]
     if not hidden:
         return Check("rls_visibility", "pass", 0, [], "every row is visible to this role")
     message = f"row-level security may hide rows from this role on: {', '.join(hidden)}; counts may be partial"
-    return Check("rls_visibility", "warn" if allow else "fail", len(hidden), hidden,
-                 message + (" (accepted with --allow-rls)" if allow else "; use a role that bypasses RLS, or --allow-rls"))
+    return Check(
+        "rls_visibility",
+        "warn" if allow else "fail",
+        len(hidden),
+        hidden,
+        message + (" (accepted with --allow-rls)" if allow else "; use a role that bypasses RLS, or --allow-rls"),
+    )
 
 
 def require_tables(conn, schema: str) -> None:  # type: ignore[no-untyped-def]
@@ -246,8 +268,11 @@ def require_tables(conn, schema: str) -> None:  # type: ignore[no-untyped-def]
     missing = [t for t in wanted if t not in present]
     if missing:
         elsewhere = catalog.schemas_holding(conn, missing[0])
-        hint = (f"schema {', '.join(elsewhere)} has it: set FLOWFIX_SCHEMA" if elsewhere
-                else "check DATABASE_URL and FLOWFIX_SCHEMA")
+        hint = (
+            f"schema {', '.join(elsewhere)} has it: set FLOWFIX_SCHEMA"
+            if elsewhere
+            else "check DATABASE_URL and FLOWFIX_SCHEMA"
+        )
         raise FlowfixError(f"schema '{schema}' has no table {', '.join(missing)}; {hint}")
 
 
@@ -278,6 +303,10 @@ def next_step(report: Report) -> str:
     orphans = sum(report.check(f"{t}.orphaned").count + report.check(f"{t}.dangling").count for t in CHILD_TABLES)
     if orphans:
         return "flowfix backfill --dry-run, then flowfix backfill --window 2h, then flowfix validate"
-    if report.revision != HEAD:
+    if report.revision != head():
         return "flowfix upgrade head (enforce discovery_flows.master_flow_id NOT NULL)"
-    return "nothing: run flowfix validate in CI to keep it that way" if report.ok else "flowfix validate (see the failures)"
+    return (
+        "nothing: run flowfix validate in CI to keep it that way"
+        if report.ok
+        else "flowfix validate (see the failures)"
+    )

@@ -138,15 +138,17 @@ async def _run_scripts(url: str, scripts: list[str]) -> None:
         await conn.close()
 
 
-def shape_settings(pg_server: str, shape_template: Callable[[Shape, bool], str], shape: Shape,
-                   adopted: bool = True) -> Iterator[Settings]:
+def shape_settings(
+    pg_server: str, shape_template: Callable[[Shape, bool], str], shape: Shape, adopted: bool = True
+) -> Iterator[Settings]:
     for url in _clone(pg_server, shape_template(shape, adopted)):
         yield test_settings(url, shape.schema)
 
 
 @pytest.fixture(params=RUNBOOK_SHAPES)
-def shaped(request: pytest.FixtureRequest, pg_server: str,
-           shape_template: Callable[[Shape, bool], str]) -> Iterator[Settings]:
+def shaped(
+    request: pytest.FixtureRequest, pg_server: str, shape_template: Callable[[Shape, bool], str]
+) -> Iterator[Settings]:
     """A fresh database of each runbook shape, at revision ``legacy`` (tables adopted)."""
     yield from shape_settings(pg_server, shape_template, SHAPES[request.param])
 

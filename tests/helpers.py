@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -129,46 +129,99 @@ def position_column(settings: Settings) -> str:
     """The records' position column: ``row_number`` or ``record_index`` depending on the shape."""
     key = (str(settings.url), settings.schema)
     if key not in _position:
-        _position[key] = sql(settings, "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass("
-                                        "'raw_import_records') AND attname IN ('row_number', 'record_index')"
-                             )[0]["attname"]
+        _position[key] = sql(
+            settings,
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass("
+            "'raw_import_records') AND attname IN ('row_number', 'record_index')",
+        )[0]["attname"]
     return _position[key]
 
 
-def add_master(settings: Settings, *, client: uuid.UUID, engagement: uuid.UUID, flow_type: str = "discovery",
-               created_at: datetime | None = None) -> tuple[uuid.UUID, uuid.UUID]:
+def add_master(
+    settings: Settings,
+    *,
+    client: uuid.UUID,
+    engagement: uuid.UUID,
+    flow_type: str = "discovery",
+    created_at: datetime | None = None,
+) -> tuple[uuid.UUID, uuid.UUID]:
     """Insert a master flow; returns (id, flow_id), two different UUIDs as in production."""
     id_, flow_id = uuid.uuid4(), uuid.uuid4()
-    insert(settings, "crewai_flow_state_extensions",
-           {"id": id_, "flow_id": flow_id, "client_account_id": client, "engagement_id": engagement,
-            "flow_type": flow_type, "created_at": created_at or datetime(2026, 1, 1, tzinfo=timezone.utc)})
+    insert(
+        settings,
+        "crewai_flow_state_extensions",
+        {
+            "id": id_,
+            "flow_id": flow_id,
+            "client_account_id": client,
+            "engagement_id": engagement,
+            "flow_type": flow_type,
+            "created_at": created_at or datetime(2026, 1, 1, tzinfo=UTC),
+        },
+    )
     return id_, flow_id
 
 
-def add_import(settings: Settings, *, master: uuid.UUID | None, client: uuid.UUID | None = None,
-               engagement: uuid.UUID | None = None) -> uuid.UUID:
+def add_import(
+    settings: Settings,
+    *,
+    master: uuid.UUID | None,
+    client: uuid.UUID | None = None,
+    engagement: uuid.UUID | None = None,
+) -> uuid.UUID:
     id_ = uuid.uuid4()
-    insert(settings, "data_imports",
-           {"id": id_, "master_flow_id": master, "client_account_id": client, "engagement_id": engagement,
-            "created_at": datetime.now(timezone.utc)})
+    insert(
+        settings,
+        "data_imports",
+        {
+            "id": id_,
+            "master_flow_id": master,
+            "client_account_id": client,
+            "engagement_id": engagement,
+            "created_at": datetime.now(UTC),
+        },
+    )
     return id_
 
 
 def add_record(settings: Settings, *, data_import: uuid.UUID, master: uuid.UUID | None, row: int = 0) -> uuid.UUID:
     id_ = uuid.uuid4()
-    insert(settings, "raw_import_records",
-           {"id": id_, "data_import_id": data_import, "master_flow_id": master, position_column(settings): row,
-            "created_at": datetime.now(timezone.utc)})
+    insert(
+        settings,
+        "raw_import_records",
+        {
+            "id": id_,
+            "data_import_id": data_import,
+            "master_flow_id": master,
+            position_column(settings): row,
+            "created_at": datetime.now(UTC),
+        },
+    )
     return id_
 
 
-def add_discovery_flow(settings: Settings, *, flow_id: uuid.UUID, master: uuid.UUID | None,
-                       client: uuid.UUID, engagement: uuid.UUID,
-                       data_import: uuid.UUID | None = None) -> uuid.UUID:
+def add_discovery_flow(
+    settings: Settings,
+    *,
+    flow_id: uuid.UUID,
+    master: uuid.UUID | None,
+    client: uuid.UUID,
+    engagement: uuid.UUID,
+    data_import: uuid.UUID | None = None,
+) -> uuid.UUID:
     id_ = uuid.uuid4()
-    insert(settings, "discovery_flows",
-           {"id": id_, "flow_id": flow_id, "master_flow_id": master, "data_import_id": data_import,
-            "client_account_id": client, "engagement_id": engagement})
+    insert(
+        settings,
+        "discovery_flows",
+        {
+            "id": id_,
+            "flow_id": flow_id,
+            "master_flow_id": master,
+            "data_import_id": data_import,
+            "client_account_id": client,
+            "engagement_id": engagement,
+        },
+    )
     return id_
 
 

@@ -33,14 +33,17 @@ def _free_port() -> int:
 
 def system_bin_dir() -> Path | None:
     """The newest PostgreSQL installed the Debian way (/usr/lib/postgresql/N/bin), if any."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name)
-                   if p.parent.parent.name.isdigit() else 0)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     return found[-1].parent if found else None
 
 
 @contextmanager
-def custom_server(tmp: Path, *, settings: dict[str, str], hba: list[str],
-                  files: dict[str, bytes] | None = None, system: bool = False) -> Iterator[Server]:
+def custom_server(
+    tmp: Path, *, settings: dict[str, str], hba: list[str], files: dict[str, bytes] | None = None, system: bool = False
+) -> Iterator[Server]:
     """Start a throwaway server listening on 127.0.0.1 with ``settings`` (postgresql.conf
     lines), ``hba`` (pg_hba.conf lines) and ``files`` written into its data directory;
     ``system``: with the machine's PostgreSQL (see :func:`system_bin_dir`)."""
@@ -65,8 +68,14 @@ def custom_server(tmp: Path, *, settings: dict[str, str], hba: list[str],
         os.chown(data, entry.pw_uid, entry.pw_gid)
 
     def run(tool: str, *args: str) -> None:
-        subprocess.run([str(bin_dir / tool), "-D", str(data), *args], check=True, user=user, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(bin_dir / tool), "-D", str(data), *args],
+            check=True,
+            user=user,
+            timeout=60,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     run("initdb", "--auth=trust", "--encoding=utf8", "-U", "postgres")
     for name, content in (files or {}).items():

@@ -55,15 +55,20 @@ class Snapshot:
 
     def foreign_keys(self, table: str) -> set[tuple[str, str, bool]]:
         """(name, definition, validated) of every FK of ``table``."""
-        return {(c["name"], c["definition"], c["validated"]) for c in self.constraints
-                if c["table_name"] == table and c["type"] == "f"}
+        return {
+            (c["name"], c["definition"], c["validated"])
+            for c in self.constraints
+            if c["table_name"] == table and c["type"] == "f"
+        }
 
 
 def take(settings: Settings, *, rows: bool = True, flowfix_tables: bool = False) -> Snapshot:
     """The whole schema; flowfix's own ``flowfix_*`` tables (its memory) only if asked."""
+
     def q(statement: str) -> list[dict[str, Any]]:
-        return sql(settings, statement.replace(" NOT LIKE 'flowfix%'", " NOT LIKE '-'") if flowfix_tables
-                   else statement)
+        return sql(
+            settings, statement.replace(" NOT LIKE 'flowfix%'", " NOT LIKE '-'") if flowfix_tables else statement
+        )
 
     tables = q(TABLES_SQL)
     data: dict[str, list[tuple[Any, ...]]] = {}

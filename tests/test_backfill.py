@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.pool import NullPool
@@ -28,7 +28,7 @@ from tests.test_validate import run_validate
 
 A = (uuid.uuid4(), uuid.uuid4())  # tenant A: client account, engagement
 B = (uuid.uuid4(), uuid.uuid4())
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 runner = CliRunner()
 
 
@@ -36,7 +36,9 @@ def at(minutes: float) -> datetime:
     return T0 + timedelta(minutes=minutes)
 
 
-def master(s: Settings, tenant=A, minutes: float = 0, flow_type: str = "discovery", status: str = "running") -> uuid.UUID:
+def master(
+    s: Settings, tenant=A, minutes: float = 0, flow_type: str = "discovery", status: str = "running"
+) -> uuid.UUID:
     _, flow = add_master(s, client=tenant[0], engagement=tenant[1], flow_type=flow_type, created_at=at(minutes))
     sql(s, "UPDATE crewai_flow_state_extensions SET flow_status = :st WHERE flow_id = :f", {"st": status, "f": flow})
     return flow
@@ -66,7 +68,7 @@ def run(s: Settings, **options) -> bf.Result:  # type: ignore[no-untyped-def]
 
 
 def import_links(p: bf.Plan) -> dict[uuid.UUID, tuple[uuid.UUID, str]]:
-    return {uuid.UUID(l.id): (uuid.UUID(l.master_flow_id), l.evidence) for l in p.import_links}
+    return {uuid.UUID(link.id): (uuid.UUID(link.master_flow_id), link.evidence) for link in p.import_links}
 
 
 @pytest.fixture
@@ -85,35 +87,50 @@ def test_discovery_flows_take_the_master_with_their_flow_id_or_get_one_created(s
     trap = add_discovery_flow(s, flow_id=foreign, master=None, client=A[0], engagement=A[1])
 
     p = plan(s)
-    assert [(l.id, l.master_flow_id, l.evidence) for l in p.discovery_links] == [(str(linked), str(flow), "exact:flow_id")]
+    assert [(link.id, link.master_flow_id, link.evidence) for link in p.discovery_links] == [
+        (str(linked), str(flow), "exact:flow_id")
+    ]
     reasons = {u.id: u.reason for u in p.unmatched}
     assert "--create-missing-masters" in reasons[str(lonely)]
     assert "another tenant" in reasons[str(trap)]
 
     result = run(s, create_missing_masters=True)
     assert links(s, "discovery_flows") == {linked: flow, lonely: lonely_flow, trap: None}
-    created = sql(s, "SELECT client_account_id, engagement_id, flow_type, flow_configuration->>'run_id' AS run"
-                     " FROM crewai_flow_state_extensions WHERE flow_id = :f", {"f": lonely_flow})
-    assert created == [{"client_account_id": A[0], "engagement_id": A[1], "flow_type": "discovery",
-                        "run": result.run_id}]
+    created = sql(
+        s,
+        "SELECT client_account_id, engagement_id, flow_type, flow_configuration->>'run_id' AS run"
+        " FROM crewai_flow_state_extensions WHERE flow_id = :f",
+        {"f": lonely_flow},
+    )
+    assert created == [
+        {"client_account_id": A[0], "engagement_id": A[1], "flow_type": "discovery", "run": result.run_id}
+    ]
     assert result.counts["masters_created"] == 1 and result.exit_code == 1  # the trap remains
 
 
 def test_exact_evidence_beats_time_and_contradictions_are_ambiguous(s: Settings) -> None:
-    by_df_flow = master(s, minutes=300)              # far outside any window
+    by_df_flow = master(s, minutes=300)  # far outside any window
     imp_df = orphan(s, minutes=0)
     add_discovery_flow(s, flow_id=by_df_flow, master=by_df_flow, client=A[0], engagement=A[1], data_import=imp_df)
-    master(s, minutes=1)                             # a closer master by time: must not win
+    master(s, minutes=1)  # a closer master by time: must not win
     imp_cfg = orphan(s, minutes=600)
     cfg_flow = master(s, minutes=900)
-    sql(s, "UPDATE crewai_flow_state_extensions SET flow_configuration = jsonb_build_object('import_id', CAST(:i AS text))"
-           " WHERE flow_id = :f", {"i": str(imp_cfg), "f": cfg_flow})
+    sql(
+        s,
+        "UPDATE crewai_flow_state_extensions SET flow_configuration = jsonb_build_object('import_id', CAST(:i AS text))"
+        " WHERE flow_id = :f",
+        {"i": str(imp_cfg), "f": cfg_flow},
+    )
     imp_two = orphan(s, minutes=1200)
     for key in ("flow_configuration", "flow_persistence_data"):
         f = master(s, minutes=1500)
         field = "import_id" if key == "flow_configuration" else "data_import_id"
-        sql(s, f"UPDATE crewai_flow_state_extensions SET {key} = jsonb_build_object('{field}', CAST(:i AS text))"
-               " WHERE flow_id = :f", {"i": str(imp_two), "f": f})
+        sql(
+            s,
+            f"UPDATE crewai_flow_state_extensions SET {key} = jsonb_build_object('{field}', CAST(:i AS text))"
+            " WHERE flow_id = :f",
+            {"i": str(imp_two), "f": f},
+        )
 
     p = plan(s)
     got = import_links(p)
@@ -159,8 +176,8 @@ def test_one_master_goes_to_one_import_nearest_first(s: Settings) -> None:
 
 def test_never_across_tenants_deleted_or_non_discovery_flows_or_tenantless_imports(s: Settings) -> None:
     right = master(s, A, minutes=50)
-    master(s, B, minutes=1)                               # closer, other tenant
-    master(s, (A[0], B[1]), minutes=2)                    # same client, other engagement
+    master(s, B, minutes=1)  # closer, other tenant
+    master(s, (A[0], B[1]), minutes=2)  # same client, other engagement
     master(s, A, minutes=3, status="deleted")
     master(s, A, minutes=4, flow_type="assessment")
     imp = orphan(s, A, minutes=0)
@@ -177,7 +194,7 @@ def test_records_follow_their_import_and_disagreeing_ones_are_reported(s: Settin
     odd = add_record(s, data_import=imp, master=other, row=9)
     result = run(s)
     values = links(s, "raw_import_records")
-    assert values.pop(odd) == other                       # never overwritten
+    assert values.pop(odd) == other  # never overwritten
     assert set(values.values()) == {flow}
     assert result.counts["raw_import_records"] == 4
     assert [(a.table, a.id) for a in result.plan.ambiguous] == [("raw_import_records", str(odd))]
@@ -219,11 +236,17 @@ def test_a_second_concurrent_run_is_refused(s: Settings) -> None:
     assert sql(s, "SELECT count(*) AS n FROM flowfix_runs") == [{"n": 0}]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--window", "0"], "is not a duration"), (["--window", "-2h"], "is not a duration"),
-    (["--window", "0s"], "must be longer than zero"), (["--window", "2 fortnights"], "is not a duration"),
-    (["--client-account", "x"], "is not a UUID"), (["--format", "xml"], "--format must be one of"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window", "0"], "is not a duration"),
+        (["--window", "-2h"], "is not a duration"),
+        (["--window", "0s"], "must be longer than zero"),
+        (["--window", "2 fortnights"], "is not a duration"),
+        (["--client-account", "x"], "is not a UUID"),
+        (["--format", "xml"], "--format must be one of"),
+    ],
+)
 def test_bad_arguments_exit_2_and_change_nothing(s: Settings, args, message) -> None:  # type: ignore[no-untyped-def]
     orphan(s)
     master(s, minutes=1)
@@ -239,22 +262,20 @@ def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, tmp_pa
     orphan(s, records=2)
     orphan(s, None)
     report = tmp_path / "plan.json"
-    dry = runner.invoke(app, ["backfill", "--dry-run", "--format", "json", "--report", str(report)],
-                        env=cli_env(s))
+    dry = runner.invoke(app, ["backfill", "--dry-run", "--format", "json", "--report", str(report)], env=cli_env(s))
     assert dry.exit_code == 1
     body = json.loads(dry.stdout)
     assert json.loads(report.read_text()) == body
     assert set(body) == {"run_id", "dry_run", "window_seconds", "counts", "links", "ambiguous", "unmatched"}
     assert body["dry_run"] is True and body["window_seconds"] == 7200
-    assert {l["evidence"] for l in body["links"]} == {"time_window", "via_import"}
+    assert {link["evidence"] for link in body["links"]} == {"time_window", "via_import"}
     assert sql(s, "SELECT count(*) AS n FROM flowfix_runs") == [{"n": 0}]
     assert set(links(s, "data_imports").values()) == {None}
     real = runner.invoke(app, ["backfill"], env=cli_env(s))
     assert real.exit_code == 1
 
 
-def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
-        s: Settings, pg_server: str) -> None:
+def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(s: Settings, pg_server: str) -> None:
     """SIGKILL mid-run (batches of 2 rows), rerun, compare with a clean run on a copy."""
     for n in range(60):
         master(s, minutes=n * 30)
@@ -262,20 +283,32 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
     twin_name = "twin_" + uuid.uuid4().hex[:8]
     source = s.require_url().database
     from flowfix.db import admin
+
     asyncio.run(admin(pg_server, f"CREATE DATABASE {twin_name} TEMPLATE {source}"))
     try:
         # Slow every import update down (a real trigger, nothing mocked) so that the kill
         # reliably lands mid-run, whatever the speed of the machine or server.
-        sql(s, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
-               " $$ BEGIN PERFORM pg_sleep(0.03); RETURN NEW; END $$")
+        sql(
+            s,
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_sleep(0.03); RETURN NEW; END $$",
+        )
         sql(s, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
         env = {**os.environ, **cli_env(s)}
-        proc = subprocess.Popen([sys.executable, "-m", "flowfix", "backfill", "--batch-size", "2"], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flowfix", "backfill", "--batch-size", "2"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            done = sql(s, "SELECT count(*) AS n FROM flowfix_changes WHERE applied_at IS NOT NULL"
-                          " AND table_name = 'data_imports'")[0]["n"]
+            done = sql(
+                s,
+                "SELECT count(*) AS n FROM flowfix_changes WHERE applied_at IS NOT NULL"
+                " AND table_name = 'data_imports'",
+            )[0]["n"]
             if done >= 10:
                 break
             time.sleep(0.02)
@@ -321,4 +354,3 @@ def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings) -
     assert len(written) >= 2  # the application kept writing while the run went on
     current = links(s, "data_imports")
     assert all(current[w] is None for w in written)  # created "now": no master within the window
-

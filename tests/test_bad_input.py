@@ -56,40 +56,70 @@ CASES = [
     url_case("url-options", "postgresql://u:pw@h/d?options=-x", "options: '-x' is not a -c name=value"),
     url_case("url-options-quote", "postgresql://u:pw@h/d?options=-c%20a%3D%27b", "options is not a valid list"),
     url_case("url-malformed-query", "postgresql://u:pw@h/d?sslmode", "malformed query string"),
-    url_case("url-unreachable", "postgresql://u:pw@127.0.0.1:1/d", "cannot connect to postgresql://u:***@127.0.0.1:1/d"),
-    Case("url-no-database", ["status"], "does not exist: check the database name",
-         {"DATABASE_URL": "{url_no_db}"}),
+    url_case(
+        "url-unreachable", "postgresql://u:pw@127.0.0.1:1/d", "cannot connect to postgresql://u:***@127.0.0.1:1/d"
+    ),
+    Case("url-no-database", ["status"], "does not exist: check the database name", {"DATABASE_URL": "{url_no_db}"}),
     Case("url-no-role", ["status"], "the server refused the login", {"DATABASE_URL": "{url_no_role}"}),
     Case("url-unset", ["status"], "DATABASE_URL is not set", {"DATABASE_URL": ""}),
     # --- FLOWFIX_SCHEMA --------------------------------------------------------------------
-    *(Case(f"schema-{name}", ["status"], expect, {"FLOWFIX_SCHEMA": value}) for name, value, expect in (
-        ("quoted", "Bad-Name", "is not a plain identifier"), ("catalog", "pg_catalog", "is a PostgreSQL system schema"),
-        ("information", "information_schema", "is a PostgreSQL system schema"),
-        ("toast", "pg_toast", "is a PostgreSQL system schema"), ("long", "a" * 64, "is not a plain identifier"),
-        ("empty", "", "is not a plain identifier"), ("space", "mig ration", "is not a plain identifier"),
-        ("arabic-digit", "m٢", "is not a plain identifier"),
-        ("missing", "nope", "schema 'nope' has no table crewai_flow_state_extensions"),
-        ("elsewhere", "public", "schema migration has it: set FLOWFIX_SCHEMA"))),
+    *(
+        Case(f"schema-{name}", ["status"], expect, {"FLOWFIX_SCHEMA": value})
+        for name, value, expect in (
+            ("quoted", "Bad-Name", "is not a plain identifier"),
+            ("catalog", "pg_catalog", "is a PostgreSQL system schema"),
+            ("information", "information_schema", "is a PostgreSQL system schema"),
+            ("toast", "pg_toast", "is a PostgreSQL system schema"),
+            ("long", "a" * 64, "is not a plain identifier"),
+            ("empty", "", "is not a plain identifier"),
+            ("space", "mig ration", "is not a plain identifier"),
+            ("arabic-digit", "m٢", "is not a plain identifier"),
+            ("missing", "nope", "schema 'nope' has no table crewai_flow_state_extensions"),
+            ("elsewhere", "public", "schema migration has it: set FLOWFIX_SCHEMA"),
+        )
+    ),
     # --- settings --------------------------------------------------------------------------
-    *(Case(f"lock-timeout-{name}", ["backfill"], "FLOWFIX_LOCK_TIMEOUT", {"FLOWFIX_LOCK_TIMEOUT": value})
-      for name, value in (("huge", "99999999s"), ("word", "forever"), ("zero", "0s"), ("minutes", "5m"),
-                          ("over-bound", "601s"), ("negative", "-1s"), ("arabic", "٢s"))),
-    *(Case(f"lock-retries-{name}", ["backfill"], "FLOWFIX_LOCK_RETRIES", {"FLOWFIX_LOCK_RETRIES": value})
-      for name, value in (("negative", "-1"), ("word", "abc"), ("over-bound", "101"), ("arabic", "١"))),
+    *(
+        Case(f"lock-timeout-{name}", ["backfill"], "FLOWFIX_LOCK_TIMEOUT", {"FLOWFIX_LOCK_TIMEOUT": value})
+        for name, value in (
+            ("huge", "99999999s"),
+            ("word", "forever"),
+            ("zero", "0s"),
+            ("minutes", "5m"),
+            ("over-bound", "601s"),
+            ("negative", "-1s"),
+            ("arabic", "٢s"),
+        )
+    ),
+    *(
+        Case(f"lock-retries-{name}", ["backfill"], "FLOWFIX_LOCK_RETRIES", {"FLOWFIX_LOCK_RETRIES": value})
+        for name, value in (("negative", "-1"), ("word", "abc"), ("over-bound", "101"), ("arabic", "١"))
+    ),
     # --- --window --------------------------------------------------------------------------
-    *(Case(f"window-{name}", ["backfill", "--window", value], expect) for name, value, expect in (
-        ("arabic", "٢h", "is not a duration"), ("zero", "0", "is not a duration"),
-        ("negative", "-2h", "is not a duration"), ("words", "2 fortnights", "is not a duration"),
-        ("zero-seconds", "0s", "must be longer than zero"), ("too-long", "400d", "longer than a year"),
-        ("bare-iso", "PT", "is not a duration"), ("empty", "", "is not a duration"),
-        ("exponent", "1e3s", "is not a duration"), ("huge-digits", "9" * 30 + "s", "is not a duration"))),
+    *(
+        Case(f"window-{name}", ["backfill", "--window", value], expect)
+        for name, value, expect in (
+            ("arabic", "٢h", "is not a duration"),
+            ("zero", "0", "is not a duration"),
+            ("negative", "-2h", "is not a duration"),
+            ("words", "2 fortnights", "is not a duration"),
+            ("zero-seconds", "0s", "must be longer than zero"),
+            ("too-long", "400d", "longer than a year"),
+            ("bare-iso", "PT", "is not a duration"),
+            ("empty", "", "is not a duration"),
+            ("exponent", "1e3s", "is not a duration"),
+            ("huge-digits", "9" * 30 + "s", "is not a duration"),
+        )
+    ),
     # --- UUID options and run ids ----------------------------------------------------------
     Case("backfill-client-not-uuid", ["backfill", "--client-account", "x"], "--client-account 'x' is not a UUID"),
     Case("backfill-engagement-not-uuid", ["backfill", "--engagement", "123"], "--engagement '123' is not a UUID"),
     Case("validate-client-empty", ["validate", "--client-account", ""], "--client-account '' is not a UUID"),
     Case("link-import-not-uuid", ["link", "--import", "x", "--flow", U], "--import 'x' is not a UUID"),
     Case("link-flow-not-uuid", ["link", "--import", U, "--flow", "y"], "--flow 'y' is not a UUID"),
-    Case("link-unknown-import", ["link", "--import", U, "--flow", str(uuid.uuid4())], f"data import {U} does not exist"),
+    Case(
+        "link-unknown-import", ["link", "--import", U, "--flow", str(uuid.uuid4())], f"data import {U} does not exist"
+    ),
     Case("undo-not-uuid", ["undo", "notauuid"], "RUN_ID 'notauuid' is not a UUID"),
     Case("undo-unknown-run", ["undo", U], f"no flowfix run with id {U}"),
     # --- sizes and limits ------------------------------------------------------------------
@@ -123,8 +153,7 @@ CASES = [
     Case("unknown-command", ["frobnicate"], "No such command 'frobnicate'"),
     Case("unknown-option", ["backfill", "--frobnicate"], "No such option: --frobnicate"),
     Case("link-missing-option", ["link", "--import", U], "Missing option '--flow'"),
-    Case("enforce-refused", ["upgrade", "head"], "discovery_flows rows still have master_flow_id NULL",
-         progress=True),
+    Case("enforce-refused", ["upgrade", "head"], "discovery_flows rows still have master_flow_id NULL", progress=True),
 ]
 
 
@@ -134,7 +163,7 @@ def database(pg_server: str, shape_template: Callable[[Shape, bool], str]) -> It
     for s in shape_settings(pg_server, shape_template, SHAPES["app_head"]):
         upgrade(s, "fix_master_flow_fk")
         c, e = uuid.uuid4(), uuid.uuid4()
-        _, flow = add_master(s, client=c, engagement=e)
+        add_master(s, client=c, engagement=e)
         imp = add_import(s, master=None, client=c, engagement=e)
         add_record(s, data_import=imp, master=None)
         add_discovery_flow(s, flow_id=uuid.uuid4(), master=None, client=c, engagement=e)
@@ -146,12 +175,16 @@ def test_there_are_at_least_sixty_cases() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_its_exit_code_and_changes_nothing(database: Settings, case: Case,
-                                                                 tmp_path: Path) -> None:
+def test_bad_input_is_one_line_its_exit_code_and_changes_nothing(
+    database: Settings, case: Case, tmp_path: Path
+) -> None:
     url = plain_url(database)
-    values = {"url": url, "tmp": str(tmp_path),
-              "url_no_db": plain_url(Settings(url=database.require_url().set(database="no_such_database"))),
-              "url_no_role": plain_url(Settings(url=database.require_url().set(username="no_such_role")))}
+    values = {
+        "url": url,
+        "tmp": str(tmp_path),
+        "url_no_db": plain_url(Settings(url=database.require_url().set(database="no_such_database"))),
+        "url_no_role": plain_url(Settings(url=database.require_url().set(username="no_such_role"))),
+    }
     env = {**cli_env(database), **{k: v.format(**values) for k, v in case.env.items()}}
     args = [a.format(**values) for a in case.args]
     before = snapshot.fingerprint(url)

@@ -43,8 +43,12 @@ def test_enforce_stops_with_a_count_while_rows_are_null_then_succeeds(shaped: Se
     assert "flowfix backfill" in str(err.value)
     assert revision(settings) == "fix_master_flow_fk"
     assert _nullable(settings)
-    assert sql(settings, "SELECT conname FROM pg_constraint WHERE contype = 'c'"
-                         " AND conrelid = 'discovery_flows'::regclass") == []
+    assert (
+        sql(
+            settings, "SELECT conname FROM pg_constraint WHERE contype = 'c' AND conrelid = 'discovery_flows'::regclass"
+        )
+        == []
+    )
 
     for d in d_null:
         _, f = add_master(settings, client=C, engagement=E)
@@ -53,8 +57,12 @@ def test_enforce_stops_with_a_count_while_rows_are_null_then_succeeds(shaped: Se
     assert revision(settings) == "enforce_master_flow_not_null"
     assert not _nullable(settings)
     # The helper CHECK is gone; the column's own NOT NULL does the work now.
-    assert sql(settings, "SELECT conname FROM pg_constraint WHERE contype = 'c'"
-                         " AND conrelid = 'discovery_flows'::regclass") == []
+    assert (
+        sql(
+            settings, "SELECT conname FROM pg_constraint WHERE contype = 'c' AND conrelid = 'discovery_flows'::regclass"
+        )
+        == []
+    )
     with pytest.raises(Exception, match="null value"):
         add_discovery_flow(settings, flow_id=uuid.uuid4(), master=None, client=C, engagement=E)
 
@@ -161,7 +169,8 @@ def test_a_null_row_committed_during_enforce_undoes_the_check_and_stops(shaped: 
                 async with conn.transaction():
                     await conn.execute(
                         "INSERT INTO discovery_flows (id, flow_id, client_account_id, engagement_id, user_id, flow_name)"
-                        " VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 'u', 'n')")
+                        " VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 'u', 'n')"
+                    )
                     inserted.set()
                     await asyncio.sleep(1.0)
             finally:
@@ -177,8 +186,12 @@ def test_a_null_row_committed_during_enforce_undoes_the_check_and_stops(shaped: 
     t.join()
     assert revision(settings) == "fix_master_flow_fk"
     assert _nullable(settings)
-    assert sql(settings, "SELECT conname FROM pg_constraint WHERE contype = 'c'"
-                         " AND conrelid = 'discovery_flows'::regclass") == []
+    assert (
+        sql(
+            settings, "SELECT conname FROM pg_constraint WHERE contype = 'c' AND conrelid = 'discovery_flows'::regclass"
+        )
+        == []
+    )
 
 
 def test_orm_models_work_through_the_session_factory(settings: Settings) -> None:
@@ -198,20 +211,37 @@ def test_orm_models_work_through_the_session_factory(settings: Settings) -> None
         try:
             sessions = make_sessionmaker(engine)
             async with sessions() as s, s.begin():
-                master = CrewAIFlowStateExtensions(flow_id=uuid.uuid4(), client_account_id=C, engagement_id=E,
-                                                   flow_type="discovery")
-                imp = DataImport(client_account_id=C, engagement_id=E, master_flow_id=master.flow_id,
-                                 records=[RawImportRecord(row_number=n, master_flow_id=master.flow_id)
-                                          for n in range(3)])
+                master = CrewAIFlowStateExtensions(
+                    flow_id=uuid.uuid4(), client_account_id=C, engagement_id=E, flow_type="discovery"
+                )
+                imp = DataImport(
+                    client_account_id=C,
+                    engagement_id=E,
+                    master_flow_id=master.flow_id,
+                    records=[RawImportRecord(row_number=n, master_flow_id=master.flow_id) for n in range(3)],
+                )
                 s.add_all([master, imp])
                 await s.flush()
-                s.add(DiscoveryFlow(flow_id=master.flow_id, master_flow_id=master.flow_id, data_import_id=imp.id,
-                                    client_account_id=C, engagement_id=E))
+                s.add(
+                    DiscoveryFlow(
+                        flow_id=master.flow_id,
+                        master_flow_id=master.flow_id,
+                        data_import_id=imp.id,
+                        client_account_id=C,
+                        engagement_id=E,
+                    )
+                )
             async with sessions() as s:
-                loaded = (await s.execute(select(DataImport).options(
-                    selectinload(DataImport.records), selectinload(DataImport.master_flow)))).scalar_one()
-                flow = (await s.execute(select(DiscoveryFlow).options(
-                    selectinload(DiscoveryFlow.master_flow)))).scalar_one()
+                loaded = (
+                    await s.execute(
+                        select(DataImport).options(
+                            selectinload(DataImport.records), selectinload(DataImport.master_flow)
+                        )
+                    )
+                ).scalar_one()
+                flow = (
+                    await s.execute(select(DiscoveryFlow).options(selectinload(DiscoveryFlow.master_flow)))
+                ).scalar_one()
                 return len(loaded.records), loaded.master_flow.flow_type, flow.master_flow.flow_id
         finally:
             await engine.dispose()

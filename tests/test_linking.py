@@ -58,15 +58,27 @@ def test_start_discovery_flow_links_everything_in_one_go(settings: Settings) -> 
     imp, records = new_import(settings)
     flow = with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
 
-    master = sql(settings, "SELECT flow_type, client_account_id, engagement_id, user_id,"
-                           " flow_configuration->>'import_id' AS cfg FROM crewai_flow_state_extensions"
-                           " WHERE flow_id = :f", {"f": flow})
-    assert master == [{"flow_type": "discovery", "client_account_id": CTX.client_account_id,
-                       "engagement_id": CTX.engagement_id, "user_id": "alice", "cfg": str(imp)}]
+    master = sql(
+        settings,
+        "SELECT flow_type, client_account_id, engagement_id, user_id,"
+        " flow_configuration->>'import_id' AS cfg FROM crewai_flow_state_extensions"
+        " WHERE flow_id = :f",
+        {"f": flow},
+    )
+    assert master == [
+        {
+            "flow_type": "discovery",
+            "client_account_id": CTX.client_account_id,
+            "engagement_id": CTX.engagement_id,
+            "user_id": "alice",
+            "cfg": str(imp),
+        }
+    ]
     assert links(settings, "data_imports") == {imp: flow}
     assert links(settings, "raw_import_records") == {r: flow for r in records}
     assert sql(settings, "SELECT flow_id, master_flow_id, data_import_id FROM discovery_flows") == [
-        {"flow_id": flow, "master_flow_id": flow, "data_import_id": imp}]
+        {"flow_id": flow, "master_flow_id": flow, "data_import_id": imp}
+    ]
     # Idempotent: a second call returns the same flow and creates nothing.
     again = with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
     assert again == flow
@@ -111,9 +123,11 @@ def test_a_failure_after_the_master_insert_leaves_nothing_behind(settings: Setti
     """A real failure inside the transaction: a trigger rejects the discovery flow insert."""
     upgrade(settings, "fix_master_flow_fk")
     imp, records = new_import(settings)
-    script(settings,
-           "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'injected'; END $$",
-           "CREATE TRIGGER refuse BEFORE INSERT ON discovery_flows FOR EACH ROW EXECUTE FUNCTION refuse()")
+    script(
+        settings,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'injected'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT ON discovery_flows FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
     with pytest.raises(Exception, match="injected"):
         with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
     assert count(settings, "crewai_flow_state_extensions") == 0
@@ -127,8 +141,11 @@ def test_after_enforce_the_service_works_and_validate_passes(settings: Settings)
     for ctx in (CTX, OTHER):
         for _ in range(3):
             imp, _ = new_import(settings, ctx)
-            made.append(with_session(settings, lambda s, i=imp, c=ctx: linking.start_discovery_flow(
-                s, data_import_id=i, context=c)))
+            made.append(
+                with_session(
+                    settings, lambda s, i=imp, c=ctx: linking.start_discovery_flow(s, data_import_id=i, context=c)
+                )
+            )
     report = run_validate(settings)
     assert report.ok and {c.status for c in report.checks} == {"pass"}
 
@@ -191,8 +208,9 @@ def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings
     upgrade(settings, "fix_master_flow_fk")
     imp, _ = new_import(settings)
     _, foreign = add_master(settings, client=OTHER.client_account_id, engagement=OTHER.engagement_id)
-    _, assessment = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id,
-                               flow_type="assessment")
+    _, assessment = add_master(
+        settings, client=CTX.client_account_id, engagement=CTX.engagement_id, flow_type="assessment"
+    )
     _, mine = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
     _, mine2 = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
     cases = [
@@ -219,7 +237,8 @@ def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings
 
 def test_link_before_the_fix_revision_says_what_to_do(settings: Settings) -> None:
     upgrade(settings, "legacy")
-    result = runner.invoke(app, ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())],
-                           env=cli_env(settings))
+    result = runner.invoke(
+        app, ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())], env=cli_env(settings)
+    )
     assert result.exit_code == 2
     assert "run `flowfix upgrade fix_master_flow_fk` first" in result.stderr

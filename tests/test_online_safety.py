@@ -37,8 +37,9 @@ def _hold_lock(database_url: str, table: str, seconds: float, started: threading
     asyncio.run(run())
 
 
-def _legacy_link_and_lock(settings: Settings, database_url: str, table: str,
-                          seconds: float) -> tuple[uuid.UUID, uuid.UUID, threading.Thread]:
+def _legacy_link_and_lock(
+    settings: Settings, database_url: str, table: str, seconds: float
+) -> tuple[uuid.UUID, uuid.UUID, threading.Thread]:
     """A legacy database with one import linked by master id, and another session that
     holds a lock on ``table`` for ``seconds`` (already holding it on return)."""
     upgrade(settings, "legacy")
@@ -52,7 +53,8 @@ def _legacy_link_and_lock(settings: Settings, database_url: str, table: str,
 
 
 def test_a_blocked_revision_waits_at_most_lock_timeout_per_attempt_then_retries(
-        settings: Settings, database_url: str) -> None:
+    settings: Settings, database_url: str
+) -> None:
     imp, flow, holder = _legacy_link_and_lock(settings, database_url, "data_imports", 2.5)
     quick = dataclasses.replace(settings, lock_timeout="300ms", lock_retries=5)
     t0 = time.monotonic()
@@ -89,25 +91,31 @@ def test_offline_sql_marks_concurrently_steps_and_produces_the_same_schema(setti
     assert len(concurrently) == 5  # unique flow_id, three master_flow_id indexes, tenant+created_at
     lines = text.splitlines()
     for n in concurrently:  # each one is announced, outside BEGIN/COMMIT
-        window = "\n".join(lines[max(0, n - 6):n])
+        window = "\n".join(lines[max(0, n - 6) : n])
         assert "-- OUTSIDE A TRANSACTION" in window and "COMMIT;" in window
 
     async def apply() -> None:
-        conn = await asyncpg.connect(normalize_url(settings.masked_url).set(drivername="postgresql")
-                                     .render_as_string(hide_password=False))
+        conn = await asyncpg.connect(
+            normalize_url(settings.masked_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        )
         try:
             for statement in re.split(r";\n\n", text):
-                if statement.strip() and not all(l.startswith("--") for l in statement.strip().splitlines()):
+                if statement.strip() and not all(x.startswith("--") for x in statement.strip().splitlines()):
                     await conn.execute(statement)
         finally:
             await conn.close()
 
     asyncio.run(apply())
     assert revision(settings) == "enforce_master_flow_not_null"
-    fks = sql(settings, "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f'"
-                        " AND conname LIKE '%master_flow_id' ORDER BY 1")
-    assert fks == [{"conname": f"fk_{t}_master_flow_id", "convalidated": True}
-                   for t in ("data_imports", "discovery_flows", "raw_import_records")]
+    fks = sql(
+        settings,
+        "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f'"
+        " AND conname LIKE '%master_flow_id' ORDER BY 1",
+    )
+    assert fks == [
+        {"conname": f"fk_{t}_master_flow_id", "convalidated": True}
+        for t in ("data_imports", "discovery_flows", "raw_import_records")
+    ]
 
 
 def test_unreachable_database_is_one_line_without_password(tmp_path) -> None:

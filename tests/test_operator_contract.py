@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from typer.testing import CliRunner
@@ -38,11 +38,15 @@ def one_line(result) -> str:  # type: ignore[no-untyped-def]
 def orphans(s: Settings, n: int = 3) -> None:
     """``n`` imports (a record each) that the backfill links by time, one master each."""
     for k in range(n):
-        _, flow = add_master(s, client=C, engagement=E, created_at=datetime(2026, 1, 1 + k, tzinfo=timezone.utc))
+        _, flow = add_master(s, client=C, engagement=E, created_at=datetime(2026, 1, 1 + k, tzinfo=UTC))
         imp = add_import(s, master=None, client=C, engagement=E)
         add_record(s, data_import=imp, master=None, row=k)
-        sql(s, "UPDATE data_imports SET created_at = m.created_at FROM crewai_flow_state_extensions m"
-               " WHERE data_imports.id = :i AND m.flow_id = :f", {"i": imp, "f": flow})
+        sql(
+            s,
+            "UPDATE data_imports SET created_at = m.created_at FROM crewai_flow_state_extensions m"
+            " WHERE data_imports.id = :i AND m.flow_id = :f",
+            {"i": imp, "f": flow},
+        )
 
 
 def role(s: Settings, *grants: str) -> Settings:
@@ -52,8 +56,9 @@ def role(s: Settings, *grants: str) -> Settings:
     sql(s, f"GRANT USAGE ON SCHEMA {s.schema} TO {name}")
     for grant in grants:
         sql(s, grant.format(role=name, schema=s.schema))
-    return Settings(url=s.require_url().set(username=name, password=None), schema=s.schema,
-                    lock_timeout="2s", lock_retries=0)
+    return Settings(
+        url=s.require_url().set(username=name, password=None), schema=s.schema, lock_timeout="2s", lock_retries=0
+    )
 
 
 @pytest.fixture
@@ -63,10 +68,18 @@ def fixed(shaped: Settings) -> Settings:
     return shaped
 
 
-@pytest.mark.parametrize("args", [["backfill"], ["undo", str(uuid.uuid4())], ["downgrade", "legacy"],
-                                  ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["backfill"],
+        ["undo", str(uuid.uuid4())],
+        ["downgrade", "legacy"],
+        ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())],
+    ],
+)
 def test_a_select_only_role_gets_permission_denied_in_one_line_and_nothing_changes(
-        fixed: Settings, args: list[str]) -> None:
+    fixed: Settings, args: list[str]
+) -> None:
     reader = role(fixed, "GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
     before = snapshot.take(fixed, flowfix_tables=True)
     result = runner.invoke(app, args, env=cli_env(reader))
@@ -77,8 +90,9 @@ def test_a_select_only_role_gets_permission_denied_in_one_line_and_nothing_chang
 
 
 def test_a_role_that_does_not_own_the_tables_cannot_upgrade(shaped: Settings) -> None:
-    other = role(shaped, "GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}",
-                 "GRANT CREATE ON SCHEMA {schema} TO {role}")
+    other = role(
+        shaped, "GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}", "GRANT CREATE ON SCHEMA {schema} TO {role}"
+    )
     before = snapshot.take(shaped, flowfix_tables=True)
     result = runner.invoke(app, ["upgrade", "fix_master_flow_fk"], env=cli_env(other))
     assert result.exit_code == Exit.USAGE
@@ -101,8 +115,10 @@ def test_a_read_only_database_is_named_as_such(fixed: Settings) -> None:
 
 
 def test_statement_timeout_is_one_line_and_names_the_run(fixed: Settings) -> None:
-    sql(fixed, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.3);"
-               " RETURN NEW; END $$")
+    sql(
+        fixed,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$",
+    )
     sql(fixed, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
     db = fixed.require_url().database
     sql(fixed, f"ALTER DATABASE {db} SET statement_timeout = '200ms'")
@@ -116,17 +132,23 @@ def test_statement_timeout_is_one_line_and_names_the_run(fixed: Settings) -> Non
 
 
 def test_a_terminated_session_is_one_line_and_the_rerun_finishes(fixed: Settings) -> None:
-    sql(fixed, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2);"
-               " RETURN NEW; END $$")
+    sql(
+        fixed,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NEW; END $$",
+    )
     sql(fixed, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
     db = fixed.require_url().database
 
     def terminate() -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            gone = sql(fixed, "SELECT pg_terminate_backend(pid) AS t FROM pg_stat_activity WHERE datname = :d"
-                              " AND pid <> pg_backend_pid() AND query LIKE '%UPDATE data_imports%'"
-                              " AND state = 'active'", {"d": db})
+            gone = sql(
+                fixed,
+                "SELECT pg_terminate_backend(pid) AS t FROM pg_stat_activity WHERE datname = :d"
+                " AND pid <> pg_backend_pid() AND query LIKE '%UPDATE data_imports%'"
+                " AND state = 'active'",
+                {"d": db},
+            )
             if gone:
                 return
             time.sleep(0.02)
@@ -156,12 +178,19 @@ def test_a_bug_is_exit_3_with_a_hint_and_debug_shows_the_traceback(fixed: Settin
 
 
 def test_ctrl_c_is_exit_130_in_one_line(fixed: Settings) -> None:
-    sql(fixed, "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2);"
-               " RETURN NEW; END $$")
+    sql(
+        fixed,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NEW; END $$",
+    )
     sql(fixed, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
-    proc = subprocess.Popen([sys.executable, "-m", "flowfix", "backfill", "--batch-size", "1"], cwd=ROOT,
-                            env={**os.environ, **cli_env(fixed)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowfix", "backfill", "--batch-size", "1"],
+        cwd=ROOT,
+        env={**os.environ, **cli_env(fixed)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not sql(fixed, "SELECT 1 FROM flowfix_runs"):
         time.sleep(0.02)
@@ -171,7 +200,8 @@ def test_ctrl_c_is_exit_130_in_one_line(fixed: Settings) -> None:
     assert proc.returncode == Exit.INTERRUPTED, (out, err)
     assert [line for line in err.splitlines() if line.strip()] == [
         "flowfix: error: interrupted: what was committed stays (backfill and undo resume when run again;"
-        " a revision resumes on the next upgrade)"]
+        " a revision resumes on the next upgrade)"
+    ]
 
 
 def test_upgrade_head_refused_at_its_last_revision_says_where_the_database_is(shaped: Settings) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from alembic.util import CommandError
@@ -29,7 +29,7 @@ from tests.helpers import (
 from tests.shapes import SHAPES, Shape
 
 C, E = uuid.uuid4(), uuid.uuid4()
-T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 #: What each FK on master_flow_id is after fix_master_flow_fk, per shape: the FK flowfix
 #: adds keeps the delete rule and DEFERRABLE of the one it replaces (a plain FK where
@@ -46,8 +46,9 @@ EXPECTED_AFTER_UPGRADE: dict[str, dict[str, set[tuple[str, str]]]] = {
         "discovery_flows": {("fk_discovery_flows_master_flow_id", "")},
     },
     "app_head": {
-        "data_imports": {("fk_data_imports_master_flow_id_crewai_flow_state_extensions",
-                          " DEFERRABLE INITIALLY DEFERRED")},
+        "data_imports": {
+            ("fk_data_imports_master_flow_id_crewai_flow_state_extensions", " DEFERRABLE INITIALLY DEFERRED")
+        },
         "raw_import_records": {("fk_raw_import_records_master_flow_id_crewai_flow_state__e097", "")},
         "discovery_flows": {("discovery_flows_master_flow_id_fkey", " ON DELETE CASCADE")},
     },
@@ -95,8 +96,9 @@ def seed(s: Settings) -> dict[str, uuid.UUID]:
     i2 = add_import(s, master=None, client=C, engagement=E)
     r1 = add_record(s, data_import=i1, master=link("raw_import_records", m1, f1))
     r2 = add_record(s, data_import=i2, master=None, row=1)
-    d1 = add_discovery_flow(s, flow_id=f1, master=link("discovery_flows", m1, f1), client=C, engagement=E,
-                            data_import=i1)
+    d1 = add_discovery_flow(
+        s, flow_id=f1, master=link("discovery_flows", m1, f1), client=C, engagement=E, data_import=i1
+    )
     d2 = add_discovery_flow(s, flow_id=f2, master=None, client=C, engagement=E)
     return dict(m1=m1, f1=f1, m2=m2, f2=f2, i1=i1, i2=i2, r1=r1, r2=r2, d1=d1, d2=d2)
 
@@ -112,8 +114,7 @@ def fk_rules(s: Settings, table: str) -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("name", ["friendly", "deployed", "app_head", "between", "violated"])
-def test_upgrade_keeps_delete_rules_and_the_round_trip_is_exact(make_shape: Callable[..., Settings],
-                                                                 name: str) -> None:
+def test_upgrade_keeps_delete_rules_and_the_round_trip_is_exact(make_shape: Callable[..., Settings], name: str) -> None:
     s = make_shape(name)
     ids = seed(s)
     before = snapshot.take(s)
@@ -122,8 +123,11 @@ def test_upgrade_keeps_delete_rules_and_the_round_trip_is_exact(make_shape: Call
     assert revision(s) == "fix_master_flow_fk"
     assert {t: fk_rules(s, t) for t in CHILD_TABLES} == EXPECTED_AFTER_UPGRADE[name]
     for table in CHILD_TABLES:
-        assert sql(s, f"SELECT master_flow_id FROM {table} WHERE id = ANY(:ids) AND master_flow_id IS NOT NULL",
-                   {"ids": [ids["i1"], ids["r1"], ids["d1"]]}) == [{"master_flow_id": ids["f1"]}]
+        assert sql(
+            s,
+            f"SELECT master_flow_id FROM {table} WHERE id = ANY(:ids) AND master_flow_id IS NOT NULL",
+            {"ids": [ids["i1"], ids["r1"], ids["d1"]]},
+        ) == [{"master_flow_id": ids["f1"]}]
     # validate names each FK with its rule (NO ACTION spelled out)
     from tests.test_validate import run_validate
 
@@ -155,13 +159,17 @@ def test_upgrade_keeps_delete_rules_and_the_round_trip_is_exact(make_shape: Call
 def nothing_changed(s: Settings, before: snapshot.Snapshot, rev: str | None) -> None:
     assert snapshot.take(s) == before
     assert revision(s) == rev
-    flowfix_tables = sql(s, "SELECT relname FROM pg_class WHERE relname IN ('flowfix_quarantine', 'flowfix_runs',"
-                            " 'flowfix_translations') AND relnamespace = to_regnamespace(current_schema())")
+    flowfix_tables = sql(
+        s,
+        "SELECT relname FROM pg_class WHERE relname IN ('flowfix_quarantine', 'flowfix_runs',"
+        " 'flowfix_translations') AND relnamespace = to_regnamespace(current_schema())",
+    )
     assert flowfix_tables == [] or rev == "fix_master_flow_fk"
 
 
 def test_a_composite_fk_on_master_flow_id_is_refused_in_one_line_changing_nothing(
-        make_shape: Callable[..., Settings]) -> None:
+    make_shape: Callable[..., Settings],
+) -> None:
     from typer.testing import CliRunner
 
     from flowfix.cli import app
@@ -182,19 +190,21 @@ def server_version(s: Settings) -> int:
 
 
 def test_a_partitioned_records_table_round_trips_on_18_and_is_refused_before_18(
-        make_shape: Callable[..., Settings]) -> None:
+    make_shape: Callable[..., Settings],
+) -> None:
     s = make_shape("partitioned")
     ids = seed(s)
     before = snapshot.take(s)
     if server_version(s) < 180000:
-        with pytest.raises(CommandError, match="raw_import_records is partitioned, and PostgreSQL .* cannot add"):
+        with pytest.raises(CommandError, match=r"raw_import_records is partitioned, and PostgreSQL .* cannot add"):
             upgrade(s, "fix_master_flow_fk")
         nothing_changed(s, before, "legacy")
         return
     upgrade(s, "fix_master_flow_fk")
     assert {t: fk_rules(s, t) for t in CHILD_TABLES} == EXPECTED_AFTER_UPGRADE["partitioned"]
     assert sql(s, "SELECT master_flow_id FROM raw_import_records WHERE id = :r", {"r": ids["r1"]}) == [
-        {"master_flow_id": ids["f1"]}]
+        {"master_flow_id": ids["f1"]}
+    ]
     # the index on the partitioned table was built partition by partition, and is valid
     assert with_catalog(s, catalog.has_usable_index, "raw_import_records", "master_flow_id")
     downgrade(s, "legacy")
@@ -202,30 +212,39 @@ def test_a_partitioned_records_table_round_trips_on_18_and_is_refused_before_18(
 
 
 def test_force_row_level_security_for_the_owner_is_refused_changing_nothing(
-        make_shape: Callable[..., Settings]) -> None:
+    make_shape: Callable[..., Settings],
+) -> None:
     s = make_shape("app_head")
     seed(s)
-    sql(s, "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'flowfix_owner') THEN"
-           " CREATE ROLE flowfix_owner LOGIN; END IF; END $$")
+    sql(
+        s,
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'flowfix_owner') THEN"
+        " CREATE ROLE flowfix_owner LOGIN; END IF; END $$",
+    )
     for statement in (
-            "GRANT USAGE, CREATE ON SCHEMA migration TO flowfix_owner",
-            *(f"ALTER TABLE {t} OWNER TO flowfix_owner" for t in (MASTER_TABLE, *CHILD_TABLES)),
-            "GRANT ALL ON flowfix_alembic_version, flowfix_schema_changes TO flowfix_owner",
-            f"ALTER TABLE {MASTER_TABLE} FORCE ROW LEVEL SECURITY"):
+        "GRANT USAGE, CREATE ON SCHEMA migration TO flowfix_owner",
+        *(f"ALTER TABLE {t} OWNER TO flowfix_owner" for t in (MASTER_TABLE, *CHILD_TABLES)),
+        "GRANT ALL ON flowfix_alembic_version, flowfix_schema_changes TO flowfix_owner",
+        f"ALTER TABLE {MASTER_TABLE} FORCE ROW LEVEL SECURITY",
+    ):
         sql(s, statement)
     before = snapshot.take(s)
-    owner = Settings(url=s.url.set(username="flowfix_owner", password=None), schema=s.schema,
-                     lock_timeout="2s", lock_retries=0)
-    with pytest.raises(CommandError, match="row-level security hides rows of crewai_flow_state_extensions from"
-                                           " role flowfix_owner"):
+    owner = Settings(
+        url=s.url.set(username="flowfix_owner", password=None), schema=s.schema, lock_timeout="2s", lock_retries=0
+    )
+    with pytest.raises(
+        CommandError, match="row-level security hides rows of crewai_flow_state_extensions from role flowfix_owner"
+    ):
         upgrade(owner, "fix_master_flow_fk")
     nothing_changed(s, before, "legacy")
 
 
 def test_downgrade_refuses_while_an_application_fk_depends_on_the_new_unique_constraint(settings: Settings) -> None:
     upgrade(settings, "fix_master_flow_fk")
-    sql(settings, "CREATE TABLE app_refs (id uuid PRIMARY KEY,"
-                  " flow uuid REFERENCES crewai_flow_state_extensions (flow_id))")
+    sql(
+        settings,
+        "CREATE TABLE app_refs (id uuid PRIMARY KEY, flow uuid REFERENCES crewai_flow_state_extensions (flow_id))",
+    )
     before = snapshot.take(settings)
     with pytest.raises(CommandError, match="is referenced by foreign key app_refs_flow_fkey on app_refs"):
         downgrade(settings, "legacy")
@@ -234,12 +253,15 @@ def test_downgrade_refuses_while_an_application_fk_depends_on_the_new_unique_con
 
 
 def test_a_forgotten_flowfix_schema_is_refused_naming_the_schema_that_holds_the_tables(
-        make_shape: Callable[..., Settings]) -> None:
+    make_shape: Callable[..., Settings],
+) -> None:
     s = make_shape("deployed", adopted=False)
     public = Settings(url=s.url, schema="public", lock_timeout="2s", lock_retries=0)
     before = snapshot.take(public)
-    with pytest.raises(CommandError, match="schema public has none of the discovery-flow tables, but schema"
-                                           " migration has them: set FLOWFIX_SCHEMA"):
+    with pytest.raises(
+        CommandError,
+        match="schema public has none of the discovery-flow tables, but schema migration has them: set FLOWFIX_SCHEMA",
+    ):
         upgrade(public, "head")
     assert snapshot.take(public) == before
     from typer.testing import CliRunner
@@ -258,8 +280,9 @@ def test_an_empty_schema_needs_the_explicit_choice_to_create_tables(settings: Se
 
     with pytest.raises(CommandError, match="run flowfix upgrade legacy --create-tables"):
         upgrade(dataclasses.replace(settings, create_tables=False), "legacy")
-    assert sql(settings, "SELECT count(*) AS n FROM pg_class WHERE relname LIKE 'flowfix%'"
-                         " OR relname = 'data_imports'") == [{"n": 0}]
+    assert sql(
+        settings, "SELECT count(*) AS n FROM pg_class WHERE relname LIKE 'flowfix%' OR relname = 'data_imports'"
+    ) == [{"n": 0}]
     upgrade(settings, "legacy")
     assert revision(settings) == "legacy"
 
@@ -279,7 +302,8 @@ def test_a_system_schema_is_refused(schema: str) -> None:
 
 
 def test_create_missing_masters_on_shape_h_supplies_ids_and_reports_what_it_cannot_fill(
-        make_shape: Callable[..., Settings]) -> None:
+    make_shape: Callable[..., Settings],
+) -> None:
     """Shape H has no id defaults and NOT NULL user_id: flowfix supplies both. A master it
     cannot fill is reported while planning; every other link is still made."""
     from tests.test_backfill import run
@@ -298,13 +322,20 @@ def test_create_missing_masters_on_shape_h_supplies_ids_and_reports_what_it_cann
     result = run(s, create_missing_masters=True)
     assert result.exit_code == 1  # the blank one is left, and said
     reasons = {u.id: u.reason for u in result.plan.unmatched}
-    assert reasons == {str(blank): f"cannot create its master: its user_id is NULL and {MASTER_TABLE}.user_id is"
-                                   " NOT NULL"}
-    created = sql(s, "SELECT id, user_id, flow_name, flow_type FROM crewai_flow_state_extensions WHERE flow_id = :f",
-                  {"f": lonely_flow})
+    assert reasons == {
+        str(blank): f"cannot create its master: its user_id is NULL and {MASTER_TABLE}.user_id is NOT NULL"
+    }
+    created = sql(
+        s,
+        "SELECT id, user_id, flow_name, flow_type FROM crewai_flow_state_extensions WHERE flow_id = :f",
+        {"f": lonely_flow},
+    )
     assert len(created) == 1 and created[0]["id"] is not None and created[0]["id"] != lonely_flow
     assert (created[0]["user_id"], created[0]["flow_name"], created[0]["flow_type"]) == (
-        "alice", "Q3 import", "discovery")
+        "alice",
+        "Q3 import",
+        "discovery",
+    )
     got = {r["id"]: r["master_flow_id"] for r in sql(s, "SELECT id, master_flow_id FROM discovery_flows")}
     assert got == {lonely: lonely_flow, blank: None, linked: existing}
     assert sql(s, "SELECT status FROM flowfix_runs") == [{"status": "finished"}]
@@ -315,8 +346,10 @@ def test_a_required_column_flowfix_cannot_fill_is_found_while_planning(make_shap
 
     s = make_shape("app_head")
     upgrade(s, "fix_master_flow_fk")
-    sql(s, "ALTER TABLE crewai_flow_state_extensions ADD COLUMN tier_budget integer NOT NULL DEFAULT 0",
-        )
+    sql(
+        s,
+        "ALTER TABLE crewai_flow_state_extensions ADD COLUMN tier_budget integer NOT NULL DEFAULT 0",
+    )
     sql(s, "ALTER TABLE crewai_flow_state_extensions ALTER COLUMN tier_budget DROP DEFAULT")
     orphan_flow = add_discovery_flow(s, flow_id=uuid.uuid4(), master=None, client=C, engagement=E)
     _, existing = add_master(s, client=C, engagement=E)
@@ -324,8 +357,12 @@ def test_a_required_column_flowfix_cannot_fill_is_found_while_planning(make_shap
 
     dry = run(s, create_missing_masters=True, dry_run=True)
     assert [(u.id, u.reason) for u in dry.plan.unmatched] == [
-        (str(orphan_flow), f"cannot create its master: {MASTER_TABLE}.tier_budget is NOT NULL without a default,"
-                           " and flowfix has no value for it")]
+        (
+            str(orphan_flow),
+            f"cannot create its master: {MASTER_TABLE}.tier_budget is NOT NULL without a default,"
+            " and flowfix has no value for it",
+        )
+    ]
     result = run(s, create_missing_masters=True)
     assert result.exit_code == 1
     got = {r["id"]: r["master_flow_id"] for r in sql(s, "SELECT id, master_flow_id FROM discovery_flows")}
@@ -356,7 +393,9 @@ def test_undo_keeps_a_created_master_that_another_table_references(make_shape: C
     assert undone.exit_code == 0, undone.output
     masters = {r["flow_id"] for r in sql(s, "SELECT flow_id FROM crewai_flow_state_extensions")}
     assert masters == {kept_flow}
-    assert sql(s, "SELECT id, master_flow_id FROM collection_flows") == [{"id": collection, "master_flow_id": kept_flow}]
+    assert sql(s, "SELECT id, master_flow_id FROM collection_flows") == [
+        {"id": collection, "master_flow_id": kept_flow}
+    ]
     assert {r["master_flow_id"] for r in sql(s, "SELECT master_flow_id FROM discovery_flows")} == {None}
 
 
@@ -369,8 +408,10 @@ def test_the_violated_shape_runs_the_whole_runbook(make_shape: Callable[..., Set
     s = make_shape("violated")
     upgrade(s, "fix_master_flow_fk")
     quarantined = sql(s, "SELECT row_id::text, old_value::text FROM flowfix_quarantine ORDER BY row_id")
-    assert [q["old_value"] for q in quarantined] == ["0000dead-0000-4000-8000-000000000001",
-                                                     "0000dead-0000-4000-8000-000000000002"]
+    assert [q["old_value"] for q in quarantined] == [
+        "0000dead-0000-4000-8000-000000000001",
+        "0000dead-0000-4000-8000-000000000002",
+    ]
     result = run(s)
     assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
     report = run_validate(s)

@@ -29,18 +29,28 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path
     from tests.servers import system_bin_dir
 
     if system_bin_dir() is None:
-        pytest.skip("TLS needs a PostgreSQL built with SSL: the embedded wheel's is not, and this machine has no"
-                    " system PostgreSQL (CI has PostgreSQL 15)")
+        pytest.skip(
+            "TLS needs a PostgreSQL built with SSL: the embedded wheel's is not, and this machine has no"
+            " system PostgreSQL (CI has PostgreSQL 15)"
+        )
     ca, stranger = trustme.CA(), trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     tmp = tmp_path_factory.mktemp("tls")
     with custom_server(
-            tmp / "server",
-            settings={"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key",
-                      "password_encryption": "scram-sha-256"},
-            hba=["hostssl all all 127.0.0.1/32 scram-sha-256", "host all all 127.0.0.1/32 scram-sha-256"],
-            files={"server.crt": b"".join(p.bytes() for p in cert.cert_chain_pems),
-                   "server.key": cert.private_key_pem.bytes()}, system=True) as server:
+        tmp / "server",
+        settings={
+            "ssl": "on",
+            "ssl_cert_file": "server.crt",
+            "ssl_key_file": "server.key",
+            "password_encryption": "scram-sha-256",
+        },
+        hba=["hostssl all all 127.0.0.1/32 scram-sha-256", "host all all 127.0.0.1/32 scram-sha-256"],
+        files={
+            "server.crt": b"".join(p.bytes() for p in cert.cert_chain_pems),
+            "server.key": cert.private_key_pem.bytes(),
+        },
+        system=True,
+    ) as server:
         right, wrong = tmp / "ca.pem", tmp / "stranger.pem"
         ca.cert_pem.write_to_path(str(right))
         stranger.cert_pem.write_to_path(str(wrong))
@@ -83,24 +93,26 @@ def _database(server: Server, name: str) -> None:
 
 
 def test_sslmode_require_and_verify_full_work_and_a_wrong_root_certificate_is_one_line(
-        tls: tuple[Server, Path, Path]) -> None:
+    tls: tuple[Server, Path, Path],
+) -> None:
     server, right, wrong = tls
     _database(server, "tls_app")
     base = f"postgresql://{ROLE}:{ENCODED}@localhost:{server.port}/tls_app"
-    made = runner.invoke(app, ["upgrade", "legacy", "--create-tables"],
-                         env={"DATABASE_URL": f"{base}?sslmode=require"})
+    made = runner.invoke(app, ["upgrade", "legacy", "--create-tables"], env={"DATABASE_URL": f"{base}?sslmode=require"})
     assert made.exit_code == Exit.OK, made.output
+
+    from sqlalchemy import text
 
     from flowfix.config import Settings
     from flowfix.db import make_engine
-    from sqlalchemy import text
 
     async def ssl_in_use(url: str) -> bool:
         engine = make_engine(Settings.from_env({"DATABASE_URL": url}))
         try:
             async with engine.connect() as conn:
-                return bool((await conn.execute(text(
-                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))).scalar_one())
+                return bool(
+                    (await conn.execute(text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))).scalar_one()
+                )
         finally:
             await engine.dispose()
 
@@ -114,7 +126,9 @@ def test_sslmode_require_and_verify_full_work_and_a_wrong_root_certificate_is_on
     refused = runner.invoke(app, ["status"], env={"DATABASE_URL": f"{base}?sslmode=verify-full&sslrootcert={wrong}"})
     assert refused.exit_code == Exit.USAGE
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"flowfix: error: cannot connect to postgresql://{ROLE}:***@localhost")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"flowfix: error: cannot connect to postgresql://{ROLE}:***@localhost"
+    )
     assert "certificate" in lines[0].lower()
 
 
@@ -139,12 +153,19 @@ def test_no_command_ever_shows_the_password(tls: tuple[Server, Path, Path], tmp_
 
     junit, report, plan = tmp_path / "v.xml", tmp_path / "r.json", tmp_path / "p.json"
     commands = [
-        ["upgrade", "fix_master_flow_fk", "--create-tables"], ["status"],
-        ["validate", "--format", "junit", "--output", str(junit)], ["validate", "--format", "json"],
-        ["backfill", "--dry-run", "--report", str(plan)], ["backfill", "--report", str(report)], ["runs"],
+        ["upgrade", "fix_master_flow_fk", "--create-tables"],
+        ["status"],
+        ["validate", "--format", "junit", "--output", str(junit)],
+        ["validate", "--format", "json"],
+        ["backfill", "--dry-run", "--report", str(plan)],
+        ["backfill", "--report", str(report)],
+        ["runs"],
         ["link", "--import", "00000000-0000-4000-8000-000000000001", "--flow", "00000000-0000-4000-8000-000000000002"],
-        ["undo", "00000000-0000-4000-8000-000000000003"], ["upgrade", "head", "--sql"], ["upgrade", "head"],
-        ["downgrade", "legacy"], ["downgrade", "legacy", "--sql"],
+        ["undo", "00000000-0000-4000-8000-000000000003"],
+        ["upgrade", "head", "--sql"],
+        ["upgrade", "head"],
+        ["downgrade", "legacy"],
+        ["downgrade", "legacy", "--sql"],
     ]
     seen = []
     for args in commands:
@@ -156,8 +177,11 @@ def test_no_command_ever_shows_the_password(tls: tuple[Server, Path, Path], tmp_
 
     # and a wrong one is refused in one line that does not repeat it either
     url = str(env["DATABASE_URL"])
-    wrong = dict(env, DATABASE_URL=url.replace(PASSWORD, PASSWORD + "x").replace(ENCODED, ENCODED + "x"),
-                 PGPASSWORD=env["PGPASSWORD"] and PASSWORD + "x")
+    wrong = dict(
+        env,
+        DATABASE_URL=url.replace(PASSWORD, PASSWORD + "x").replace(ENCODED, ENCODED + "x"),
+        PGPASSWORD=env["PGPASSWORD"] and PASSWORD + "x",
+    )
     if where == "pgpass":
         (tmp_path / "pgpass").write_text(f"localhost:{server.port}:{database}:{ROLE}:{PASSWORD}x\n")
     refused = runner.invoke(app, ["status"], env=wrong)

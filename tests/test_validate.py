@@ -84,16 +84,25 @@ def test_orphans_are_counted_per_table_and_sampled_in_id_order(settings: Setting
 
     report = run_validate(settings, samples=5)
     assert (report.check("data_imports.orphaned").count, report.check("data_imports.orphaned").samples) == (
-        3, [str(i) for i in imports])
+        3,
+        [str(i) for i in imports],
+    )
     assert (report.check("raw_import_records.orphaned").count, report.check("raw_import_records.orphaned").samples) == (
-        7, [str(r) for r in records[:5]])
+        7,
+        [str(r) for r in records[:5]],
+    )
     assert (report.check("discovery_flows.orphaned").count, report.check("discovery_flows.orphaned").samples) == (
-        1, [str(disc)])
+        1,
+        [str(disc)],
+    )
     assert statuses(report)["data_imports.orphaned"] == "fail" and not report.ok
     # A known backlog can be accepted; the rest of the report is unchanged.
     accepted = run_validate(settings, max_orphans=7)
     assert {n: s for n, s in statuses(accepted).items() if n.endswith(".orphaned")} == {
-        "data_imports.orphaned": "warn", "raw_import_records.orphaned": "warn", "discovery_flows.orphaned": "warn"}
+        "data_imports.orphaned": "warn",
+        "raw_import_records.orphaned": "warn",
+        "discovery_flows.orphaned": "warn",
+    }
     assert accepted.ok
     assert not run_validate(settings, max_orphans=6).ok  # 7 records > 6
 
@@ -118,7 +127,7 @@ def test_cross_tenant_links_always_fail_even_with_a_backlog_accepted(settings: S
     upgrade(settings, "fix_master_flow_fk")
     a = linked_flow(settings, A_C, A_E)
     b = linked_flow(settings, B_C, B_E)
-    leak_import = add_import(settings, master=b["flow"], client=A_C, engagement=A_E)     # A's import -> B's master
+    leak_import = add_import(settings, master=b["flow"], client=A_C, engagement=A_E)  # A's import -> B's master
     leak_record = add_record(settings, data_import=a["import"], master=a["flow"], row=9)
     sql(settings, "UPDATE raw_import_records SET engagement_id = :e WHERE id = :r", {"e": B_E, "r": leak_record})
     report = run_validate(settings, max_orphans=100)
@@ -132,42 +141,64 @@ def test_record_import_disagreement_and_discovery_identity(settings: Settings) -
     upgrade(settings, "fix_master_flow_fk")
     a = linked_flow(settings)
     other = linked_flow(settings)
-    sql(settings, "UPDATE raw_import_records SET master_flow_id = :f WHERE id = :r",
-        {"f": other["flow"], "r": a["records"][0]})
-    sql(settings, "UPDATE discovery_flows SET master_flow_id = :f WHERE id = :d",
-        {"f": other["flow"], "d": a["discovery"]})
+    sql(
+        settings,
+        "UPDATE raw_import_records SET master_flow_id = :f WHERE id = :r",
+        {"f": other["flow"], "r": a["records"][0]},
+    )
+    sql(
+        settings,
+        "UPDATE discovery_flows SET master_flow_id = :f WHERE id = :d",
+        {"f": other["flow"], "d": a["discovery"]},
+    )
     report = run_validate(settings)
-    assert (report.check("record_import_disagreement").count,
-            report.check("record_import_disagreement").samples) == (1, [str(a["records"][0])])
-    assert (report.check("discovery_flow_identity").status, report.check("discovery_flow_identity").count) == ("warn", 1)
+    assert (report.check("record_import_disagreement").count, report.check("record_import_disagreement").samples) == (
+        1,
+        [str(a["records"][0])],
+    )
+    assert (report.check("discovery_flow_identity").status, report.check("discovery_flow_identity").count) == (
+        "warn",
+        1,
+    )
     assert report.check("discovery_flow_identity").samples == [str(a["discovery"])]
     assert not dataclasses.replace(report, fail_on="warn").ok
 
 
 def test_legacy_schema_reports_the_wrong_fk_targets_and_no_fanout_on_duplicate_flow_ids(
-        empty_settings: Settings) -> None:
+    empty_settings: Settings,
+) -> None:
     settings = empty_settings  # the friendly shape: shape H forbids duplicate flow_ids
     upgrade(settings, "legacy")
     m, flow = add_master(settings, client=A_C, engagement=A_E)
-    sql(settings, "INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, flow_type)"
-                  " VALUES (:f, :c, :e, 'discovery')", {"f": flow, "c": A_C, "e": A_E})  # duplicate flow_id
+    sql(
+        settings,
+        "INSERT INTO crewai_flow_state_extensions (flow_id, client_account_id, engagement_id, flow_type)"
+        " VALUES (:f, :c, :e, 'discovery')",
+        {"f": flow, "c": A_C, "e": A_E},
+    )  # duplicate flow_id
     script(settings, "ALTER TABLE data_imports DROP CONSTRAINT data_imports_master_flow_id_fkey")
     add_import(settings, master=flow, client=B_C, engagement=B_E)  # cross-tenant, to a duplicated flow_id
-    add_import(settings, master=m, client=A_C, engagement=A_E)     # an id, as legacy stores it
+    add_import(settings, master=m, client=A_C, engagement=A_E)  # an id, as legacy stores it
     report = run_validate(settings)
     assert report.check("tenant_mismatch").count == 1  # not 2: the duplicate does not multiply rows
     assert report.check("data_imports.dangling").count == 1
     assert report.check("fk.raw_import_records").message.startswith(
-        "raw_import_records_master_flow_id_fkey -> crewai_flow_state_extensions(id)")
+        "raw_import_records_master_flow_id_fkey -> crewai_flow_state_extensions(id)"
+    )
     assert (report.check("revision").status, report.check("revision").message) == (
-        "warn", "at legacy; head is enforce_master_flow_not_null")
+        "warn",
+        "at legacy; head is enforce_master_flow_not_null",
+    )
 
 
 def _reader(settings: Settings) -> tuple[Settings, str]:
     role = f"flowfix_reader_{uuid.uuid4().hex[:8]}"
-    script(settings, f"CREATE ROLE {role} LOGIN PASSWORD 'reader-pw'",
-           f"GRANT USAGE ON SCHEMA {settings.schema} TO {role}",
-           f"GRANT SELECT ON ALL TABLES IN SCHEMA {settings.schema} TO {role}")
+    script(
+        settings,
+        f"CREATE ROLE {role} LOGIN PASSWORD 'reader-pw'",
+        f"GRANT USAGE ON SCHEMA {settings.schema} TO {role}",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA {settings.schema} TO {role}",
+    )
     url = normalize_url(plain_url(settings)).set(username=role, password="reader-pw")
     return dataclasses.replace(settings, url=url), role
 
@@ -182,15 +213,20 @@ def test_a_select_only_role_can_validate_and_rls_is_detected(settings: Settings)
     hidden = linked_flow(settings, B_C, B_E)
     reader, role = _reader(settings)
     try:
-        enabled = [r["relname"] for r in sql(settings, "SELECT relname FROM pg_class WHERE relrowsecurity"
-                                                       " AND relnamespace = to_regnamespace(current_schema())"
-                                                       " ORDER BY 1")]
+        enabled = [
+            r["relname"]
+            for r in sql(
+                settings,
+                "SELECT relname FROM pg_class WHERE relrowsecurity"
+                " AND relnamespace = to_regnamespace(current_schema())"
+                " ORDER BY 1",
+            )
+        ]
         if enabled:
             # shape H: RLS is on for three tables, with no policy for this role: it sees
             # none of their rows, and validate says so instead of passing on partial counts
             report = run_validate(reader)
-            assert (report.check("rls_visibility").status, report.check("rls_visibility").samples) == (
-                "fail", enabled)
+            assert (report.check("rls_visibility").status, report.check("rls_visibility").samples) == ("fail", enabled)
             assert not report.ok
             assert run_validate(settings).check("rls_visibility").status == "pass"
             return
@@ -199,8 +235,11 @@ def test_a_select_only_role_can_validate_and_rls_is_detected(settings: Settings)
         with pytest.raises(Exception, match="permission denied"):
             sql(reader, "DELETE FROM data_imports")
 
-        script(settings, "ALTER TABLE data_imports ENABLE ROW LEVEL SECURITY",
-               f"CREATE POLICY only_a ON data_imports FOR SELECT TO {role} USING (client_account_id = '{A_C}')")
+        script(
+            settings,
+            "ALTER TABLE data_imports ENABLE ROW LEVEL SECURITY",
+            f"CREATE POLICY only_a ON data_imports FOR SELECT TO {role} USING (client_account_id = '{A_C}')",
+        )
         # The role now sees one import; the report says its counts may be partial.
         assert sql(reader, "SELECT count(*) AS n FROM data_imports") == [{"n": 1}]
         report = run_validate(reader)
@@ -250,11 +289,14 @@ def test_cli_exit_codes_json_and_junit(settings: Settings, tmp_path) -> None:
     assert suite.get("tests") == str(len(v.CHECK_ORDER)) and suite.get("failures") == "1"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--client-account", "not-a-uuid"], "--client-account 'not-a-uuid' is not a UUID"),
-    (["--format", "yaml"], "--format must be one of text, json, junit, not 'yaml'"),
-    (["--fail-on", "never"], "--fail-on must be one of error, warn, not 'never'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--client-account", "not-a-uuid"], "--client-account 'not-a-uuid' is not a UUID"),
+        (["--format", "yaml"], "--format must be one of text, json, junit, not 'yaml'"),
+        (["--fail-on", "never"], "--fail-on must be one of error, warn, not 'never'"),
+    ],
+)
 def test_cli_bad_options_exit_2_with_one_line(args: list[str], message: str, empty_settings: Settings) -> None:
     result = runner.invoke(app, ["validate", *args], env=cli_env(empty_settings))
     assert result.exit_code == 2

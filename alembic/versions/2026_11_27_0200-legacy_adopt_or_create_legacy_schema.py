@@ -34,13 +34,31 @@ depends_on: str | Sequence[str] | None = None
 #: The columns the later revisions and the backfill read or write, per table.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "crewai_flow_state_extensions": (
-        "id", "flow_id", "client_account_id", "engagement_id", "user_id", "flow_type", "flow_name", "flow_status",
-        "flow_configuration", "flow_persistence_data", "created_at",
+        "id",
+        "flow_id",
+        "client_account_id",
+        "engagement_id",
+        "user_id",
+        "flow_type",
+        "flow_name",
+        "flow_status",
+        "flow_configuration",
+        "flow_persistence_data",
+        "created_at",
     ),
     "data_imports": ("id", "client_account_id", "engagement_id", "master_flow_id", "created_at"),
     "raw_import_records": ("id", "data_import_id", "client_account_id", "engagement_id", "master_flow_id"),
-    "discovery_flows": ("id", "flow_id", "master_flow_id", "data_import_id", "client_account_id", "engagement_id",
-                        "user_id", "flow_name", "status"),
+    "discovery_flows": (
+        "id",
+        "flow_id",
+        "master_flow_id",
+        "data_import_id",
+        "client_account_id",
+        "engagement_id",
+        "user_id",
+        "flow_name",
+        "status",
+    ),
 }
 
 BOOKKEEPING = """
@@ -154,7 +172,7 @@ DECLARE
   missing text[] := '{{}}';
 BEGIN
   SELECT count(*) INTO present FROM unnest(ARRAY[{table_list}]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL;
-  IF present = 0 AND NOT {'true' if create else 'false'} THEN
+  IF present = 0 AND NOT {"true" if create else "false"} THEN
     SELECT string_agg(DISTINCT n.nspname, ', ') INTO elsewhere
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relname = 'crewai_flow_state_extensions' AND c.relkind IN ('r', 'p') AND n.nspname <> current_schema();

@@ -116,8 +116,9 @@ CATALOG_PREFLIGHT = f"""
   IF found IS NOT NULL THEN
     RAISE EXCEPTION 'flowfix: role % does not own %, and only the owner may change their constraints and indexes; run it as the tables'' owner. This revision changed nothing.', current_user, found USING ERRCODE = '42501';
   END IF;
-  SELECT string_agg(relname, ', ') INTO found FROM ({catalog.RLS_LIMITED_TEMPLATE.format(
-      tables="ARRAY['crewai_flow_state_extensions', " + CHILDREN_SQL[6:])}) hidden;
+  SELECT string_agg(relname, ', ') INTO found FROM ({
+    catalog.RLS_LIMITED_TEMPLATE.format(tables="ARRAY['crewai_flow_state_extensions', " + CHILDREN_SQL[6:])
+}) hidden;
   IF found IS NOT NULL THEN
     RAISE EXCEPTION 'flowfix: row-level security hides rows of % from role %, so this revision cannot see every row; run it as the tables'' owner (without FORCE ROW LEVEL SECURITY), a superuser or a BYPASSRLS role. This revision changed nothing.', found, current_user USING ERRCODE = 'FF000';
   END IF;
@@ -306,8 +307,9 @@ SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
        (SELECT count(*) FROM changed) AS changed {into}"""
 
 
-def _build_index(table: str, name: str, columns: str, why: str, *, kind: str = "index_created",
-                 unique: bool = False) -> None:
+def _build_index(
+    table: str, name: str, columns: str, why: str, *, kind: str = "index_created", unique: bool = False
+) -> None:
     """Build one index without blocking writes, the same way every time: drop the INVALID
     leftover of an interrupted CONCURRENTLY build (online), note the index in
     flowfix_schema_changes if it is not there yet (so the downgrade drops only what this
@@ -321,12 +323,16 @@ def _build_index(table: str, name: str, columns: str, why: str, *, kind: str = "
     migrate.execute(_record_if_absent(kind, table, name, f"to_regclass('{name}') IS NULL"))
     migrate.commit()
     migrate.outside_transaction(
-        why, f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({columns})")
+        why, f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({columns})"
+    )
 
 
 def _is_partitioned(table: str) -> bool:
-    return bool(migrate.bind().exec_driver_sql(
-        f"SELECT count(*) FROM pg_class WHERE oid = to_regclass('{table}') AND relkind = 'p'").scalar_one())
+    return bool(
+        migrate.bind()
+        .exec_driver_sql(f"SELECT count(*) FROM pg_class WHERE oid = to_regclass('{table}') AND relkind = 'p'")
+        .scalar_one()
+    )
 
 
 def _build_partitioned_index(table: str, name: str, columns: str, why: str) -> None:
@@ -337,7 +343,8 @@ def _build_partitioned_index(table: str, name: str, columns: str, why: str) -> N
     conn = migrate.bind()
     parts = conn.exec_driver_sql(
         "SELECT c.relname, c.relkind::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        f" WHERE i.inhparent = to_regclass('{table}') ORDER BY 1").all()
+        f" WHERE i.inhparent = to_regclass('{table}') ORDER BY 1"
+    ).all()
     if any(kind != "r" for _, kind in parts):
         migrate.warn(f"{table} has sub-partitions: index {name} is not built; build it by hand if needed")
         return
@@ -347,36 +354,52 @@ def _build_partitioned_index(table: str, name: str, columns: str, why: str) -> N
     for part, _ in parts:
         part_index = f"ix_{part}_{columns.replace(', ', '_')}"[:63]
         if _invalid_index(part_index):
-            migrate.outside_transaction("drop the invalid leftover index",
-                                        f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(part_index)}")
-        migrate.outside_transaction(f"{why}: partition {part}",
-                                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {migrate.quote(part_index)}"
-                                    f" ON {migrate.quote(part)} ({columns})")
+            migrate.outside_transaction(
+                "drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(part_index)}"
+            )
+        migrate.outside_transaction(
+            f"{why}: partition {part}",
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {migrate.quote(part_index)} ON {migrate.quote(part)} ({columns})",
+        )
         attached = conn.exec_driver_sql(
             f"SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass({migrate.sql_literal(part_index)})"
-            f" AND inhparent = to_regclass('{name}')").scalar_one()
+            f" AND inhparent = to_regclass('{name}')"
+        ).scalar_one()
         if not attached:
             migrate.execute(f"ALTER INDEX {name} ATTACH PARTITION {migrate.quote(part_index)}")
             migrate.commit()
 
 
 def _invalid_index(name: str) -> bool:
-    return bool(migrate.bind().exec_driver_sql(
-        f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass({migrate.sql_literal(name)})"
-        " AND NOT indisvalid").scalar_one())
+    return bool(
+        migrate.bind()
+        .exec_driver_sql(
+            f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass({migrate.sql_literal(name)})"
+            " AND NOT indisvalid"
+        )
+        .scalar_one()
+    )
 
 
 def _ensure_unique_flow_id() -> None:
     if not migrate.offline():
-        others = [ix for ix in catalog.indexes(migrate.bind(), MASTER_TABLE, "flow_id")
-                  if ix.name != UNIQUE_FLOW_ID and ix.is_unique and ix.is_valid
-                  and not ix.is_partial and ix.key_columns == 1]
+        others = [
+            ix
+            for ix in catalog.indexes(migrate.bind(), MASTER_TABLE, "flow_id")
+            if ix.name != UNIQUE_FLOW_ID and ix.is_unique and ix.is_valid and not ix.is_partial and ix.key_columns == 1
+        ]
         if others:
             migrate.note(f"step 2: {MASTER_TABLE}.flow_id already has unique index {others[0].name}; nothing to build")
             return
     migrate.note(f"step 2: unique index {UNIQUE_FLOW_ID} on {MASTER_TABLE}(flow_id)")
-    _build_index(MASTER_TABLE, UNIQUE_FLOW_ID, "flow_id", "build the unique index without blocking writes",
-                 kind="constraint_created", unique=True)
+    _build_index(
+        MASTER_TABLE,
+        UNIQUE_FLOW_ID,
+        "flow_id",
+        "build the unique index without blocking writes",
+        kind="constraint_created",
+        unique=True,
+    )
     migrate.execute(f"""DO $attach$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{MASTER_TABLE}'::regclass AND conname = '{UNIQUE_FLOW_ID}') THEN
@@ -389,16 +412,25 @@ END $attach$""")
 def _ensure_master_flow_id_index(table: str) -> None:
     if not migrate.offline() and catalog.has_usable_index(migrate.bind(), table, "master_flow_id"):
         return
-    _build_index(table, f"ix_{table}_master_flow_id", "master_flow_id",
-                 f"index {table}(master_flow_id) so cascades and joins do not scan")
+    _build_index(
+        table,
+        f"ix_{table}_master_flow_id",
+        "master_flow_id",
+        f"index {table}(master_flow_id) so cascades and joins do not scan",
+    )
 
 
 def _created_fks(table: str) -> list[str]:
     """The FKs on ``table`` this revision added (an FK that was there before is never
     validated, dropped or otherwise touched)."""
-    return list(migrate.bind().exec_driver_sql(
-        "SELECT object_name FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'"
-        f" AND kind = 'constraint_created' AND table_name = '{table}' ORDER BY id").scalars())
+    return list(
+        migrate.bind()
+        .exec_driver_sql(
+            "SELECT object_name FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'"
+            f" AND kind = 'constraint_created' AND table_name = '{table}' ORDER BY id"
+        )
+        .scalars()
+    )
 
 
 def _validate(table: str) -> None:
@@ -434,15 +466,17 @@ def upgrade() -> None:
         _swap_fk(table)
 
     for table in CHILD_TABLES:
-        migrate.in_batches(f"step 4: {table}: translate master ids to flow_ids, quarantine the rest",
-                           table, TRANSLATE_TO_FLOW_ID)
+        migrate.in_batches(
+            f"step 4: {table}: translate master ids to flow_ids, quarantine the rest", table, TRANSLATE_TO_FLOW_ID
+        )
 
     for table in CHILD_TABLES:
         migrate.note(f"step 5: {table}: index master_flow_id")
         _ensure_master_flow_id_index(table)
     migrate.note(f"step 5: {MASTER_TABLE}: index (tenant, created_at) for the backfill's time-window search")
-    _build_index(MASTER_TABLE, TENANT_CREATED, "client_account_id, engagement_id, created_at",
-                 "build it without blocking writes")
+    _build_index(
+        MASTER_TABLE, TENANT_CREATED, "client_account_id, engagement_id, created_at", "build it without blocking writes"
+    )
 
     migrate.outside_transaction(
         "step 6: fresh statistics, so VALIDATE plans its anti-join well after the mass update",
@@ -529,15 +563,22 @@ def _report_unvalidated(table: str) -> None:
     if migrate.offline():
         return
     conn = migrate.bind()
-    stuck = conn.exec_driver_sql(
-        "SELECT sc.object_name FROM flowfix_schema_changes sc"
-        f" JOIN pg_constraint c ON c.conrelid = '{table}'::regclass AND c.conname = sc.object_name"
-        " WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced'"
-        f" AND sc.table_name = '{table}' AND sc.validated AND NOT c.convalidated").scalars().all()
+    stuck = (
+        conn.exec_driver_sql(
+            "SELECT sc.object_name FROM flowfix_schema_changes sc"
+            f" JOIN pg_constraint c ON c.conrelid = '{table}'::regclass AND c.conname = sc.object_name"
+            " WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced'"
+            f" AND sc.table_name = '{table}' AND sc.validated AND NOT c.convalidated"
+        )
+        .scalars()
+        .all()
+    )
     for name in stuck:
         rows = conn.exec_driver_sql(VIOLATING_ROWS.format(table=table)).scalars().all()
-        migrate.warn(f"{table}: foreign key {name} was VALID before the upgrade but rows break it, so it is back"
-                     f" NOT VALID; rows (first 10): {', '.join(rows) or 'none found'}")
+        migrate.warn(
+            f"{table}: foreign key {name} was VALID before the upgrade but rows break it, so it is back"
+            f" NOT VALID; rows (first 10): {', '.join(rows) or 'none found'}"
+        )
 
 
 def _drop_created_indexes() -> None:
@@ -552,14 +593,21 @@ BEGIN
 END $drop$""")
         migrate.commit()
         return
-    rows = migrate.bind().exec_driver_sql(
-        "SELECT sc.object_name, c.relkind = 'I' FROM flowfix_schema_changes sc"
-        " LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(sc.object_name))"
-        " WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'index_created'").all()
+    rows = (
+        migrate.bind()
+        .exec_driver_sql(
+            "SELECT sc.object_name, c.relkind = 'I' FROM flowfix_schema_changes sc"
+            " LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(sc.object_name))"
+            " WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'index_created'"
+        )
+        .all()
+    )
     plain = [name for name, partitioned in rows if not partitioned]
     if plain:
-        migrate.outside_transaction("drop the indexes this revision built",
-                                    *[f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(n)}" for n in plain])
+        migrate.outside_transaction(
+            "drop the indexes this revision built",
+            *[f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(n)}" for n in plain],
+        )
     for name in [name for name, partitioned in rows if partitioned]:
         # a partitioned index cannot be dropped CONCURRENTLY; this takes its partitions along
         migrate.execute(f"DROP INDEX IF EXISTS {migrate.quote(name)}")
@@ -586,7 +634,9 @@ def downgrade() -> None:
         migrate.note(f"{table}: re-add the FKs this revision replaced, NOT VALID")
         migrate.execute(_restore_fks(table))
         migrate.commit()
-    migrate.outside_transaction("fresh statistics before VALIDATE", f"ANALYZE {MASTER_TABLE}, {', '.join(CHILD_TABLES)}")
+    migrate.outside_transaction(
+        "fresh statistics before VALIDATE", f"ANALYZE {MASTER_TABLE}, {', '.join(CHILD_TABLES)}"
+    )
     for table in CHILD_TABLES:
         migrate.note(f"{table}: VALIDATE the restored FKs that were validated before")
         migrate.execute(_validate_restored_fks(table))

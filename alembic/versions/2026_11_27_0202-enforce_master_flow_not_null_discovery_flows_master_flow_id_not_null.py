@@ -46,11 +46,18 @@ def upgrade() -> None:
     migrate.note("step 0: stop, changing nothing, while any discovery flow has no master")
     migrate.execute(PRECONDITION)
     migrate.note("step 1: CHECK ... NOT VALID (instant)")
-    exists = not migrate.offline() and migrate.bind().exec_driver_sql(
-        f"SELECT count(*) FROM pg_constraint WHERE conrelid = 'discovery_flows'::regclass AND conname = '{CHECK}'"
-    ).scalar_one()
+    exists = (
+        not migrate.offline()
+        and migrate.bind()
+        .exec_driver_sql(
+            f"SELECT count(*) FROM pg_constraint WHERE conrelid = 'discovery_flows'::regclass AND conname = '{CHECK}'"
+        )
+        .scalar_one()
+    )
     if not exists:
-        migrate.execute(f"ALTER TABLE discovery_flows ADD CONSTRAINT {CHECK} CHECK (master_flow_id IS NOT NULL) NOT VALID")
+        migrate.execute(
+            f"ALTER TABLE discovery_flows ADD CONSTRAINT {CHECK} CHECK (master_flow_id IS NOT NULL) NOT VALID"
+        )
     migrate.commit()
     migrate.note("step 2: VALIDATE the CHECK in its own transaction")
     migrate.run_or_undo(

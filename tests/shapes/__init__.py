@@ -37,7 +37,9 @@ VIOLATED = Shape("violated", ("deployed.sql", "violated.sql"))
 COMPOSITE = Shape("composite", ("deployed.sql", "composite.sql"), refuses="composite foreign key")
 PARTITIONED = Shape("partitioned", ("deployed.sql", "partitioned.sql"))
 
-SHAPES: dict[str, Shape] = {s.name: s for s in (FRIENDLY, DEPLOYED, APP_HEAD, BETWEEN, VIOLATED, COMPOSITE, PARTITIONED)}
+SHAPES: dict[str, Shape] = {
+    s.name: s for s in (FRIENDLY, DEPLOYED, APP_HEAD, BETWEEN, VIOLATED, COMPOSITE, PARTITIONED)
+}
 
 #: The shapes every integration test of the runbook (upgrade, backfill, validate, link,
 #: undo, enforce, downgrade) runs on. The others have tests of their own in
