@@ -29,7 +29,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
@@ -191,12 +190,12 @@ evidence AS (
     WHERE COALESCE(d.master_flow_id, p.master) IS NOT NULL
   UNION ALL
     SELECT o.id, m.flow_id, 'exact:configuration', NULL, NULL
-    FROM orphan o JOIN crewai_flow_state_extensions m ON m.flow_configuration->>'import_id' = o.id::text
-    WHERE m.flow_type = 'discovery' AND m.flow_status <> 'deleted'
+    FROM orphan o JOIN crewai_flow_state_extensions m ON lower(m.flow_configuration->>'import_id') = o.id::text
+    WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
   UNION ALL
     SELECT o.id, m.flow_id, 'exact:configuration', NULL, NULL
-    FROM orphan o JOIN crewai_flow_state_extensions m ON m.flow_persistence_data->>'data_import_id' = o.id::text
-    WHERE m.flow_type = 'discovery' AND m.flow_status <> 'deleted'
+    FROM orphan o JOIN crewai_flow_state_extensions m ON lower(m.flow_persistence_data->>'data_import_id') = o.id::text
+    WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
 )
 SELECT e.import_id, e.flow_id, e.evidence,
        COALESCE(m.client_account_id, e.df_client) AS master_client,
@@ -225,7 +224,7 @@ WITH pairs AS MATERIALIZED (
 SELECT p.import_id, p.flow_id, p.distance
 FROM pairs p
 JOIN crewai_flow_state_extensions m ON m.flow_id = p.flow_id
-WHERE m.flow_type = 'discovery' AND m.flow_status <> 'deleted'
+WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
   AND m.flow_configuration->>'import_id' IS NULL
   AND m.flow_persistence_data->>'data_import_id' IS NULL
   AND NOT EXISTS (SELECT 1 FROM unnest(CAST(:claimed AS uuid[])) AS c(flow_id) WHERE c.flow_id = m.flow_id)
@@ -597,13 +596,13 @@ WITH batch AS (
     SELECT c.id AS change_id, c.row_id, c.new_value, c.evidence
     FROM flowfix_changes c
     WHERE c.run_id = :run AND c.table_name = 'data_imports' AND c.applied_at IS NULL AND c.skipped IS NULL
-      AND c.row_id > :after
+      AND (CAST(:after AS uuid) IS NULL OR c.row_id > CAST(:after AS uuid))
     ORDER BY c.row_id
     LIMIT :limit
 ), changed AS (
     UPDATE data_imports t SET master_flow_id = b.new_value, updated_at = now()
     FROM batch b
-    JOIN crewai_flow_state_extensions m ON m.flow_id = b.new_value AND m.flow_status <> 'deleted'
+    JOIN crewai_flow_state_extensions m ON m.flow_id = b.new_value AND m.flow_status IS DISTINCT FROM 'deleted'
     WHERE t.id = b.row_id AND t.master_flow_id IS NULL
       AND (t.client_account_id IS NULL OR t.client_account_id = m.client_account_id)
       AND (t.engagement_id IS NULL OR t.engagement_id = m.engagement_id)
@@ -621,14 +620,15 @@ SELECT (SELECT row_id FROM batch ORDER BY row_id DESC LIMIT 1) AS last_id,
 """
 
 #: Link the NULL records of the next batch of linked imports, and log one ledger change
-#: per import with the ids of the records it set. Imports are taken in (created_at, id)
-#: order: an import's records were written together, so this walks the records table
-#: roughly in its physical order instead of jumping around it.
+#: per import with the ids of the records it set. Imports are taken in id order, after the
+#: cursor :after (NULL: from the start, so the nil UUID is not skipped); an import without
+#: created_at, or with a naive one, is walked like any other.
 LINK_RECORDS_BATCH = f"""
 WITH imports AS (
-    SELECT t.id, t.master_flow_id, t.created_at FROM data_imports t
-    WHERE t.master_flow_id IS NOT NULL AND (t.created_at, t.id) > (:after_at, :after) AND {TENANT_SCOPE}
-    ORDER BY t.created_at, t.id
+    SELECT t.id, t.master_flow_id FROM data_imports t
+    WHERE t.master_flow_id IS NOT NULL AND (CAST(:after AS uuid) IS NULL OR t.id > CAST(:after AS uuid))
+      AND {TENANT_SCOPE}
+    ORDER BY t.id
     LIMIT :limit
 ), changed AS (
     UPDATE raw_import_records r SET master_flow_id = i.master_flow_id
@@ -643,13 +643,9 @@ WITH imports AS (
            array_agg(id ORDER BY id), now()
     FROM changed GROUP BY data_import_id, master_flow_id
     RETURNING 1
-), last AS (SELECT created_at, id FROM imports ORDER BY created_at DESC, id DESC LIMIT 1)
-SELECT (SELECT id FROM last) AS last_id, (SELECT created_at FROM last) AS last_at,
-       (SELECT count(*) FROM changed) AS changed
+)
+SELECT (SELECT id FROM imports ORDER BY id DESC LIMIT 1) AS last_id, (SELECT count(*) FROM changed) AS changed
 """
-
-EPOCH = datetime(1, 1, 1, tzinfo=UTC)
-NIL = uuid.UUID(int=0)
 
 
 class Batcher:
@@ -828,7 +824,7 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     lap("discovery_flows")
 
     # 2. imports, from the stored plan
-    after = NIL
+    after: uuid.UUID | None = None
     while True:
         last_id, applied, skipped = await _timed_batch(
             conn, batcher, APPLY_IMPORT_BATCH, {"run": run_id, "after": after}
@@ -844,14 +840,14 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     # 3. records follow their import; a batch is as many imports as make --batch-size records
     per_import = -(-plan.records_to_link // max(1, len(plan.record_links))) or 1
     by_import = Batcher(max(1, opts.batch_size // per_import))
-    after, after_at = NIL, EPOCH
+    after = None
     while True:
-        last_id, last_at, changed = await _timed_batch(
-            conn, by_import, LINK_RECORDS_BATCH, {"run": run_id, "after": after, "after_at": after_at, **opts.scope}
+        last_id, changed = await _timed_batch(
+            conn, by_import, LINK_RECORDS_BATCH, {"run": run_id, "after": after, **opts.scope}
         )
         if last_id is None:
             break
-        after, after_at = last_id, last_at
+        after = last_id
         counts["raw_import_records"] += changed
         note("raw_import_records", changed)
     lap("raw_import_records")

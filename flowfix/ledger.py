@@ -77,9 +77,18 @@ class UndoReport:
 
 
 async def require_ledger(conn: Executor) -> None:
+    """The ledger exists and the FKs reference flow_id (revision fix_master_flow_fk or
+    later): after ``downgrade legacy`` the ledger tables may remain, but a link written
+    then would be a flow_id in a column whose FK references id."""
     present = (await conn.execute(text("SELECT to_regclass('flowfix_runs') IS NOT NULL"))).scalar_one()
     if not present:
         raise LedgerMissing("the ledger tables do not exist yet: run `flowfix upgrade fix_master_flow_fk` first")
+    revision = await conn.run_sync(lambda sync: catalog.readable_revision(sync))
+    if revision in (None, "legacy"):
+        raise LedgerMissing(
+            f"the database is at revision {revision or '(none)'}, where master_flow_id still references the master's"
+            " id: run `flowfix upgrade fix_master_flow_fk` first"
+        )
 
 
 async def try_lock(conn: Executor) -> None:
@@ -154,6 +163,8 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
     ).one_or_none()
     if run is None:
         raise UnknownRun(f"no flowfix run with id {run_id} (see `flowfix runs`)")
+    if run.command == "undo":
+        raise UnknownRun(f"run {run_id} is an undo run, which cannot be undone: run the backfill or link again instead")
     if run.status == "undone":
         return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
 

@@ -104,10 +104,17 @@ def _same_tenant(client: uuid.UUID | None, engagement: uuid.UUID | None, context
 
 
 async def _link_records(
-    session: AsyncSession, data_import_id: uuid.UUID, flow_id: uuid.UUID, client: uuid.UUID, engagement: uuid.UUID
+    session: AsyncSession,
+    data_import_id: uuid.UUID,
+    flow_id: uuid.UUID,
+    client: uuid.UUID,
+    engagement: uuid.UUID,
+    replaces: uuid.UUID | None = None,
 ) -> list[Change]:
-    """Point every record of the import at ``flow_id``, in one statement; refuse (and so
-    roll everything back) if any record carries another tenant."""
+    """Point the import's records at ``flow_id``, in one statement: those with no master,
+    and those holding ``replaces`` (the import's previous master, when it is relinked with
+    --force). A record holding any other master is never overwritten, as in the backfill.
+    Refuse (and so roll everything back) if any record carries another tenant."""
     foreign = (
         await session.execute(
             text(
@@ -126,9 +133,10 @@ async def _link_records(
                 "UPDATE raw_import_records r SET master_flow_id = :f"
                 " FROM raw_import_records old"
                 " WHERE r.id = old.id AND r.data_import_id = :i AND r.master_flow_id IS DISTINCT FROM :f"
+                "   AND (r.master_flow_id IS NULL OR r.master_flow_id = CAST(:replaces AS uuid))"
                 " RETURNING r.id, old.master_flow_id"
             ),
-            {"f": flow_id, "i": data_import_id},
+            {"f": flow_id, "i": data_import_id, "replaces": replaces},
         )
     ).all()
     return [Change("raw_import_records", r.id, "master_flow_id", r.master_flow_id, flow_id, "link") for r in rows]
@@ -255,8 +263,9 @@ async def link_import(
             result.changes.append(
                 Change("data_imports", data_import_id, "master_flow_id", imp.master_flow_id, flow_id, "link")
             )
+        replaces = imp.master_flow_id if imp.master_flow_id != flow_id else None
         result.changes += await _link_records(
-            session, data_import_id, flow_id, master.client_account_id, master.engagement_id
+            session, data_import_id, flow_id, master.client_account_id, master.engagement_id, replaces
         )
         return result
 

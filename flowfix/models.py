@@ -53,6 +53,14 @@ TENANT_SCOPE = (
 )
 
 
+#: The same for records (alias ``t``, their import ``i``): a record without tenant columns
+#: is in the scope of its import's tenant.
+RECORD_TENANT_SCOPE = (
+    "(CAST(:client AS uuid) IS NULL OR COALESCE(t.client_account_id, i.client_account_id) = CAST(:client AS uuid))"
+    " AND (CAST(:engagement AS uuid) IS NULL OR COALESCE(t.engagement_id, i.engagement_id) = CAST(:engagement AS uuid))"
+)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 

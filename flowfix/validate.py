@@ -24,7 +24,7 @@ from flowfix import catalog
 from flowfix.config import VERSION_TABLE, Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError
-from flowfix.models import CHILD_TABLES, MASTER_TABLE, TENANT_SCOPE
+from flowfix.models import CHILD_TABLES, MASTER_TABLE, RECORD_TENANT_SCOPE, TENANT_SCOPE
 from flowfix.schema import head
 
 Status = Literal["pass", "warn", "fail"]
@@ -94,16 +94,21 @@ def _from(table: str, masters: str) -> str:
     return joins
 
 
+def _scope(table: str) -> str:
+    """--client-account / --engagement: records without tenant columns count for their import's."""
+    return RECORD_TENANT_SCOPE if table == "raw_import_records" else TENANT_SCOPE
+
+
 def count_sql(table: str, checks: Sequence[RowCheck], masters: str) -> str:
     """One scan of ``table`` counting every row check at once."""
     columns = ",\n       ".join(f"count(*) FILTER (WHERE {c.predicate}) AS c{n}" for n, c in enumerate(checks))
-    return f"SELECT {columns}\nFROM {_from(table, masters)}\nWHERE {TENANT_SCOPE}"
+    return f"SELECT {columns}\nFROM {_from(table, masters)}\nWHERE {_scope(table)}"
 
 
 def sample_sql(check: RowCheck, masters: str) -> str:
     return (
         f"SELECT t.id FROM {_from(check.table, masters)}\n"
-        f"WHERE {TENANT_SCOPE} AND ({check.predicate})\nORDER BY t.id LIMIT :limit"
+        f"WHERE {_scope(check.table)} AND ({check.predicate})\nORDER BY t.id LIMIT :limit"
     )
 
 

@@ -1,0 +1,166 @@
+"""Regression tests for the defects of issue 11 where a run exited 0 and the database was
+wrong, each on every runbook shape: a nil-UUID import, imports without created_at, masters
+with a NULL status, configuration naming an import in upper case, naive timestamps; and
+the refusals that keep a command from writing where it must not."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from typer.testing import CliRunner
+
+from flowfix.cli import Exit, app
+from flowfix.config import Settings
+from tests import snapshot
+from tests.conftest import downgrade, upgrade
+from tests.helpers import add_discovery_flow, add_import, add_master, add_record, cli_env, insert, links, sql
+from tests.test_backfill import run
+from tests.test_validate import run_validate
+
+C, E = uuid.uuid4(), uuid.uuid4()
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+NIL = uuid.UUID(int=0)
+runner = CliRunner()
+
+
+@pytest.fixture
+def s(shaped: Settings) -> Settings:
+    upgrade(shaped, "fix_master_flow_fk")
+    return shaped
+
+
+def master_at(s: Settings, minutes: float) -> uuid.UUID:
+    _, flow = add_master(s, client=C, engagement=E, created_at=T0 + timedelta(minutes=minutes))
+    return flow
+
+
+def import_at(s: Settings, minutes: float | None, id_: uuid.UUID | None = None, records: int = 2) -> uuid.UUID:
+    imp = id_ or uuid.uuid4()
+    insert(
+        s,
+        "data_imports",
+        {
+            "id": imp,
+            "master_flow_id": None,
+            "client_account_id": C,
+            "engagement_id": E,
+            "created_at": None if minutes is None else T0 + timedelta(minutes=minutes),
+        },
+    )
+    for n in range(records):
+        add_record(s, data_import=imp, master=None, row=n)
+    return imp
+
+
+def test_an_import_whose_id_is_the_nil_uuid_is_linked_not_just_reported(s: Settings) -> None:
+    flow = master_at(s, 0)
+    imp = import_at(s, 1, id_=NIL)
+    result = run(s)
+    assert result.exit_code == 0
+    assert links(s, "data_imports") == {imp: flow}
+    assert set(links(s, "raw_import_records").values()) == {flow}
+
+
+def test_records_of_an_import_without_created_at_are_linked(s: Settings) -> None:
+    sql(s, "ALTER TABLE data_imports ALTER COLUMN created_at DROP NOT NULL")
+    flow = master_at(s, 0)
+    imp = import_at(s, None)
+    add_discovery_flow(s, flow_id=flow, master=flow, client=C, engagement=E, data_import=imp)  # exact evidence
+    result = run(s)
+    assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
+    assert set(links(s, "raw_import_records").values()) == {flow}
+
+
+def test_a_master_whose_status_is_null_is_not_deleted(s: Settings) -> None:
+    sql(s, "ALTER TABLE crewai_flow_state_extensions ALTER COLUMN flow_status DROP NOT NULL")
+    flow = master_at(s, 0)
+    sql(s, "UPDATE crewai_flow_state_extensions SET flow_status = NULL WHERE flow_id = :f", {"f": flow})
+    imp = import_at(s, 1)
+    result = run(s)
+    assert result.exit_code == 0 and result.counts.get("skipped", 0) == 0
+    assert links(s, "data_imports") == {imp: flow}
+
+
+def test_configuration_naming_the_import_in_upper_case_is_exact_evidence(s: Settings) -> None:
+    near = master_at(s, 1)
+    named = master_at(s, 90)
+    imp = import_at(s, 0)
+    sql(
+        s,
+        "UPDATE crewai_flow_state_extensions SET flow_configuration = jsonb_build_object('import_id', CAST(:i AS text))"
+        " WHERE flow_id = :f",
+        {"i": str(imp).upper(), "f": named},
+    )
+    result = run(s)
+    assert links(s, "data_imports") == {imp: named}
+    assert [link.evidence for link in result.plan.import_links] == ["exact:configuration"]
+    assert near not in links(s, "data_imports").values()
+
+
+def test_naive_timestamps_do_not_crash_the_records_step(s: Settings) -> None:
+    sql(s, "ALTER TABLE data_imports ALTER COLUMN created_at TYPE timestamp without time zone")
+    flow = master_at(s, 0)
+    imp = uuid.uuid4()
+    insert(
+        s,
+        "data_imports",
+        {
+            "id": imp,
+            "master_flow_id": None,
+            "client_account_id": C,
+            "engagement_id": E,
+            "created_at": (T0 + timedelta(minutes=1)).replace(tzinfo=None),
+        },
+    )
+    for n in range(2):
+        add_record(s, data_import=imp, master=None, row=n)
+    result = run(s)
+    assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
+    assert set(links(s, "raw_import_records").values()) == {flow}
+
+
+def test_link_without_force_never_overwrites_a_record_holding_another_master(s: Settings) -> None:
+    flow, other = master_at(s, 0), master_at(s, 500)
+    imp = import_at(s, 1, records=2)
+    odd = add_record(s, data_import=imp, master=other, row=9)
+    result = runner.invoke(app, ["link", "--import", str(imp), "--flow", str(flow)], env=cli_env(s))
+    assert result.exit_code == 0, result.output
+    values = links(s, "raw_import_records")
+    assert values.pop(odd) == other
+    assert set(values.values()) == {flow}
+
+
+def test_validate_scoped_to_a_tenant_counts_its_records_without_tenant_columns(s: Settings) -> None:
+    flow = master_at(s, 0)
+    imp = add_import(s, master=flow, client=C, engagement=E)
+    add_record(s, data_import=imp, master=None)  # the record carries no tenant of its own
+    assert run_validate(s, client_account=C).check("raw_import_records.orphaned").count == 1
+
+
+def test_undo_of_an_undo_run_is_refused_and_changes_nothing(s: Settings) -> None:
+    master_at(s, 0)
+    import_at(s, 1)
+    first = run(s)
+    assert runner.invoke(app, ["undo", str(first.run_id)], env=cli_env(s)).exit_code == 0
+    (undo_run,) = sql(s, "SELECT id::text FROM flowfix_runs WHERE command = 'undo'")
+    before = snapshot.take(s, flowfix_tables=True)
+    again = runner.invoke(app, ["undo", undo_run["id"]], env=cli_env(s))
+    assert again.exit_code == Exit.USAGE
+    assert "is an undo run" in again.stderr
+    assert snapshot.take(s, flowfix_tables=True) == before
+
+
+def test_backfill_and_link_after_downgrade_to_legacy_are_refused(s: Settings) -> None:
+    flow = master_at(s, 0)
+    imp = import_at(s, 1)
+    run(s, dry_run=True)
+    sql(s, "INSERT INTO flowfix_runs (command) VALUES ('link')")  # keeps the ledger tables on downgrade
+    downgrade(s, "legacy")
+    before = snapshot.take(s, flowfix_tables=True)
+    for args in (["backfill"], ["link", "--import", str(imp), "--flow", str(flow)]):
+        result = runner.invoke(app, args, env=cli_env(s))
+        assert result.exit_code == Exit.USAGE, result.output
+        assert "flowfix upgrade fix_master_flow_fk" in result.stderr
+    assert snapshot.take(s, flowfix_tables=True) == before
