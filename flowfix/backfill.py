@@ -363,7 +363,10 @@ def assign_by_time(
                 assigned[i] = (m, distance)
                 taken.add(m)
             else:
-                ambiguous[i] = sorted(masters | {m for j in rivals for m in masters_of[j]})
+                tied = masters | {m for j in rivals for m in masters_of[j]}
+                ambiguous[i] = sorted(tied)
+                # a tied master is contested by nearer imports: never the prize of a farther one
+                taken |= tied
     return assigned, ambiguous
 
 
@@ -681,6 +684,20 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+async def _store_import_plan(conn: AsyncConnection, run_id: uuid.UUID, links: list[Link]) -> None:
+    """The import links of a plan go to the ledger before any is applied (resumable)."""
+    await conn.execute(
+        text(STORE_IMPORT_PLAN),
+        {
+            "run": run_id,
+            "ids": [uuid.UUID(link.id) for link in links],
+            "flows": [uuid.UUID(link.master_flow_id) for link in links],
+            "evidence": [link.evidence for link in links],
+            "distances": [link.distance_seconds for link in links],
+        },
+    )
+
+
 async def _interrupted_run(conn: AsyncConnection, opts: Options) -> uuid.UUID | None:
     row = (
         await conn.execute(
@@ -707,6 +724,7 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, progress: 
     async with connect(engine, settings) as conn:
         async with conn.begin():
             await ledger.require_ledger(conn)
+            await conn.run_sync(catalog.require_full_visibility, "the backfill")
             if opts.dry_run:
                 plan = await make_plan(conn, opts)
                 return Result(None, True, opts.window_seconds, plan, _plan_counts(plan))
@@ -755,17 +773,7 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
         plan = await make_plan(conn, opts)
         if run_id is None:
             run_id = await ledger.start_run(conn, "backfill", opts.arguments())
-            links = plan.import_links
-            await conn.execute(
-                text(STORE_IMPORT_PLAN),
-                {
-                    "run": run_id,
-                    "ids": [uuid.UUID(link.id) for link in links],
-                    "flows": [uuid.UUID(link.master_flow_id) for link in links],
-                    "evidence": [link.evidence for link in links],
-                    "distances": [link.distance_seconds for link in links],
-                },
-            )
+            await _store_import_plan(conn, run_id, plan.import_links)
         else:
             stored = (
                 await conn.execute(
@@ -777,10 +785,23 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
                     {"run": run_id},
                 )
             ).all()
-            # the stored plan wins over a fresh one: same result as one uninterrupted run
+            # the stored plan wins over a fresh one for the imports it covers (same result as
+            # one uninterrupted run); orphans that appeared since are planned afresh and stored
+            covered = set(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT row_id::text FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports'"
+                        ),
+                        {"run": run_id},
+                    )
+                ).scalars()
+            )
+            new_links = [link for link in plan.import_links if link.id not in covered]
+            await _store_import_plan(conn, run_id, new_links)
             plan.import_links = [
                 Link("data_imports", str(r.row_id), str(r.new_value), r.evidence, r.distance_seconds) for r in stored
-            ]
+            ] + new_links
             stale = {link.id for link in plan.import_links}
             plan.ambiguous = [a for a in plan.ambiguous if a.table != "data_imports" or a.id not in stale]
             plan.unmatched = [u for u in plan.unmatched if u.table != "data_imports" or u.id not in stale]

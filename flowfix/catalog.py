@@ -210,6 +210,22 @@ def rls_limited_tables(conn: SyncExecutor, tables: list[str]) -> list[str]:
     return list(conn.execute(text(RLS_LIMITED_SQL), {"tables": tables}).scalars())
 
 
+def require_full_visibility(conn: SyncExecutor, what: str) -> None:
+    """Refuse (before anything is read or written) when row-level security may hide rows
+    of the four tables from this role: a backfill would link nothing and exit 0, an undo
+    would revert half. ``what`` names the command."""
+    from flowfix.errors import DatabaseRefused
+    from flowfix.models import CHILD_TABLES, MASTER_TABLE
+
+    hidden = rls_limited_tables(conn, [MASTER_TABLE, *CHILD_TABLES])
+    if hidden:
+        role = conn.execute(text("SELECT current_user")).scalar_one()
+        raise DatabaseRefused(
+            f"row-level security may hide rows of {', '.join(hidden)} from role {role}, so {what} cannot see every"
+            " row: run it as the tables' owner (without FORCE ROW LEVEL SECURITY), a superuser or a BYPASSRLS role"
+        )
+
+
 def readable_revision(conn: SyncExecutor) -> str | None:
     """Like :func:`current_revision`, but None (not an error) for a role that may not read
     the version table, so a read-only transaction is not aborted by the attempt."""

@@ -311,6 +311,9 @@ def status() -> None:
             f"  dangling {report.check(f'{table}.dangling').count:>7,}  FK: {fk.message}"
         )
     typer.echo(f"tenant mismatches {report.check('tenant_mismatch').count:,}")
+    rls = report.check("rls_visibility")
+    if rls.status != "pass":
+        typer.echo(f"WARNING: {rls.message}: the counts above may be partial")
     typer.echo(f"next step: {validation.next_step(report)}")
 
 

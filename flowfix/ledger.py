@@ -243,5 +243,6 @@ async def undo_run(session: AsyncSession, run_id: uuid.UUID) -> UndoReport:
     """``flowfix undo``: lock, revert, record, commit, in one transaction."""
     async with session.begin():
         await require_ledger(session)
+        await session.run_sync(catalog.require_full_visibility, "undo")
         await try_lock(session)
         return await undo(session, run_id)

@@ -278,6 +278,7 @@ async def link_with_ledger(
     changed (the import was already linked to this flow)."""
     async with session.begin():
         await ledger.require_ledger(session)
+        await session.run_sync(catalog.require_full_visibility, "flowfix link")
         await ledger.try_lock(session)
         result = await link_import(session, data_import_id=data_import_id, flow_id=flow_id, force=force)
         if not result.changes:

@@ -164,3 +164,69 @@ def test_backfill_and_link_after_downgrade_to_legacy_are_refused(s: Settings) ->
         assert result.exit_code == Exit.USAGE, result.output
         assert "flowfix upgrade fix_master_flow_fk" in result.stderr
     assert snapshot.take(s, flowfix_tables=True) == before
+
+
+def test_a_role_under_row_level_security_is_refused_by_every_writer_and_warned_by_status(s: Settings) -> None:
+    from tests.test_operator_contract import role
+
+    flow = master_at(s, 0)
+    imp = import_at(s, 1)
+    sql(s, "ALTER TABLE data_imports ENABLE ROW LEVEL SECURITY")
+    writer = role(s, "GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}")
+    sql(s, f"CREATE POLICY sees_nothing ON data_imports TO {writer.require_url().username} USING (false)")
+    before = snapshot.take(s, flowfix_tables=True)
+    for args in (
+        ["backfill"],
+        ["backfill", "--dry-run"],
+        ["link", "--import", str(imp), "--flow", str(flow)],
+        ["undo", str(uuid.uuid4())],
+    ):
+        result = runner.invoke(app, args, env=cli_env(writer))
+        assert result.exit_code == Exit.USAGE, (args, result.output)
+        assert "row-level security may hide rows of" in result.stderr and "data_imports" in result.stderr
+    status = runner.invoke(app, ["status"], env=cli_env(writer))
+    assert "WARNING: row-level security may hide rows" in status.stdout
+    assert snapshot.take(s, flowfix_tables=True) == before
+
+
+def test_a_master_tied_between_two_nearest_imports_goes_to_neither_nor_to_a_farther_one(s: Settings) -> None:
+    flow = master_at(s, 0)
+    near_a, near_b = import_at(s, -5, records=0), import_at(s, 5, records=0)
+    far = import_at(s, 30, records=0)
+    result = run(s, dry_run=True)
+    assert [link.id for link in result.plan.import_links] == []
+    assert sorted(a.id for a in result.plan.ambiguous) == sorted([str(near_a), str(near_b)])
+    assert str(far) in {u.id for u in result.plan.unmatched}
+    assert flow  # the contested master stays unlinked
+
+
+def test_a_resumed_run_also_links_orphans_that_appeared_since(s: Settings) -> None:
+    import asyncio
+
+    from sqlalchemy import text
+
+    from flowfix import backfill as bf
+    from flowfix import ledger
+    from flowfix.db import make_engine
+
+    first_flow = master_at(s, 0)
+    first = import_at(s, 1)
+
+    async def interrupted_run() -> None:
+        """Start a run and store its plan, as a killed run leaves it (status running)."""
+        engine = make_engine(s)
+        try:
+            async with engine.begin() as conn:
+                plan = await bf.make_plan(conn, bf.Options())
+                run_id = await ledger.start_run(conn, "backfill", bf.Options().arguments())
+                await bf._store_import_plan(conn, run_id, plan.import_links)
+                await conn.execute(text("SELECT 1"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(interrupted_run())
+    later_flow = master_at(s, 600)
+    later = import_at(s, 601)
+    result = run(s)
+    assert result.resumed and result.exit_code == 0
+    assert links(s, "data_imports") == {first: first_flow, later: later_flow}
