@@ -195,6 +195,32 @@ def _fk_query(table: str) -> str:
     return catalog.FOREIGN_KEYS_SQL.replace(":table", f"'{table}'").replace(":column", "'master_flow_id'")
 
 
+def _lock_pair(table: str) -> str:
+    """PL/pgSQL that takes ACCESS EXCLUSIVE on the master and ``table`` without ever holding
+    one while waiting for the other: each attempt is NOWAIT, in a subtransaction whose
+    failure releases what it got; attempts repeat, with a short random pause, until
+    ``lock_timeout`` has passed, then lock_not_available goes up (and env.py retries the
+    revision with backoff). A queued ACCESS EXCLUSIVE request would stall every writer
+    behind it; a NOWAIT attempt stalls none. Master first, the order the application
+    writes in."""
+    return f"""DECLARE
+    deadline timestamptz := clock_timestamp() + current_setting('lock_timeout')::interval;
+  BEGIN
+    LOOP
+      BEGIN
+        LOCK TABLE {MASTER_TABLE} IN ACCESS EXCLUSIVE MODE NOWAIT;
+        LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE NOWAIT;
+        EXIT;
+      EXCEPTION WHEN lock_not_available THEN
+        IF clock_timestamp() >= deadline THEN
+          RAISE;
+        END IF;
+        PERFORM pg_sleep(0.005 + random() * 0.02);
+      END;
+    END LOOP;
+  END;"""
+
+
 def _swap_fk_sql(table: str) -> str:
     """One DO block (the same online and in ``--sql`` output): if ``table`` has an FK on
     ``master_flow_id`` that does not reference ``flow_id``, lock master and table, record
@@ -214,7 +240,7 @@ BEGIN
       WHERE NOT (f.target_table = '{MASTER_TABLE}' AND f.target_column = 'flow_id')) THEN
     RETURN;
   END IF;
-  LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE;
+  {_lock_pair(table)}
   FOR r IN {_fk_query(table).strip()}
   LOOP
     IF NOT (r.target_table = '{MASTER_TABLE}' AND r.target_column = 'flow_id') THEN
@@ -507,7 +533,7 @@ BEGIN
            JOIN pg_constraint c ON c.conrelid = '{table}'::regclass AND c.conname = sc.object_name
            WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'constraint_created' AND sc.table_name = '{table}'
   LOOP
-    LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE;
+    {_lock_pair(table)}
     EXECUTE format('ALTER TABLE {table} DROP CONSTRAINT %I', r.object_name);
   END LOOP;
 END $drop$"""
@@ -524,7 +550,7 @@ BEGIN
              AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{table}'::regclass AND conname = object_name)
            ORDER BY id
   LOOP
-    LOCK TABLE {MASTER_TABLE}, {table} IN ACCESS EXCLUSIVE MODE;
+    {_lock_pair(table)}
     EXECUTE format('ALTER TABLE {table} ADD CONSTRAINT %I %s NOT VALID', r.object_name,
                    regexp_replace(r.definition, '\\s+NOT VALID$', ''));
   END LOOP;
