@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowfix.config import VERSION_TABLE, Settings
 from flowfix.db import make_engine
-from flowfix.errors import FlowfixError, is_lock_timeout
-from flowfix.migrate import as_command_error, lock_backoff
+from flowfix.errors import FlowfixError, is_lock_timeout, lock_backoff
+from flowfix.migrate import as_command_error
 from flowfix.models import Base
 
 config = context.config

@@ -23,6 +23,7 @@ a finished run leaves nothing to do for the next.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -32,12 +33,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flowfix import catalog, ledger
 from flowfix.config import Settings
 from flowfix.db import connect
-from flowfix.errors import FlowfixError, RunInterrupted
+from flowfix.errors import FlowfixError, RunInterrupted, is_lock_timeout, lock_backoff
 from flowfix.models import MASTER_TABLE, TENANT_SCOPE
 
 DISCOVERY_EVIDENCE = "exact:flow_id"
@@ -61,6 +63,8 @@ class Options:
     client_account: uuid.UUID | None = None
     engagement: uuid.UUID | None = None
     dry_run: bool = False
+    #: how often a batch that gave up waiting for a lock is retried (not part of a run's identity)
+    lock_retries: int = 5
 
     def arguments(self) -> dict[str, Any]:
         """What identifies a run (a resumed run must have been started with the same)."""
@@ -672,12 +676,26 @@ class Batcher:
 Progress = Callable[[str, int], None]
 
 
-async def _timed_batch(conn: AsyncConnection, batcher: Batcher, sql: str, params: dict[str, Any]):  # type: ignore[no-untyped-def]
-    started = time.perf_counter()
-    async with conn.begin():
-        row = (await conn.execute(text(sql), {**params, "limit": batcher.size})).one()
-    batcher.done(time.perf_counter() - started)
-    return row
+async def _batch(
+    conn: AsyncConnection, batcher: Batcher, retries: int, sql: str, params: dict[str, Any], *, rows: bool = False
+) -> Any:
+    """One statement in its own short transaction, timed for the batch size. Every flowfix
+    session has a lock_timeout (flowfix.config.connect_args): a batch that gives up
+    waiting for an application's row lock is rolled back and retried with jittered
+    backoff, holding nothing in between."""
+    for attempt in range(retries + 1):
+        started = time.perf_counter()
+        try:
+            async with conn.begin():
+                result = await conn.execute(text(sql), {**params, "limit": batcher.size})
+                out = result.all() if rows else result.one()
+            batcher.done(time.perf_counter() - started)
+            return out
+        except DBAPIError as exc:
+            if not is_lock_timeout(exc) or attempt == retries:
+                raise
+            await asyncio.sleep(lock_backoff(attempt))
+    raise AssertionError("unreachable")
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -815,31 +833,29 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     async with conn.begin():
         creation = MasterCreation(await conn.run_sync(catalog.required_columns, MASTER_TABLE))
     for chunk in _chunks(plan.masters_to_create, opts.batch_size):
-        started = time.perf_counter()
-        async with conn.begin():
-            made = (
-                await conn.execute(
-                    text(CREATE_MASTERS),
-                    {"run": run_id, "run_text": str(run_id), "ids": [c["id"] for c in chunk], **creation.needs},
-                )
-            ).all()
-        batcher.done(time.perf_counter() - started)
+        made = await _batch(
+            conn,
+            batcher,
+            opts.lock_retries,
+            CREATE_MASTERS,
+            {"run": run_id, "run_text": str(run_id), "ids": [c["id"] for c in chunk], **creation.needs},
+            rows=True,
+        )
         counts["masters_created"] += len(made)
     for chunk in _chunks(plan.discovery_links, opts.batch_size):
-        started = time.perf_counter()
-        async with conn.begin():
-            done = (
-                await conn.execute(
-                    text(LINK_DISCOVERY_FLOWS),
-                    {
-                        "run": run_id,
-                        "ids": [uuid.UUID(link.id) for link in chunk],
-                        "masters": [uuid.UUID(link.master_flow_id) for link in chunk],
-                        "evidence": DISCOVERY_EVIDENCE,
-                    },
-                )
-            ).all()
-        batcher.done(time.perf_counter() - started)
+        done = await _batch(
+            conn,
+            batcher,
+            opts.lock_retries,
+            LINK_DISCOVERY_FLOWS,
+            {
+                "run": run_id,
+                "ids": [uuid.UUID(link.id) for link in chunk],
+                "masters": [uuid.UUID(link.master_flow_id) for link in chunk],
+                "evidence": DISCOVERY_EVIDENCE,
+            },
+            rows=True,
+        )
         counts["discovery_flows"] += len(done)
         note("discovery_flows", len(done))
     lap("discovery_flows")
@@ -847,8 +863,8 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     # 2. imports, from the stored plan
     after: uuid.UUID | None = None
     while True:
-        last_id, applied, skipped = await _timed_batch(
-            conn, batcher, APPLY_IMPORT_BATCH, {"run": run_id, "after": after}
+        last_id, applied, skipped = await _batch(
+            conn, batcher, opts.lock_retries, APPLY_IMPORT_BATCH, {"run": run_id, "after": after}
         )
         if last_id is None:
             break
@@ -863,8 +879,8 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     by_import = Batcher(max(1, opts.batch_size // per_import))
     after = None
     while True:
-        last_id, changed = await _timed_batch(
-            conn, by_import, LINK_RECORDS_BATCH, {"run": run_id, "after": after, **opts.scope}
+        last_id, changed = await _batch(
+            conn, by_import, opts.lock_retries, LINK_RECORDS_BATCH, {"run": run_id, "after": after, **opts.scope}
         )
         if last_id is None:
             break

@@ -365,6 +365,7 @@ def backfill(
         engagement=parse_uuid(engagement, "--engagement"),
     )
     settings = load_settings()
+    opts = dataclasses.replace(opts, lock_retries=settings.lock_retries)
     from rich.console import Console
 
     from flowfix.progress import backfill_with_progress

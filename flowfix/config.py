@@ -214,9 +214,10 @@ class ConnectArgs:
         }
 
 
-def connect_args(url: URL, schema: str) -> ConnectArgs:
+def connect_args(url: URL, schema: str, lock_timeout: str | None = None) -> ConnectArgs:
     """Turn a parsed URL into asyncpg's arguments; ``search_path`` is pinned to ``schema``
-    (an ``options`` setting of search_path is overridden: the schema is FLOWFIX_SCHEMA)."""
+    (an ``options`` setting of search_path is overridden: the schema is FLOWFIX_SCHEMA),
+    and every statement waits for a lock at most ``lock_timeout`` (FLOWFIX_LOCK_TIMEOUT)."""
     query = dict(url.query)
     settings = {"application_name": "flowfix"}
     if "application_name" in query:
@@ -224,6 +225,8 @@ def connect_args(url: URL, schema: str) -> ConnectArgs:
     if "options" in query:
         settings.update(server_options(str(query.pop("options"))))
     settings["search_path"] = schema
+    if lock_timeout is not None:
+        settings["lock_timeout"] = lock_timeout
     timeout = float(query.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S))  # type: ignore[arg-type]
     dsn = url.set(drivername="postgresql", password=None, query=query).render_as_string(hide_password=False)
     return ConnectArgs(dsn=dsn, password=url.password, timeout=timeout, server_settings=settings)

@@ -31,7 +31,7 @@ def make_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     """Create the AsyncEngine for ``settings`` (asyncpg, search_path pinned to the schema)."""
     import asyncpg
 
-    args = connect_args(settings.require_url(), settings.schema)
+    args = connect_args(settings.require_url(), settings.schema, settings.lock_timeout)
 
     async def connect() -> Any:
         return await asyncpg.connect(**args.kwargs())

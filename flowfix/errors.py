@@ -96,6 +96,14 @@ def is_lock_timeout(exc: BaseException) -> bool:
     return sqlstate(exc) in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED)
 
 
+def lock_backoff(attempt: int) -> float:
+    """About 1 s, 2 s, 4 s ... capped at 30 s, with jitter (pgroll's way) so that two
+    sessions that gave up together do not come back together."""
+    import random
+
+    return float(min(30.0, 2.0**attempt) * random.uniform(0.75, 1.25))
+
+
 def _detail(exc: BaseException) -> str:
     for cur in _chain(exc):
         if getattr(cur, "sqlstate", None) or isinstance(cur, (OSError, TimeoutError)):

@@ -149,14 +149,6 @@ def in_batches(title: str, table: str, template: str, *, rows: int = BATCH_ROWS)
 REFUSAL_SQLSTATE = "FF000"
 
 
-def lock_backoff(attempt: int) -> float:
-    """About 1 s, 2 s, 4 s ... capped at 30 s, with jitter (pgroll's way) so that two
-    sessions that gave up together do not come back together."""
-    import random
-
-    return min(30.0, 2.0**attempt) * random.uniform(0.75, 1.25)
-
-
 def as_command_error(exc: BaseException, settings: Settings | None = None) -> BaseException:
     """One line for the operator, no traceback, no password; a bug is returned as it is."""
     from alembic.util import CommandError

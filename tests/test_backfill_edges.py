@@ -230,3 +230,58 @@ def test_a_resumed_run_also_links_orphans_that_appeared_since(s: Settings) -> No
     result = run(s)
     assert result.resumed and result.exit_code == 0
     assert links(s, "data_imports") == {first: first_flow, later: later_flow}
+
+
+def test_a_batch_waits_at_most_lock_timeout_for_an_application_row_lock_then_retries(s: Settings) -> None:
+    """Every backfill transaction has a lock_timeout: behind an application's row lock it
+    gives up, holding nothing, and retries with backoff; out of retries it says so."""
+    import threading
+
+    import asyncpg
+
+    from tests.helpers import plain_url
+
+    master_at(s, 0)
+    imp = import_at(s, 1)
+    locked, release = threading.Event(), threading.Event()
+
+    def application(seconds: float) -> None:
+        async def go() -> None:
+            conn = await asyncpg.connect(plain_url(s), server_settings={"search_path": s.schema})
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT 1 FROM data_imports WHERE id = $1 FOR UPDATE", imp)
+                    locked.set()
+                    for _ in range(int(seconds * 20)):
+                        if release.is_set():
+                            break
+                        await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
+    import asyncio
+
+    holder = threading.Thread(target=application, args=(30,))
+    holder.start()
+    locked.wait(10)
+    try:
+        refused = runner.invoke(
+            app, ["backfill"], env=cli_env(s, FLOWFIX_LOCK_TIMEOUT="300ms", FLOWFIX_LOCK_RETRIES="0")
+        )
+    finally:
+        release.set()
+        holder.join()
+    assert refused.exit_code == Exit.USAGE, refused.output
+    assert "gave up waiting for a lock" in refused.stderr and "stopped part-way" in refused.stderr
+
+    holder = threading.Thread(target=application, args=(1.5,))
+    locked.clear()
+    release.clear()
+    holder.start()
+    locked.wait(10)
+    resumed = runner.invoke(app, ["backfill"], env=cli_env(s, FLOWFIX_LOCK_TIMEOUT="300ms", FLOWFIX_LOCK_RETRIES="5"))
+    holder.join()
+    assert resumed.exit_code == Exit.OK, resumed.output
+    assert links(s, "data_imports")[imp] is not None
