@@ -179,6 +179,7 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
             {"id": run_id},
         )
     ).all()
+    await _refuse_null_into_not_null(conn, run_id, changes)
     for ch in changes:
         if ch.column_name == CREATED_ROW:
             continue  # created rows go last, once nothing the run linked points at them
@@ -223,6 +224,22 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
     await finish_run(conn, undo_run, "finished", counts)
     await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
     return report
+
+
+async def _refuse_null_into_not_null(conn: Executor, run_id: uuid.UUID, changes: Any) -> None:
+    """Before anything is written: a change whose old value is NULL cannot go back into a
+    column that is NOT NULL now (discovery_flows.master_flow_id at head). The rollback
+    order is undo first, then the downgrade; say so instead of failing half-way."""
+    tables = sorted({ch.table_name for ch in changes if ch.old_value is None and ch.column_name != CREATED_ROW})
+    if not tables:
+        return
+    nullable = await conn.run_sync(lambda sync: catalog.columns(sync, tables))
+    blocked = [t for t in tables if not nullable.get(t, {}).get("master_flow_id", True)]
+    if blocked:
+        raise FlowfixError(
+            f"run {run_id} linked rows of {', '.join(blocked)}, whose master_flow_id is NOT NULL now: undoing it would"
+            " write NULL there. Run `flowfix downgrade fix_master_flow_fk` first, then undo (nothing was changed)"
+        )
 
 
 async def _unreferenced_master_sql(conn: Executor) -> str:

@@ -285,3 +285,19 @@ def test_a_batch_waits_at_most_lock_timeout_for_an_application_row_lock_then_ret
     holder.join()
     assert resumed.exit_code == Exit.OK, resumed.output
     assert links(s, "data_imports")[imp] is not None
+
+
+def test_undo_at_head_of_a_run_that_linked_discovery_flows_is_refused_before_writing(s: Settings) -> None:
+    flow = master_at(s, 0)
+    add_discovery_flow(s, flow_id=flow, master=None, client=C, engagement=E)
+    result = run(s)
+    assert result.counts["discovery_flows"] == 1
+    upgrade(s, "head")
+    before = snapshot.take(s, flowfix_tables=True)
+    refused = runner.invoke(app, ["undo", str(result.run_id)], env=cli_env(s))
+    assert refused.exit_code == Exit.USAGE
+    assert "Run `flowfix downgrade fix_master_flow_fk` first" in refused.stderr
+    assert snapshot.take(s, flowfix_tables=True) == before
+    downgrade(s, "fix_master_flow_fk")
+    assert runner.invoke(app, ["undo", str(result.run_id)], env=cli_env(s)).exit_code == 0
+    assert set(links(s, "discovery_flows").values()) == {None}
