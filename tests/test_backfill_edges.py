@@ -36,8 +36,13 @@ def master_at(s: Settings, minutes: float) -> uuid.UUID:
     return flow
 
 
-def import_at(s: Settings, minutes: float | None, id_: uuid.UUID | None = None, records: int = 2) -> uuid.UUID:
+def import_at(
+    s: Settings, minutes: float | None, id_: uuid.UUID | None = None, records: int = 2, naive: bool = False
+) -> uuid.UUID:
+    """An orphan import ``minutes`` after T0 (None: no created_at; ``naive``: for a
+    ``timestamp without time zone`` column) with ``records`` orphan records."""
     imp = id_ or uuid.uuid4()
+    at = None if minutes is None else T0 + timedelta(minutes=minutes)
     insert(
         s,
         "data_imports",
@@ -46,7 +51,7 @@ def import_at(s: Settings, minutes: float | None, id_: uuid.UUID | None = None, 
             "master_flow_id": None,
             "client_account_id": C,
             "engagement_id": E,
-            "created_at": None if minutes is None else T0 + timedelta(minutes=minutes),
+            "created_at": at.replace(tzinfo=None) if at is not None and naive else at,
         },
     )
     for n in range(records):
@@ -102,20 +107,7 @@ def test_configuration_naming_the_import_in_upper_case_is_exact_evidence(s: Sett
 def test_naive_timestamps_do_not_crash_the_records_step(s: Settings) -> None:
     sql(s, "ALTER TABLE data_imports ALTER COLUMN created_at TYPE timestamp without time zone")
     flow = master_at(s, 0)
-    imp = uuid.uuid4()
-    insert(
-        s,
-        "data_imports",
-        {
-            "id": imp,
-            "master_flow_id": None,
-            "client_account_id": C,
-            "engagement_id": E,
-            "created_at": (T0 + timedelta(minutes=1)).replace(tzinfo=None),
-        },
-    )
-    for n in range(2):
-        add_record(s, data_import=imp, master=None, row=n)
+    import_at(s, 1, naive=True)
     result = run(s)
     assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
     assert set(links(s, "raw_import_records").values()) == {flow}

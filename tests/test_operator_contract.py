@@ -61,6 +61,17 @@ def role(s: Settings, *grants: str) -> Settings:
     )
 
 
+def slow_import_updates(s: Settings, seconds: float) -> None:
+    """A real trigger that makes every UPDATE of an import take ``seconds``: the run is
+    reliably mid-way when the test interferes."""
+    sql(
+        s,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
+        f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$",
+    )
+    sql(s, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
+
+
 @pytest.fixture
 def fixed(shaped: Settings) -> Settings:
     upgrade(shaped, "fix_master_flow_fk")
@@ -115,11 +126,7 @@ def test_a_read_only_database_is_named_as_such(fixed: Settings) -> None:
 
 
 def test_statement_timeout_is_one_line_and_names_the_run(fixed: Settings) -> None:
-    sql(
-        fixed,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$",
-    )
-    sql(fixed, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
+    slow_import_updates(fixed, 0.3)
     db = fixed.require_url().database
     sql(fixed, f"ALTER DATABASE {db} SET statement_timeout = '200ms'")
     result = runner.invoke(app, ["backfill"], env=cli_env(fixed))
@@ -132,11 +139,7 @@ def test_statement_timeout_is_one_line_and_names_the_run(fixed: Settings) -> Non
 
 
 def test_a_terminated_session_is_one_line_and_the_rerun_finishes(fixed: Settings) -> None:
-    sql(
-        fixed,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NEW; END $$",
-    )
-    sql(fixed, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
+    slow_import_updates(fixed, 0.2)
     db = fixed.require_url().database
 
     def terminate() -> None:
@@ -178,11 +181,7 @@ def test_a_bug_is_exit_3_with_a_hint_and_debug_shows_the_traceback(fixed: Settin
 
 
 def test_ctrl_c_is_exit_130_in_one_line(fixed: Settings) -> None:
-    sql(
-        fixed,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NEW; END $$",
-    )
-    sql(fixed, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
+    slow_import_updates(fixed, 0.2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "flowfix", "backfill", "--batch-size", "1"],
         cwd=ROOT,
