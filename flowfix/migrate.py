@@ -182,9 +182,11 @@ def quote(name: str) -> str:
 
 
 def run_or_undo(sql: str, *, undo: str, when_sqlstate: str, message: str) -> None:
-    """Run ``sql`` in its own transaction; if it fails with ``when_sqlstate``, run ``undo``
-    and stop the revision with ``message`` (the version table is left where it was).
-    ``sql`` must be safe to run twice (a retry may repeat it)."""
+    """Run ``sql`` in its own transaction; if it fails for any reason, run ``undo`` (what
+    the step before added must not outlive a revision that did not finish), then stop the
+    revision: with ``message`` when it failed with ``when_sqlstate``, else with the error
+    itself (a lock timeout is then retried by env.py, which redoes both steps). ``sql``
+    must be safe to run twice."""
     with op.get_context().autocommit_block():
         lint_ignore("prefer-robust-stmts", "runs on its own, outside a transaction, and is safe to rerun")
         if offline():
@@ -193,10 +195,16 @@ def run_or_undo(sql: str, *, undo: str, when_sqlstate: str, message: str) -> Non
         try:
             execute(sql)
         except Exception as exc:
-            if sqlstate(exc) != when_sqlstate:
-                raise
-            execute(undo)
-            raise MigrationError(message) from None
+            try:
+                execute(undo)
+            except Exception:  # noqa: BLE001 - the undo failed too (session gone?): say what is left
+                raise MigrationError(
+                    f"{translate(exc) or exc}; and undoing the step before failed: run the upgrade again, or"
+                    " downgrade to the revision before, to remove what it added"
+                ) from exc
+            if sqlstate(exc) == when_sqlstate:
+                raise MigrationError(message) from None
+            raise
 
 
 def lint_ignore(rule: str, reason: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import pytest
@@ -249,3 +250,34 @@ def test_orm_models_work_through_the_session_factory(settings: Settings) -> None
     n_records, flow_type, flow_master = asyncio.run(run())
     assert (n_records, flow_type) == (3, "discovery")
     assert sql(settings, "SELECT flow_id FROM crewai_flow_state_extensions") == [{"flow_id": flow_master}]
+
+
+def test_enforce_giving_up_on_validate_removes_its_check_again(shaped: Settings) -> None:
+    """VALIDATE gives up (a lock it cannot get: simulated by an event trigger raising
+    lock_not_available for that one statement): the CHECK added just before must not stay,
+    or new discovery flows without a master would be refused while the revision is not
+    applied."""
+    settings = dataclasses.replace(shaped, lock_retries=0)
+    upgrade(settings, "fix_master_flow_fk")
+    script(
+        settings,
+        "CREATE FUNCTION refuse_validate() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " IF current_query() LIKE '%VALIDATE CONSTRAINT ck_discovery_flows_master_flow_id_not_null%' THEN"
+        " RAISE EXCEPTION 'canceling statement due to lock timeout' USING ERRCODE = '55P03'; END IF; END $$",
+        "CREATE EVENT TRIGGER refuse_validate ON ddl_command_start EXECUTE FUNCTION refuse_validate()",
+    )
+    try:
+        with pytest.raises(CommandError, match="gave up waiting for a table lock"):
+            upgrade(settings, "head")
+        assert revision(settings) == "fix_master_flow_fk"
+        assert (
+            sql(
+                settings,
+                "SELECT conname FROM pg_constraint WHERE conname = 'ck_discovery_flows_master_flow_id_not_null'",
+            )
+            == []
+        )
+    finally:
+        script(settings, "DROP EVENT TRIGGER refuse_validate")
+    upgrade(settings, "head")
+    assert revision(settings) == "enforce_master_flow_not_null"
