@@ -41,6 +41,7 @@ from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError, RunInterrupted, is_lock_timeout, lock_backoff
 from flowfix.models import MASTER_TABLE, TENANT_SCOPE
+from flowfix.tenancy import known_and_equal, known_and_equal_sql, unknown_matches, unknown_matches_sql
 
 DISCOVERY_EVIDENCE = "exact:flow_id"
 EXACT_DF = "exact:discovery_flow"
@@ -212,14 +213,14 @@ ORDER BY e.import_id, e.flow_id
 #: Candidate (import, master) pairs within the window: same tenant, discovery, not
 #: deleted, not linked to an import, not named by any import's exact evidence. The
 #: LATERAL range scan on (tenant, created_at) keeps it to the masters near each import.
-TIME_CANDIDATES = """
+TIME_CANDIDATES = f"""
 WITH pairs AS MATERIALIZED (
     SELECT o.id AS import_id, near.flow_id,
            abs(extract(epoch FROM (near.created_at - o.created_at)))::float8 AS distance
     FROM data_imports o
     CROSS JOIN LATERAL (
         SELECT m.flow_id, m.created_at FROM crewai_flow_state_extensions m
-        WHERE m.client_account_id = o.client_account_id AND m.engagement_id = o.engagement_id
+        WHERE {known_and_equal_sql("o", "m")}
           AND m.created_at BETWEEN o.created_at - make_interval(secs => :window)
                                AND o.created_at + make_interval(secs => :window)
     ) near
@@ -238,10 +239,7 @@ WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
 ORDER BY p.distance, p.import_id, p.flow_id
 """
 
-RECORD_TENANT_OK = (
-    "(r.client_account_id IS NULL OR r.client_account_id = m.client_account_id)"
-    " AND (r.engagement_id IS NULL OR r.engagement_id = m.engagement_id)"
-)
+RECORD_TENANT_OK = unknown_matches_sql("r", "m")
 
 #: Each import's master once the planned links (:imp_ids / :imp_flows) are in: the
 #: starting point of both record queries below.
@@ -324,17 +322,6 @@ class MasterCreation:
         if row["flow_id_is_a_master_id"]:
             return "its flow_id is another master's id (the upgrade could no longer tell the two apart)"
         return None
-
-
-def _compatible(
-    row_client: uuid.UUID | None,
-    row_engagement: uuid.UUID | None,
-    client: uuid.UUID | None,
-    engagement: uuid.UUID | None,
-) -> bool:
-    """Same tenant, where the row says anything: a NULL on the row is no evidence either
-    way (exact evidence may link it), a different value always refuses."""
-    return (row_client is None or row_client == client) and (row_engagement is None or row_engagement == engagement)
 
 
 _Node = tuple[str, uuid.UUID]  # ("i", import id) or ("m", master flow_id)
@@ -423,7 +410,9 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
                         "no master flow has this flow_id (--create-missing-masters creates one)",
                     )
                 )
-        elif (row["master_client"], row["master_engagement"]) != (row["client_account_id"], row["engagement_id"]):
+        elif not known_and_equal(
+            row["client_account_id"], row["engagement_id"], row["master_client"], row["master_engagement"]
+        ):
             plan.unmatched.append(
                 Unmatched(
                     "discovery_flows", str(row["id"]), "the master flow with this flow_id belongs to another tenant"
@@ -450,7 +439,7 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
         await conn.execute(text(EXACT_EVIDENCE), {"imports": list(orphans), "df_ids": df_ids, "df_masters": df_masters})
     ).mappings():
         imp = orphans[row["import_id"]]
-        if not _compatible(
+        if not unknown_matches(
             imp["client_account_id"], imp["engagement_id"], row["master_client"], row["master_engagement"]
         ):
             foreign.add(row["import_id"])
@@ -569,14 +558,14 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
 
 # --- applying --------------------------------------------------------------------------
 
-LINK_DISCOVERY_FLOWS = """
+LINK_DISCOVERY_FLOWS = f"""
 WITH todo AS (SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:masters AS uuid[])) AS x(id, master)),
 changed AS (
     UPDATE discovery_flows t SET master_flow_id = todo.master, updated_at = now()
     FROM todo
     JOIN crewai_flow_state_extensions m ON m.flow_id = todo.master
     WHERE t.id = todo.id AND t.master_flow_id IS NULL
-      AND m.client_account_id = t.client_account_id AND m.engagement_id = t.engagement_id
+      AND {known_and_equal_sql("t", "m")}
     RETURNING t.id, todo.master
 )
 INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence, applied_at)
@@ -618,7 +607,7 @@ FROM unnest(CAST(:ids AS uuid[]), CAST(:flows AS uuid[]), CAST(:evidence AS text
 #: Apply the next batch of the stored import plan. Every guard is checked again against
 #: the rows as they are now: still NULL, same tenant, master present and not deleted,
 #: and (time window) the master still not linked to another import.
-APPLY_IMPORT_BATCH = """
+APPLY_IMPORT_BATCH = f"""
 WITH batch AS (
     SELECT c.id AS change_id, c.row_id, c.new_value, c.evidence
     FROM flowfix_changes c
@@ -631,8 +620,7 @@ WITH batch AS (
     FROM batch b
     JOIN crewai_flow_state_extensions m ON m.flow_id = b.new_value AND m.flow_status IS DISTINCT FROM 'deleted'
     WHERE t.id = b.row_id AND t.master_flow_id IS NULL
-      AND (t.client_account_id IS NULL OR t.client_account_id = m.client_account_id)
-      AND (t.engagement_id IS NULL OR t.engagement_id = m.engagement_id)
+      AND {unknown_matches_sql("t", "m")}
       AND (b.evidence <> 'time_window' OR NOT EXISTS (
            SELECT 1 FROM data_imports x WHERE x.master_flow_id = b.new_value AND x.id <> t.id))
     RETURNING b.change_id

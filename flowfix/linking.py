@@ -25,6 +25,7 @@ from flowfix import catalog, ledger
 from flowfix.errors import FlowfixError
 from flowfix.ledger import Change
 from flowfix.models import MASTER_TABLE
+from flowfix.tenancy import known_and_equal, unknown_matches, unknown_matches_sql
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,6 @@ async def _lock_import(session: AsyncSession, data_import_id: uuid.UUID):  # typ
     return row
 
 
-def _same_tenant(client: uuid.UUID | None, engagement: uuid.UUID | None, context: RequestContext) -> bool:
-    return client == context.client_account_id and engagement == context.engagement_id
-
-
 async def _link_records(
     session: AsyncSession,
     data_import_id: uuid.UUID,
@@ -118,9 +115,8 @@ async def _link_records(
     foreign = (
         await session.execute(
             text(
-                "SELECT id FROM raw_import_records WHERE data_import_id = :i"
-                " AND ((client_account_id IS NOT NULL AND client_account_id <> :c)"
-                "   OR (engagement_id IS NOT NULL AND engagement_id <> :e)) ORDER BY id LIMIT 1"
+                "SELECT r.id FROM raw_import_records r WHERE r.data_import_id = :i"
+                f" AND NOT {unknown_matches_sql('r', 'CAST(:c AS uuid)', 'CAST(:e AS uuid)')} ORDER BY r.id LIMIT 1"
             ),
             {"i": data_import_id, "c": client, "e": engagement},
         )
@@ -155,7 +151,9 @@ async def start_discovery_flow(
     """
     async with _transaction(session):
         imp = await _lock_import(session, data_import_id)
-        if not _same_tenant(imp.client_account_id, imp.engagement_id, context):
+        if not known_and_equal(
+            imp.client_account_id, imp.engagement_id, context.client_account_id, context.engagement_id
+        ):
             raise TenantMismatch(
                 f"data import {data_import_id} does not belong to client account "
                 f"{context.client_account_id} / engagement {context.engagement_id}"
@@ -246,9 +244,15 @@ async def link_import(
         if master.flow_type != "discovery":
             raise NotADiscoveryFlow(f"master flow {flow_id} is a '{master.flow_type}' flow, not a discovery flow")
         tenant = RequestContext(master.client_account_id, master.engagement_id)
-        if context is not None and not _same_tenant(context.client_account_id, context.engagement_id, tenant):
+        if context is not None and not known_and_equal(
+            context.client_account_id, context.engagement_id, tenant.client_account_id, tenant.engagement_id
+        ):
             raise TenantMismatch(f"master flow {flow_id} does not belong to the requesting tenant")
-        if not _same_tenant(imp.client_account_id, imp.engagement_id, tenant):
+        # a tenantless import may be linked (by an operator: the point of `flowfix link`);
+        # one of another tenant never
+        if not unknown_matches(
+            imp.client_account_id, imp.engagement_id, tenant.client_account_id, tenant.engagement_id
+        ):
             raise TenantMismatch(f"data import {data_import_id} and master flow {flow_id} belong to different tenants")
         result = LinkResult(data_import_id, flow_id)
         if imp.master_flow_id is not None and imp.master_flow_id != flow_id and not force:

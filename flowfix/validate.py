@@ -26,6 +26,7 @@ from flowfix.db import connect
 from flowfix.errors import FlowfixError
 from flowfix.models import CHILD_TABLES, MASTER_TABLE, RECORD_TENANT_SCOPE, TENANT_SCOPE
 from flowfix.schema import head
+from flowfix.tenancy import unknown_matches_sql
 
 Status = Literal["pass", "warn", "fail"]
 FailOn = Literal["error", "warn"]
@@ -39,9 +40,7 @@ MASTERS_DEDUPED = (
 )
 
 
-TENANT_DIFFERS = (
-    "m.flow_id IS NOT NULL AND (t.client_account_id <> m.client_account_id OR t.engagement_id <> m.engagement_id)"
-)
+TENANT_DIFFERS = f"m.flow_id IS NOT NULL AND NOT {unknown_matches_sql('t', 'm')}"
 
 
 @dataclass(frozen=True)

@@ -242,3 +242,20 @@ def test_link_before_the_fix_revision_says_what_to_do(settings: Settings) -> Non
     )
     assert result.exit_code == 2
     assert "run `flowfix upgrade fix_master_flow_fk` first" in result.stderr
+
+
+def test_flowfix_link_places_a_tenantless_import_but_never_one_of_another_tenant(settings: Settings) -> None:
+    """The backfill leaves an import without tenant "for a human": `flowfix link` is how
+    the operator places it (its records follow); an import of another tenant is refused."""
+    upgrade(settings, "fix_master_flow_fk")
+    _, flow = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
+    tenantless = add_import(settings, master=None)
+    record = add_record(settings, data_import=tenantless, master=None)
+    result = runner.invoke(app, ["link", "--import", str(tenantless), "--flow", str(flow)], env=cli_env(settings))
+    assert result.exit_code == 0, result.output
+    assert links(settings, "data_imports") == {tenantless: flow}
+    assert links(settings, "raw_import_records") == {record: flow}
+    foreign = add_import(settings, master=None, client=OTHER.client_account_id, engagement=OTHER.engagement_id)
+    refused = runner.invoke(app, ["link", "--import", str(foreign), "--flow", str(flow)], env=cli_env(settings))
+    assert refused.exit_code == 2 and "belong to different tenants" in refused.stderr
+    assert links(settings, "data_imports")[foreign] is None
