@@ -40,16 +40,9 @@ from flowfix import catalog, ledger
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError, RunInterrupted, is_lock_timeout, lock_backoff
+from flowfix.evidence import STRENGTH, Evidence
 from flowfix.models import MASTER_TABLE, TENANT_SCOPE
 from flowfix.tenancy import known_and_equal, known_and_equal_sql, unknown_matches, unknown_matches_sql
-
-DISCOVERY_EVIDENCE = "exact:flow_id"
-EXACT_DF = "exact:discovery_flow"
-EXACT_CONFIG = "exact:configuration"
-TIME_WINDOW = "time_window"
-VIA_IMPORT = "via_import"
-CREATED = "created_by_backfill"
-STRENGTH = {EXACT_DF: 0, EXACT_CONFIG: 1}
 
 #: Each batch aims to finish within this many seconds; the batch size shrinks (and grows
 #: back up to --batch-size) to stay near it, so live traffic keeps flowing.
@@ -187,18 +180,18 @@ EXACT_EVIDENCE = """
 WITH orphan AS (SELECT id FROM data_imports WHERE id = ANY(CAST(:imports AS uuid[]))),
 planned AS (SELECT * FROM unnest(CAST(:df_ids AS uuid[]), CAST(:df_masters AS uuid[])) AS p(df_id, master)),
 evidence AS (
-    SELECT o.id AS import_id, COALESCE(d.master_flow_id, p.master) AS flow_id, 'exact:discovery_flow' AS evidence,
+    SELECT o.id AS import_id, COALESCE(d.master_flow_id, p.master) AS flow_id, CAST(:ev_discovery_flow AS text) AS evidence,
            d.client_account_id AS df_client, d.engagement_id AS df_engagement
     FROM orphan o
     JOIN discovery_flows d ON d.data_import_id = o.id
     LEFT JOIN planned p ON p.df_id = d.id
     WHERE COALESCE(d.master_flow_id, p.master) IS NOT NULL
   UNION ALL
-    SELECT o.id, m.flow_id, 'exact:configuration', NULL, NULL
+    SELECT o.id, m.flow_id, CAST(:ev_configuration AS text), NULL, NULL
     FROM orphan o JOIN crewai_flow_state_extensions m ON lower(m.flow_configuration->>'import_id') = o.id::text
     WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
   UNION ALL
-    SELECT o.id, m.flow_id, 'exact:configuration', NULL, NULL
+    SELECT o.id, m.flow_id, CAST(:ev_configuration AS text), NULL, NULL
     FROM orphan o JOIN crewai_flow_state_extensions m ON lower(m.flow_persistence_data->>'data_import_id') = o.id::text
     WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
 )
@@ -399,7 +392,9 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
                 )
             elif opts.create_missing_masters:
                 plan.masters_to_create.append(dict(row))
-                plan.discovery_links.append(Link("discovery_flows", str(row["id"]), str(row["flow_id"]), CREATED))
+                plan.discovery_links.append(
+                    Link("discovery_flows", str(row["id"]), str(row["flow_id"]), Evidence.CREATED)
+                )
                 df_ids.append(row["id"])
                 df_masters.append(row["flow_id"])
             else:
@@ -427,7 +422,7 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
                 )
             )
         else:
-            plan.discovery_links.append(Link("discovery_flows", str(row["id"]), str(row["master"]), DISCOVERY_EVIDENCE))
+            plan.discovery_links.append(Link("discovery_flows", str(row["id"]), str(row["master"]), Evidence.FLOW_ID))
             df_ids.append(row["id"])
             df_masters.append(row["master"])
 
@@ -436,7 +431,10 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
     exact: dict[uuid.UUID, dict[uuid.UUID, str]] = defaultdict(dict)
     foreign: set[uuid.UUID] = set()
     for row in (
-        await conn.execute(text(EXACT_EVIDENCE), {"imports": list(orphans), "df_ids": df_ids, "df_masters": df_masters})
+        await conn.execute(
+            text(EXACT_EVIDENCE),
+            {"imports": list(orphans), "df_ids": df_ids, "df_masters": df_masters, **Evidence.params()},
+        )
     ).mappings():
         imp = orphans[row["import_id"]]
         if not unknown_matches(
@@ -488,7 +486,7 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
     for imp_id in undecided:
         if imp_id in assigned:
             flow, distance = assigned[imp_id]
-            plan.import_links.append(Link("data_imports", str(imp_id), str(flow), TIME_WINDOW, distance))
+            plan.import_links.append(Link("data_imports", str(imp_id), str(flow), Evidence.TIME_WINDOW, distance))
         elif imp_id in tied:
             plan.ambiguous.append(
                 Ambiguous(
@@ -525,7 +523,11 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
         if row["to_link"]:
             plan.record_links.append(
                 Link(
-                    "raw_import_records", str(row["data_import_id"]), str(row["flow"]), VIA_IMPORT, rows=row["to_link"]
+                    "raw_import_records",
+                    str(row["data_import_id"]),
+                    str(row["flow"]),
+                    Evidence.VIA_IMPORT,
+                    rows=row["to_link"],
                 )
             )
         if row["tenant_conflict"]:
@@ -592,7 +594,7 @@ created AS (
     RETURNING flow_id
 )
 INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence, applied_at)
-SELECT :run, 'crewai_flow_state_extensions', c.flow_id, '*created*', NULL, c.flow_id, 'created_by_backfill', now()
+SELECT :run, 'crewai_flow_state_extensions', c.flow_id, '*created*', NULL, c.flow_id, CAST(:ev_created AS text), now()
 FROM created c
 RETURNING row_id
 """
@@ -621,7 +623,7 @@ WITH batch AS (
     JOIN crewai_flow_state_extensions m ON m.flow_id = b.new_value AND m.flow_status IS DISTINCT FROM 'deleted'
     WHERE t.id = b.row_id AND t.master_flow_id IS NULL
       AND {unknown_matches_sql("t", "m")}
-      AND (b.evidence <> 'time_window' OR NOT EXISTS (
+      AND (b.evidence <> CAST(:ev_time_window AS text) OR NOT EXISTS (
            SELECT 1 FROM data_imports x WHERE x.master_flow_id = b.new_value AND x.id <> t.id))
     RETURNING b.change_id
 ), applied AS (
@@ -654,7 +656,7 @@ WITH imports AS (
 ), logged AS (
     INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence,
                                  row_ids, applied_at)
-    SELECT :run, 'raw_import_records', data_import_id, 'master_flow_id', NULL, master_flow_id, 'via_import',
+    SELECT :run, 'raw_import_records', data_import_id, 'master_flow_id', NULL, master_flow_id, CAST(:ev_via_import AS text),
            array_agg(id ORDER BY id), now()
     FROM changed GROUP BY data_import_id, master_flow_id
     RETURNING 1
@@ -695,7 +697,8 @@ async def _batch(
         started = time.perf_counter()
         try:
             async with conn.begin():
-                result = await conn.execute(text(sql), {**params, "limit": batcher.size})
+                # evidence names are bound, never spelled in the SQL (flowfix.evidence)
+                result = await conn.execute(text(sql), {**Evidence.params(), **params, "limit": batcher.size})
                 out = result.all() if rows else result.one()
             batcher.done(time.perf_counter() - started)
             return out
@@ -860,7 +863,7 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
                 "run": run_id,
                 "ids": [uuid.UUID(link.id) for link in chunk],
                 "masters": [uuid.UUID(link.master_flow_id) for link in chunk],
-                "evidence": DISCOVERY_EVIDENCE,
+                "evidence": Evidence.FLOW_ID.value,
             },
             rows=True,
         )

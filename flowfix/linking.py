@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowfix import catalog, ledger
 from flowfix.errors import FlowfixError
+from flowfix.evidence import Evidence
 from flowfix.ledger import Change
 from flowfix.models import MASTER_TABLE
 from flowfix.tenancy import known_and_equal, unknown_matches, unknown_matches_sql
@@ -135,7 +136,9 @@ async def _link_records(
             {"f": flow_id, "i": data_import_id, "replaces": replaces},
         )
     ).all()
-    return [Change("raw_import_records", r.id, "master_flow_id", r.master_flow_id, flow_id, "link") for r in rows]
+    return [
+        Change("raw_import_records", r.id, "master_flow_id", r.master_flow_id, flow_id, Evidence.LINK) for r in rows
+    ]
 
 
 async def start_discovery_flow(
@@ -265,7 +268,7 @@ async def link_import(
                 {"f": flow_id, "i": data_import_id},
             )
             result.changes.append(
-                Change("data_imports", data_import_id, "master_flow_id", imp.master_flow_id, flow_id, "link")
+                Change("data_imports", data_import_id, "master_flow_id", imp.master_flow_id, flow_id, Evidence.LINK)
             )
         replaces = imp.master_flow_id if imp.master_flow_id != flow_id else None
         result.changes += await _link_records(

@@ -44,3 +44,12 @@ def test_each_policy_in_python_and_in_sql(settings: Settings, row: tuple, matche
         params,
     )
     assert got == [{"matches": matches, "equal": equal}]
+
+
+def test_the_ledger_stores_evidence_by_the_vocabulary_names() -> None:
+    """Every evidence name the code binds into SQL is a member of the one vocabulary."""
+    from flowfix.evidence import Evidence
+
+    params = Evidence.params()
+    assert set(params.values()) == {e.value for e in Evidence}
+    assert params["ev_time_window"] == "time_window" and params["ev_via_import"] == "via_import"
