@@ -23,4 +23,4 @@ class Evidence(StrEnum):
 
 
 #: Which exact evidence wins when two disagree about an import (lower is stronger).
-STRENGTH = {Evidence.DISCOVERY_FLOW: 0, Evidence.CONFIGURATION: 1}
+STRENGTH: dict[str, int] = {Evidence.DISCOVERY_FLOW: 0, Evidence.CONFIGURATION: 1}
