@@ -107,6 +107,8 @@ class Plan:
     record_links: list[Link] = field(default_factory=list)
     ambiguous: list[Ambiguous] = field(default_factory=list)
     unmatched: list[Unmatched] = field(default_factory=list)
+    #: which discovery-flow values a created master needs on this database (CREATE_MASTERS)
+    master_needs: dict[str, bool] = field(default_factory=dict)
 
     @property
     def records_to_link(self) -> int:
@@ -272,7 +274,7 @@ ORDER BY r.id
 
 #: The master's columns CREATE_MASTERS fills, and for those that may be NULL on the
 #: discovery flow, where the value comes from.
-MASTER_VALUES_FROM_DISCOVERY_FLOW = {"user_id": "user_id", "flow_name": "flow_name"}
+MASTER_VALUES_FROM_DISCOVERY_FLOW = ("user_id", "flow_name")
 MASTER_COLUMNS_FILLED = {
     "id",
     "flow_id",
@@ -309,9 +311,9 @@ class MasterCreation:
                 f"{MASTER_TABLE}.{', '.join(self.unknown)} is NOT NULL without a default, and flowfix has no"
                 " value for it"
             )
-        for master_column, df_column in MASTER_VALUES_FROM_DISCOVERY_FLOW.items():
-            if master_column in self.required and row[df_column] is None:
-                return f"its {df_column} is NULL and {MASTER_TABLE}.{master_column} is NOT NULL"
+        for column in MASTER_VALUES_FROM_DISCOVERY_FLOW:
+            if column in self.required and row[column] is None:
+                return f"its {column} is NULL and {MASTER_TABLE}.{column} is NOT NULL"
         if row["flow_id_is_a_master_id"]:
             return "its flow_id is another master's id (the upgrade could no longer tell the two apart)"
         return None
@@ -379,6 +381,7 @@ async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
     plan = Plan()
     scope = opts.scope
     creation = MasterCreation(await conn.run_sync(catalog.required_columns, MASTER_TABLE))
+    plan.master_needs = creation.needs
 
     # 1. discovery flows: their own flow_id names their master.
     df_ids: list[uuid.UUID] = []
@@ -804,11 +807,11 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
             run_id = await ledger.start_run(conn, "backfill", opts.arguments())
             await _store_import_plan(conn, run_id, plan.import_links)
         else:
-            stored = (
+            planned = (
                 await conn.execute(
                     text(
-                        "SELECT row_id, new_value, evidence, distance_seconds FROM flowfix_changes"
-                        " WHERE run_id = :run AND table_name = 'data_imports' AND applied_at IS NULL AND skipped IS NULL"
+                        "SELECT row_id, new_value, evidence, distance_seconds, applied_at IS NULL AND skipped IS NULL"
+                        " AS pending FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports'"
                         " ORDER BY row_id"
                     ),
                     {"run": run_id},
@@ -816,16 +819,8 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
             ).all()
             # the stored plan wins over a fresh one for the imports it covers (same result as
             # one uninterrupted run); orphans that appeared since are planned afresh and stored
-            covered = set(
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT row_id::text FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports'"
-                        ),
-                        {"run": run_id},
-                    )
-                ).scalars()
-            )
+            stored = [r for r in planned if r.pending]
+            covered = {str(r.row_id) for r in planned}
             new_links = [link for link in plan.import_links if link.id not in covered]
             await _store_import_plan(conn, run_id, new_links)
             plan.import_links = [
@@ -841,15 +836,13 @@ async def _apply(conn: AsyncConnection, opts: Options, note: Progress, run_ids: 
     counts: dict[str, int] = defaultdict(int)
 
     # 1. discovery flows (and the masters --create-missing-masters adds)
-    async with conn.begin():
-        creation = MasterCreation(await conn.run_sync(catalog.required_columns, MASTER_TABLE))
     for chunk in _chunks(plan.masters_to_create, opts.batch_size):
         made = await _batch(
             conn,
             batcher,
             opts.lock_retries,
             CREATE_MASTERS,
-            {"run": run_id, "run_text": str(run_id), "ids": [c["id"] for c in chunk], **creation.needs},
+            {"run": run_id, "run_text": str(run_id), "ids": [c["id"] for c in chunk], **plan.master_needs},
             rows=True,
         )
         counts["masters_created"] += len(made)

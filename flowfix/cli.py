@@ -157,6 +157,8 @@ def root(
     ] = False,
 ) -> None:
     """Repair and guard the master-flow links of the discovery-flow tables."""
+    # --debug is declared here so that click accepts it; FlowfixGroup.main reads it from
+    # the argument list itself, since it must work when parsing the command line fails
 
 
 def fail(message: str) -> NoReturn:

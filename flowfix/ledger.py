@@ -83,7 +83,7 @@ async def require_ledger(conn: Executor) -> None:
     present = (await conn.execute(text("SELECT to_regclass('flowfix_runs') IS NOT NULL"))).scalar_one()
     if not present:
         raise LedgerMissing("the ledger tables do not exist yet: run `flowfix upgrade fix_master_flow_fk` first")
-    revision = await conn.run_sync(lambda sync: catalog.readable_revision(sync))
+    revision = await conn.run_sync(catalog.readable_revision)
     if revision in (None, "legacy"):
         raise LedgerMissing(
             f"the database is at revision {revision or '(none)'}, where master_flow_id still references the master's"
@@ -156,8 +156,8 @@ async def list_runs(conn: Executor, limit: int = 20) -> list[RunInfo]:
 
 
 async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
-    """Revert ``run_id`` inside the caller's transaction (which holds the run lock)."""
-    await require_ledger(conn)
+    """Revert ``run_id`` inside the caller's transaction, which has checked the ledger and
+    holds the run lock (:func:`undo_run`). Everything is checked before the first write."""
     run = (
         await conn.execute(text("SELECT command, status FROM flowfix_runs WHERE id = :id FOR UPDATE"), {"id": run_id})
     ).one_or_none()
@@ -168,8 +168,6 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
     if run.status == "undone":
         return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
 
-    undo_run = await start_run(conn, "undo", {"run_id": str(run_id)})
-    report = UndoReport(run_id=run_id, undo_run_id=undo_run)
     changes = (
         await conn.execute(
             text(
@@ -180,6 +178,8 @@ async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
         )
     ).all()
     await _refuse_null_into_not_null(conn, run_id, changes)
+    undo_run = await start_run(conn, "undo", {"run_id": str(run_id)})
+    report = UndoReport(run_id=run_id, undo_run_id=undo_run)
     for ch in changes:
         if ch.column_name == CREATED_ROW:
             continue  # created rows go last, once nothing the run linked points at them
@@ -233,7 +233,7 @@ async def _refuse_null_into_not_null(conn: Executor, run_id: uuid.UUID, changes:
     tables = sorted({ch.table_name for ch in changes if ch.old_value is None and ch.column_name != CREATED_ROW})
     if not tables:
         return
-    nullable = await conn.run_sync(lambda sync: catalog.columns(sync, tables))
+    nullable = await conn.run_sync(catalog.columns, tables)
     blocked = [t for t in tables if not nullable.get(t, {}).get("master_flow_id", True)]
     if blocked:
         raise FlowfixError(
@@ -246,7 +246,7 @@ async def _unreferenced_master_sql(conn: Executor) -> str:
     """DELETE a master created by a run (``:flow``) only if no row anywhere references it:
     every FK in the database that points at the master table, read from the catalog
     (the application has tables flowfix does not know, some with ON DELETE CASCADE)."""
-    refs = await conn.run_sync(lambda sync: catalog.referencing(sync, MASTER_TABLE))
+    refs = await conn.run_sync(catalog.referencing, MASTER_TABLE)
     guards = "".join(
         f" AND NOT EXISTS (SELECT 1 FROM {ref.source} x WHERE "
         + " AND ".join(f"x.{col} = m.{target}" for col, target in zip(ref.columns, ref.referenced, strict=True))

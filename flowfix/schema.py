@@ -37,11 +37,16 @@ def script_location() -> Path:
 
 
 @cache
-def head() -> str:
-    """The head revision, from Alembic's ScriptDirectory (not a constant to keep in step)."""
+def script_directory() -> Any:
+    """Alembic's view of the revisions, read once per process."""
     from alembic.script import ScriptDirectory
 
-    found = ScriptDirectory(str(script_location())).get_current_head()
+    return ScriptDirectory(str(script_location()))
+
+
+def head() -> str:
+    """The head revision, from Alembic's ScriptDirectory (not a constant to keep in step)."""
+    found: str | None = script_directory().get_current_head()
     assert found is not None
     return found
 
@@ -71,18 +76,15 @@ def alembic_config(settings: Settings, *, output: TextIO | None = None, quiet: b
 
 def check_revision(revision: str, *, sql: bool) -> None:
     """Refuse an unknown revision (or a range, online) before anything connects or logs."""
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError as AlembicCommandError
-
     if ":" in revision and not sql:
         raise MigrationError(f"Range revision not allowed: '{revision}' (ranges are for --sql)")
-    script = ScriptDirectory(str(script_location()))
+    script = script_directory()
     for part in revision.split(":"):
         if part in ("", "base", "head", "heads") or part.startswith(("+", "-")) or "@" in part:
             continue
         try:
             script.get_revision(part)
-        except AlembicCommandError as exc:
+        except CommandError as exc:
             raise MigrationError(str(exc).strip().splitlines()[0]) from None
 
 
