@@ -1,21 +1,23 @@
-"""flowfix backfill against the plan's Phase 3.1 script and against one big UPDATE.
+"""flowfix backfill against the floor: one ``UPDATE ... FROM`` with and without a ledger.
 
-Generates the legacy dataset (default 20,000 imports x 50 records = 1M records, masters
-over 8 tenants and months; no discovery flow names its import, so time is the only
-evidence, as the plan's script assumes), migrates it to fix_master_flow_fk, copies it,
-and measures on identical copies, in one run:
+Builds the dataset on the production shape (shape H by default: no index on the records'
+``data_import_id`` or ``master_flow_id``; ``FLOWFIX_BENCH_SHAPE`` picks another), default
+20,000 imports x 50 records = 1M records, time the only evidence; migrates it to
+fix_master_flow_fk, and measures on identical copies, in one run:
 
-  (a) flowfix  - flowfix backfill --window 2h (plan, ledger, batches, guards)
-  (b) plan     - the plan's algorithm: per orphan import one nearest-flow query and two
-                 updates, one transaction for everything (its abs() of an interval
-                 fixed to abs(extract(epoch ...)) so that it runs), on the same schema,
-                 which has the (tenant, created_at) index fix_master_flow_fk adds
-  (b') plan-   - the same without that index, as the plan's own migration leaves it
-  (c) floor    - records only: one UPDATE ... FROM linking every record to its import's
-                 master, on a copy whose imports carry flowfix's links
+  flowfix -j1   flowfix backfill --window 2h --jobs 1 (plan, ledger, batches, guards)
+  flowfix -j2   the same with --jobs 2
+  floor         records only: one UPDATE ... FROM linking every record to its import's
+                master (imports already carry flowfix's links), one transaction
+  floor+ledger  the same statement also writing flowfix's ledger rows (one per import,
+                with the record ids), as flowfix's batches do
 
-Prints wall times, rows/s, the longest transaction, the ratios, and flowfix's cost at
-several sizes (the growth curve). Run: python -m bench.backfill [--imports N] [--curve ...]
+Prints wall time, the records step's time and rows/s, the longest transaction, and the
+ratio of flowfix's records throughput to the floor with a ledger (target: 0.9 or more).
+``--curve N ...`` adds flowfix's cost per record at several sizes (target: flat within
++-20% from 5k to 200k imports).
+
+Run: python -m bench.backfill [--imports N] [--curve 5000 20000 50000 200000]
 """
 
 from __future__ import annotations
@@ -23,59 +25,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+import uuid
 
-from bench.common import build_legacy_dataset, connect, fresh_database, server, settings_for
+from bench.common import SHAPE, build_legacy_dataset, connect, fresh_database, server, settings_for
 from flowfix import backfill, schema
 from flowfix.db import make_engine
 
-PLAN_NEAREST = """
-SELECT flow_id FROM crewai_flow_state_extensions
-WHERE flow_type = 'discovery' AND client_account_id = $1 AND engagement_id = $2
-  AND created_at >= $3::timestamptz - interval '2 hours' AND created_at <= $3::timestamptz + interval '2 hours'
-ORDER BY abs(extract(epoch FROM (created_at - $3::timestamptz)))
-LIMIT 1
+FLOOR = """UPDATE raw_import_records r SET master_flow_id = d.master_flow_id FROM data_imports d
+WHERE d.id = r.data_import_id AND r.master_flow_id IS NULL AND d.master_flow_id IS NOT NULL"""
+
+FLOOR_WITH_LEDGER = f"""
+WITH changed AS ({FLOOR} RETURNING r.id, r.data_import_id, r.master_flow_id)
+INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence, row_ids, applied_at)
+SELECT $1, 'raw_import_records', data_import_id, 'master_flow_id', NULL, master_flow_id, 'via_import',
+       array_agg(id ORDER BY id), now()
+FROM changed GROUP BY data_import_id, master_flow_id
 """
 
 
-async def run_plan_script(url: str, without_index: bool = False) -> tuple[float, int, int]:
-    """The plan's Phase 3.1 loop: one session, one transaction, three queries per orphan."""
-    conn = await connect(url)
-    try:
-        if without_index:
-            await conn.execute("DROP INDEX ix_crewai_flow_state_extensions_tenant_created")
-        t0 = time.perf_counter()
-        fixed = records = 0
-        async with conn.transaction():
-            orphans = await conn.fetch(
-                "SELECT id, client_account_id, engagement_id, created_at FROM data_imports WHERE master_flow_id IS NULL"
-            )
-            for o in orphans:
-                flow = await conn.fetchval(PLAN_NEAREST, o["client_account_id"], o["engagement_id"], o["created_at"])
-                if flow is None:
-                    continue
-                await conn.execute("UPDATE data_imports SET master_flow_id = $1 WHERE id = $2", flow, o["id"])
-                status = await conn.execute(
-                    "UPDATE raw_import_records SET master_flow_id = $1 WHERE data_import_id = $2", flow, o["id"]
-                )
-                records += int(status.split()[-1])
-                fixed += 1
-        return time.perf_counter() - t0, fixed, records
-    finally:
-        await conn.close()
-
-
-async def run_flowfix(url: str) -> tuple[float, backfill.Result]:
+async def run_flowfix(url: str, jobs: int) -> tuple[float, backfill.Result]:
     settings = settings_for(url)
     engine = make_engine(settings)
     try:
         t0 = time.perf_counter()
-        result = await backfill.run(engine, settings, backfill.Options(window_seconds=7200))
+        result = await backfill.run(engine, settings, backfill.Options(window_seconds=7200, jobs=jobs))
         return time.perf_counter() - t0, result
     finally:
         await engine.dispose()
 
 
-async def run_floor(url: str, links: list[tuple[str, str]]) -> tuple[float, int]:
+async def run_floor(url: str, links: list[tuple[uuid.UUID, uuid.UUID]], *, ledger: bool) -> tuple[float, int]:
     conn = await connect(url)
     try:
         await conn.execute(
@@ -85,12 +64,15 @@ async def run_floor(url: str, links: list[tuple[str, str]]) -> tuple[float, int]
             [f for _, f in links],
         )
         await conn.execute("VACUUM ANALYZE data_imports")
+        run_id = await conn.fetchval("INSERT INTO flowfix_runs (command) VALUES ('bench') RETURNING id")
         t0 = time.perf_counter()
-        status = await conn.execute(
-            "UPDATE raw_import_records r SET master_flow_id = d.master_flow_id FROM data_imports d"
-            " WHERE d.id = r.data_import_id AND r.master_flow_id IS NULL AND d.master_flow_id IS NOT NULL"
-        )
-        return time.perf_counter() - t0, int(status.split()[-1])
+        if ledger:
+            await conn.execute(FLOOR_WITH_LEDGER, run_id)
+        else:
+            await conn.execute(FLOOR)
+        seconds = time.perf_counter() - t0
+        linked = await conn.fetchval("SELECT count(*) FROM raw_import_records WHERE master_flow_id IS NOT NULL")
+        return seconds, int(linked)
     finally:
         await conn.close()
 
@@ -104,62 +86,56 @@ def prepare(srv: str, imports: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--imports", type=int, default=20_000)
-    parser.add_argument(
-        "--curve",
-        type=int,
-        nargs="*",
-        default=[5_000, 10_000, 20_000],
-        help="sizes (imports) for flowfix's growth curve",
-    )
+    parser.add_argument("--curve", type=int, nargs="*", default=[], help="import counts for the cost-per-record curve")
     args = parser.parse_args()
+
     with server() as srv:
         prepare(srv, args.imports)
         copy = lambda name: fresh_database(srv, name, template="bench_backfill_src")  # noqa: E731
 
-        wall_a, result = asyncio.run(run_flowfix(copy("bench_backfill_a")))
-        c = result.counts
-        wall_b, fixed_b, records_b = asyncio.run(run_plan_script(copy("bench_backfill_b")))
-        wall_b2, fixed_b2, records_b2 = asyncio.run(run_plan_script(copy("bench_backfill_b2"), without_index=True))
-        links = [(link.id, link.master_flow_id) for link in result.plan.import_links]
-        wall_c, records_c = asyncio.run(run_floor(copy("bench_backfill_c"), links))
+        rows = []
+        results = {}
+        for jobs in (1, 2):
+            wall, result = asyncio.run(run_flowfix(copy(f"bench_backfill_j{jobs}"), jobs))
+            assert result.counts is not None
+            c = result.counts
+            rows.append(
+                (f"flowfix -j{jobs}", wall, c.raw_import_records, c.seconds["raw_import_records"], c.longest_batch_ms)
+            )
+            results[jobs] = result
+        links = [(link.id, link.master_flow_id) for link in results[1].plan.import_links]
+        for ledger in (False, True):
+            seconds, linked = asyncio.run(run_floor(copy("bench_backfill_floor"), links, ledger=ledger))
+            rows.append(("floor+ledger" if ledger else "floor", seconds, linked, seconds, seconds * 1000))
 
-        rec_a = c["seconds"]["raw_import_records"]
-        print(f"backfill: {args.imports:,} imports x 50 records, window 2h")
-        print(f"{'variant':<9} {'wall':>8} {'imports':>8} {'records':>10} {'records/s':>11} {'longest txn':>12}")
+        print(f"backfill: {args.imports:,} imports x 50 records on shape {SHAPE.name}, window 2h")
+        print(f"{'variant':<13} {'wall':>8} {'records':>10} {'records step':>13} {'records/s':>11} {'longest txn':>12}")
+        for name, wall, records, step, longest in rows:
+            print(
+                f"{name:<13} {wall:>7.2f}s {records:>10,} {step:>12.2f}s {records / step:>11,.0f} {longest:>10,.0f} ms"
+            )
+        rate = {name: records / step for name, _, records, step, _ in rows}
         print(
-            f"{'flowfix':<9} {wall_a:>7.2f}s {c['data_imports']:>8,} {c['raw_import_records']:>10,}"
-            f" {c['raw_import_records'] / rec_a:>11,.0f} {c['longest_batch_ms']:>9,.0f} ms"
-        )
-        print(
-            f"{'plan':<9} {wall_b:>7.2f}s {fixed_b:>8,} {records_b:>10,} {records_b / wall_b:>11,.0f}"
-            f" {wall_b * 1000:>9,.0f} ms"
-        )
-        print(
-            f"{'plan-':<9} {wall_b2:>7.2f}s {fixed_b2:>8,} {records_b2:>10,} {records_b2 / wall_b2:>11,.0f}"
-            f" {wall_b2 * 1000:>9,.0f} ms"
-        )
-        print(
-            f"{'floor':<9} {wall_c:>7.2f}s {'-':>8} {records_c:>10,} {records_c / wall_c:>11,.0f}"
-            f" {wall_c * 1000:>9,.0f} ms"
-        )
-        print(
-            f"flowfix steps: {c['seconds']}; {c['batches']} batches;"
-            f" ambiguous {c['ambiguous']}, unmatched {c['unmatched']}"
-        )
-        print(
-            f"ratios: plan/flowfix wall x{wall_b / wall_a:.1f}, plan-/flowfix x{wall_b2 / wall_a:.1f};"
-            f" flowfix record throughput / floor = {(c['raw_import_records'] / rec_a) / (records_c / wall_c):.2f}"
+            f"records throughput / floor+ledger: -j1 {rate['flowfix -j1'] / rate['floor+ledger']:.2f},"
+            f" -j2 {rate['flowfix -j2'] / rate['floor+ledger']:.2f} (target >= 0.9)"
         )
 
         if args.curve:
-            print("growth (flowfix, fresh dataset per size):")
+            print("cost per record (flowfix -j1, fresh dataset per size):")
+            costs = []
             for n in args.curve:
                 prepare(srv, n)
-                wall, res = asyncio.run(run_flowfix(copy("bench_backfill_a")))
+                wall, res = asyncio.run(run_flowfix(copy("bench_backfill_j1"), 1))
+                assert res.counts is not None
+                per_record = res.counts.seconds["raw_import_records"] / max(1, res.counts.raw_import_records) * 1e6
+                costs.append(per_record)
                 print(
-                    f"  {n:>7,} imports  {n * 50:>9,} records  {wall:>6.2f}s  {wall / n * 1000:.3f} ms per import"
-                    f"  longest txn {res.counts['longest_batch_ms']:,.0f} ms"
+                    f"  {n:>7,} imports {n * 50:>10,} records  wall {wall:>7.2f}s  records step {per_record:5.1f} us"
+                    f"/record  whole run {wall / (n * 50) * 1e6:5.1f} us/record  longest txn"
+                    f" {res.counts.longest_batch_ms:,.0f} ms"
                 )
+            spread = max(costs) / min(costs) - 1
+            print(f"  records step: max/min - 1 = {spread:.0%} (target: within 20% either side of the mean)")
 
 
 if __name__ == "__main__":

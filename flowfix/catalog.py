@@ -242,3 +242,34 @@ def current_revision(conn: SyncExecutor) -> str | None:
     if not exists:
         return None
     return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one_or_none()
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A table that holds rows of ``table`` (itself, or each leaf partition), by name as
+    ``regclass`` prints it (quoted where needed), with its size in pages."""
+
+    name: str
+    pages: int
+    rows_per_page: float
+
+
+#: The leaves of :table (a plain table is its own leaf), largest first.
+LEAVES_SQL = """
+SELECT c.oid::regclass::text AS name,
+       (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint AS pages,
+       CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 0 END AS rows_per_page
+FROM pg_class c
+WHERE c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass(:table)) WHERE isleaf)
+   OR (c.oid = to_regclass(:table) AND c.relkind <> 'p')
+ORDER BY pages DESC, name
+"""
+
+
+def leaves(conn: SyncExecutor, table: str) -> list[Leaf]:
+    return [Leaf(**row) for row in conn.execute(text(LEAVES_SQL), {"table": table}).mappings()]
+
+
+def server_version(conn: SyncExecutor) -> int:
+    """``server_version_num``: 150018 for 15.18."""
+    return int(conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar_one())

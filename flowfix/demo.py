@@ -14,14 +14,12 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy import text
 
-from flowfix import backfill, embedded, ledger, linking, schema, validate
+from flowfix import backfill, embedded, ledger, linking, progress, schema, validate
 from flowfix.config import Settings, normalize_url
 from flowfix.db import admin, make_engine, make_sessionmaker, run_with_engine
-from flowfix.progress import backfill_with_progress
+from flowfix.render import Narrator
 
 #: The broken dataset, for `size` imports (default 300). Tenants: 3 client accounts with
 #: 2 engagements each. Per import, by its number g:
@@ -93,41 +91,6 @@ DATASET = (
 )
 
 
-class Narrator:
-    """Rich tables on a terminal, plain lines when piped."""
-
-    def __init__(self) -> None:
-        self.console = Console(highlight=False, soft_wrap=True)
-        self.step = 0
-        self.started = time.perf_counter()
-
-    def title(self, text_: str) -> None:
-        self.step += 1
-        elapsed = time.perf_counter() - self.started
-        self.console.print(
-            f"\n[bold]{self.step}. {text_}[/bold]  ({elapsed:.1f} s)"
-            if self.console.is_terminal
-            else f"\n{self.step}. {text_}  ({elapsed:.1f} s)"
-        )
-
-    def say(self, text_: str) -> None:
-        self.console.print(f"   {text_}", markup=False)
-
-    def report(self, report: validate.Report) -> None:
-        shown = [c for c in report.checks if c.status != "pass"]
-        if self.console.is_terminal:
-            table = Table("status", "check", "count", "message", box=None, padding=(0, 1))
-            for c in shown:
-                color = {"fail": "red", "warn": "yellow"}[c.status]
-                table.add_row(f"[{color}]{c.status.upper()}[/{color}]", c.name, f"{c.count:,}", c.message)
-            self.console.print(table)
-        else:
-            for c in shown:
-                self.say(f"{c.status.upper():<4} {c.name:<28} {c.count:>6,}  {c.message}")
-        passed = sum(c.status == "pass" for c in report.checks)
-        self.say(f"{passed} of {len(report.checks)} checks pass -> {'OK (exit 0)' if report.ok else 'FAILED (exit 1)'}")
-
-
 async def _sql(settings: Settings, statements: tuple[str, ...], **params: Any) -> None:
     engine = make_engine(settings)
     try:
@@ -170,24 +133,27 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         opts = backfill.Options(window_seconds=7200, create_missing_masters=True)
         n.title("flowfix backfill --window 2h --create-missing-masters --dry-run")
         dry = run_with_engine(settings, lambda e: backfill.run(e, settings, replace(opts, dry_run=True)))
-        _summarise_plan(n, dry)
+        n.plan(dry)
 
         n.title("flowfix backfill --window 2h --create-missing-masters")
-        done = run_with_engine(settings, lambda e: backfill_with_progress(e, settings, opts, n.console))
+        done = run_with_engine(settings, lambda e: _backfill(e, settings, opts, n))
         c = done.counts
+        assert c is not None and done.run_id is not None
         n.say(
-            f"run {done.run_id}: {c['discovery_flows']} discovery flows ({c['masters_created']} masters created),"
-            f" {c['data_imports']} imports, {c['raw_import_records']:,} records linked in {c['batches']} batches"
-            f" (longest {c['longest_batch_ms']} ms)"
+            f"run {done.run_id}: {c.discovery_flows} discovery flows ({c.masters_created} masters created),"
+            f" {c.data_imports} imports, {c.raw_import_records:,} records linked in {c.batches} batches"
+            f" (longest {c.longest_batch_ms} ms)"
         )
 
         n.title(f"flowfix undo {done.run_id}, then backfill again (undo is exact, a rerun is identical)")
-        undone = run_with_engine(settings, lambda e: _undo(e, uuid.UUID(done.run_id)))
+        target = done.run_id
+        undone = run_with_engine(settings, lambda e: ledger.undo_run(e, settings, target))
         n.say(f"undo: {undone.reverted:,} values reverted, {undone.deleted_masters} created masters deleted")
-        again = run_with_engine(settings, lambda e: backfill_with_progress(e, settings, opts, n.console))
+        again = run_with_engine(settings, lambda e: _backfill(e, settings, opts, n))
+        assert again.counts is not None
         n.say(
-            f"backfill again: run {again.run_id}, {again.counts['data_imports']} imports,"
-            f" {again.counts['raw_import_records']:,} records linked"
+            f"backfill again: run {again.run_id}, {again.counts.data_imports} imports,"
+            f" {again.counts.raw_import_records:,} records linked"
         )
 
         n.title("flowfix validate")
@@ -196,8 +162,8 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         n.title("flowfix link: an operator resolves the ambiguous imports (ties), records included")
         ties = [a for a in again.plan.ambiguous if a.table == "data_imports"]
         for number, item in enumerate(ties):
-            chosen = uuid.UUID(item.candidates[0])
-            import_id = uuid.UUID(item.id)
+            chosen = item.candidates[0]
+            import_id = item.id
 
             async def link_one(e: Any, i: uuid.UUID = import_id, f: uuid.UUID = chosen) -> Any:
                 return await _link(e, i, f)
@@ -235,27 +201,11 @@ def _validate(settings: Settings, **options: Any) -> validate.Report:
     return run_with_engine(settings, lambda e: validate.validate(e, settings, validate.Options(samples=0, **options)))
 
 
-async def _undo(engine, run_id: uuid.UUID) -> ledger.UndoReport:  # type: ignore[no-untyped-def]
-    async with make_sessionmaker(engine)() as session:
-        return await ledger.undo_run(session, run_id)
+async def _backfill(engine: Any, settings: Settings, opts: backfill.Options, n: Narrator) -> backfill.Result:
+    with progress.reporter(n.console) as reporter:
+        return await backfill.run(engine, settings, opts, reporter)
 
 
 async def _link(engine, import_id: uuid.UUID, flow_id: uuid.UUID):  # type: ignore[no-untyped-def]
     async with make_sessionmaker(engine)() as session:
         return await linking.link_with_ledger(session, data_import_id=import_id, flow_id=flow_id)
-
-
-def _summarise_plan(n: Narrator, result: backfill.Result) -> None:
-    c = result.counts
-    evidence = ", ".join(f"{k} {v}" for k, v in result.plan.import_evidence().items())
-    n.say(
-        f"would link {c['planned_discovery_flows']} discovery flows ({c['planned_masters_created']} new masters),"
-        f" {c['planned_data_imports']} imports ({evidence}), {c['planned_raw_import_records']:,} records"
-    )
-    reasons: dict[str, int] = {}
-    for table, reason in [(a.table, a.reason) for a in result.plan.ambiguous] + [
-        (u.table, u.reason) for u in result.plan.unmatched
-    ]:
-        reasons[f"{table}: {reason}"] = reasons.get(f"{table}: {reason}", 0) + 1
-    for reason, count in sorted(reasons.items()):
-        n.say(f"{count:>4} x {reason}")

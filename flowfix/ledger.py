@@ -1,23 +1,31 @@
-"""The ledger: every run that changes links (link, and later backfill) and every value it
+"""The ledger: every run that changes links (backfill, link, undo) and every value it
 changed, so that ``flowfix undo RUN_ID`` can put them back.
 
 Tables (created by revision fix_master_flow_fk): ``flowfix_runs`` and ``flowfix_changes``.
-Undo reverts a change only where the row still holds the value the run wrote: a later
-edit by anyone else is never clobbered, it is reported instead.
+Every statement on them is here: starting and finishing runs, the stored plan of a
+backfill and its walk's progress (for resuming), the fragments other statements use to
+log what they changed in the same statement, and undo. Undo reverts a change only where
+the row still holds the value the run wrote: a later edit by anyone else is never
+clobbered, it is reported instead.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from flowfix import catalog
+from flowfix.batches import BatchSizer, timed, transaction
+from flowfix.config import Settings
+from flowfix.db import connect
 from flowfix.errors import FlowfixError
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
@@ -91,6 +99,32 @@ async def require_ledger(conn: Executor) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Run:
+    """A run in the ledger; ``resumed``: started by an earlier, interrupted process."""
+
+    id: uuid.UUID
+    resumed: bool = False
+
+
+@asynccontextmanager
+async def run_lock(conn: AsyncConnection) -> AsyncIterator[None]:
+    """Hold the per-database run lock for the session, across many short transactions
+    (a batched run), or fail at once. A lost session releases it by itself."""
+    got = (await conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": ADVISORY_LOCK_KEY})).scalar_one()
+    await conn.commit()
+    if not got:
+        raise RunLocked("another flowfix run (backfill, link or undo) is in progress on this database; try again later")
+    try:
+        yield
+    finally:
+        try:
+            await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": ADVISORY_LOCK_KEY})
+            await conn.commit()
+        except Exception:  # noqa: BLE001, S110 - a lost session took the lock with it; the first error counts
+            pass
+
+
 async def try_lock(conn: Executor) -> None:
     """Take the per-database run lock for this transaction, or fail at once."""
     got = (
@@ -108,6 +142,148 @@ async def start_run(conn: Executor, command: str, arguments: dict[str, Any]) -> 
         )
     ).scalar_one()
     return run_id
+
+
+async def interrupted_run(conn: Executor, command: str, arguments: dict[str, Any]) -> Run | None:
+    """The newest run of ``command`` still marked running (its process died), which a new
+    run resumes; refused if it was started with other arguments."""
+    row = (
+        await conn.execute(
+            text(
+                "SELECT id, arguments FROM flowfix_runs WHERE command = :c AND status = 'running'"
+                " ORDER BY started_at DESC LIMIT 1"
+            ),
+            {"c": command},
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    if row.arguments != arguments:
+        raise FlowfixError(
+            f"{command} run {row.id} was interrupted with other arguments ({json.dumps(row.arguments)}): "
+            "rerun it with those to finish it, or `flowfix undo` it first"
+        )
+    return Run(row.id, resumed=True)
+
+
+async def store_import_plan(
+    conn: Executor,
+    run_id: uuid.UUID,
+    links: Sequence[tuple[uuid.UUID, uuid.UUID, str, float | None]],
+) -> None:
+    """A backfill's planned import links, (import, master, evidence, distance), stored
+    before any is applied: a resumed run applies these, not a fresh plan's."""
+    await conn.execute(
+        text(
+            "INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence,"
+            " distance_seconds)"
+            " SELECT :run, 'data_imports', x.id, 'master_flow_id', NULL, x.flow, x.evidence, x.distance"
+            " FROM unnest(CAST(:ids AS uuid[]), CAST(:flows AS uuid[]), CAST(:evidence AS text[]),"
+            " CAST(:distances AS float8[])) AS x(id, flow, evidence, distance)"
+        ),
+        {
+            "run": run_id,
+            "ids": [link[0] for link in links],
+            "flows": [link[1] for link in links],
+            "evidence": [link[2] for link in links],
+            "distances": [link[3] for link in links],
+        },
+    )
+
+
+@dataclass(frozen=True)
+class StoredLink:
+    import_id: uuid.UUID
+    master_flow_id: uuid.UUID
+    evidence: str
+    distance_seconds: float | None
+    pending: bool  # neither applied nor skipped yet
+
+
+async def stored_import_plan(conn: Executor, run_id: uuid.UUID) -> list[StoredLink]:
+    rows = await conn.execute(
+        text(
+            "SELECT row_id, new_value, evidence, distance_seconds, applied_at IS NULL AND skipped IS NULL AS pending"
+            " FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports' ORDER BY row_id"
+        ),
+        {"run": run_id},
+    )
+    return [StoredLink(*row) for row in rows]
+
+
+#: The next batch of a backfill's stored import links not yet applied or skipped, after
+#: the cursor :after (NULL: from the first). A CTE body for the apply statement.
+PENDING_IMPORT_LINKS = """
+    SELECT c.id AS change_id, c.row_id, c.new_value, c.evidence
+    FROM flowfix_changes c
+    WHERE c.run_id = :run AND c.table_name = 'data_imports' AND c.applied_at IS NULL AND c.skipped IS NULL
+      AND (CAST(:after AS uuid) IS NULL OR c.row_id > CAST(:after AS uuid))
+    ORDER BY c.row_id
+    LIMIT :limit"""
+
+#: Mark stored links applied (CTE ``changed``, column change_id) or skipped (the rest of
+#: CTE ``batch``), in the statement that applied them.
+MARK_APPLIED = (
+    "UPDATE flowfix_changes c SET applied_at = now() FROM changed WHERE c.id = changed.change_id RETURNING c.id"
+)
+MARK_SKIPPED = """UPDATE flowfix_changes c SET skipped = 'the import or its master changed since planning'
+    FROM batch b WHERE c.id = b.change_id AND c.id NOT IN (SELECT change_id FROM changed) RETURNING c.id"""
+
+#: Log the rows a data-modifying CTE ``changed`` (columns id, master) linked in the table
+#: :table_name, with :evidence, in the statement that linked them.
+LOG_LINKS = """INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence,
+                                 applied_at)
+    SELECT :run, CAST(:table_name AS text), id, 'master_flow_id', NULL, master, CAST(:evidence AS text), now()
+    FROM changed RETURNING row_id"""
+
+#: The same for records (CTE ``changed``: id, data_import_id, master_flow_id): one change
+#: per import and master, with the ids of its records in row_ids.
+LOG_RECORD_LINKS = """INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence,
+                                 row_ids, applied_at)
+    SELECT :run, 'raw_import_records', data_import_id, 'master_flow_id', NULL, master_flow_id,
+           CAST(:ev_via_import AS text), array_agg(id ORDER BY id), now()
+    FROM changed GROUP BY data_import_id, master_flow_id
+    RETURNING 1"""
+
+#: Log the masters a CTE ``created`` (column flow_id) created.
+LOG_CREATED_MASTERS = f"""INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence,
+                                 applied_at)
+    SELECT :run, '{MASTER_TABLE}', c.flow_id, '{CREATED_ROW}', NULL, c.flow_id, CAST(:ev_created AS text), now()
+    FROM created c RETURNING row_id"""
+
+
+async def walk_progress(conn: Executor, run_id: uuid.UUID) -> list[dict[str, Any]] | None:
+    """The stored ranges of a run's records walk and how far each got (None: not begun)."""
+    stored = (
+        await conn.execute(text("SELECT counts->'walk' FROM flowfix_runs WHERE id = :run"), {"run": run_id})
+    ).scalar_one()
+    return None if stored is None else list(stored)
+
+
+async def start_walk(conn: Executor, run_id: uuid.UUID, ranges: list[dict[str, Any]]) -> None:
+    """Store the ranges the records walk will cover, before the first is walked."""
+    await conn.execute(
+        text("UPDATE flowfix_runs SET counts = jsonb_set(counts, '{walk}', CAST(:ranges AS jsonb)) WHERE id = :run"),
+        {"run": run_id, "ranges": json.dumps(ranges)},
+    )
+
+
+async def advance_walk(conn: Executor, run_id: uuid.UUID, index: int, position: Any, *, done: bool = False) -> None:
+    """Range ``index`` of the walk is done up to ``position`` (or, ``done``, whole): in the
+    transaction of the batch that got there, so a resumed walk neither redoes nor skips."""
+    await conn.execute(
+        text(
+            "UPDATE flowfix_runs SET counts = jsonb_set(jsonb_set(counts, CAST(:at_path AS text[]), CAST(:at AS jsonb)),"
+            " CAST(:done_path AS text[]), CAST(:done AS jsonb)) WHERE id = :run"
+        ),
+        {
+            "run": run_id,
+            "at_path": ["walk", str(index), "next"],
+            "at": json.dumps(position),
+            "done_path": ["walk", str(index), "done"],
+            "done": json.dumps(done),
+        },
+    )
 
 
 async def record(conn: Executor, run_id: uuid.UUID, changes: list[Change]) -> None:
@@ -155,82 +331,172 @@ async def list_runs(conn: Executor, limit: int = 20) -> list[RunInfo]:
     return [RunInfo(**row) for row in rows]
 
 
-async def undo(conn: Executor, run_id: uuid.UUID) -> UndoReport:
-    """Revert ``run_id`` inside the caller's transaction, which has checked the ledger and
-    holds the run lock (:func:`undo_run`). Everything is checked before the first write."""
+#: One batch of undo for one table (:table_name, from UNDOABLE_COLUMNS): the next ledger
+#: changes before the cursor :after (newest first), each expanded to its rows (a records
+#: change lists them in row_ids), reverted where the row still holds what the run wrote.
+#: One row out per change: how many rows it stood for and how many went back.
+UNDO_BATCH = """
+WITH ch AS (
+    SELECT id, row_id, row_ids, old_value, new_value FROM flowfix_changes
+    WHERE run_id = :run AND table_name = CAST(:table_name AS text) AND column_name = 'master_flow_id'
+      AND applied_at IS NOT NULL AND undone_at IS NULL AND (CAST(:after AS bigint) IS NULL OR id < CAST(:after AS bigint))
+    ORDER BY id DESC
+    LIMIT :limit
+), target AS (
+    SELECT ch.id AS change_id, x.row_id, ch.old_value, ch.new_value
+    FROM ch CROSS JOIN LATERAL unnest(COALESCE(ch.row_ids, ARRAY[ch.row_id])) AS x(row_id)
+), reverted AS (
+    UPDATE {table} t SET master_flow_id = target.old_value
+    FROM target WHERE t.id = target.row_id AND t.master_flow_id IS NOT DISTINCT FROM target.new_value
+    RETURNING target.change_id
+), got AS (SELECT change_id, count(*) AS n FROM reverted GROUP BY change_id
+), marked AS (
+    UPDATE flowfix_changes c SET undone_at = now() FROM got WHERE c.id = got.change_id RETURNING c.id
+), want AS (SELECT change_id, count(*) AS n FROM target GROUP BY change_id)
+SELECT ch.id, ch.row_id, ch.row_ids IS NOT NULL AS many, COALESCE(want.n, 0) AS expected, COALESCE(got.n, 0) AS reverted
+FROM ch LEFT JOIN want ON want.change_id = ch.id LEFT JOIN got ON got.change_id = ch.id
+ORDER BY ch.id DESC
+"""
+
+#: Created masters of the run (CREATED_ROW changes) not yet undone, newest first.
+CREATED_MASTERS = f"""
+SELECT id, new_value FROM flowfix_changes
+WHERE run_id = :run AND table_name = '{MASTER_TABLE}' AND column_name = '{CREATED_ROW}'
+  AND applied_at IS NOT NULL AND undone_at IS NULL
+ORDER BY id DESC
+"""
+
+
+async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *, lock_retries: int = 5) -> UndoReport:
+    """``flowfix undo``: revert ``run_id`` in short batches under the run lock, each its
+    own transaction with lock_timeout and retries, so an application's write waits at
+    most one batch. Everything is checked before the first write. An undo that dies part
+    way is finished by running it again (its reverted changes are marked, in the batch
+    that reverted them)."""
+    async with connect(engine, settings) as conn:
+        async with conn.begin():
+            await require_ledger(conn)
+            await conn.run_sync(catalog.require_full_visibility, "undo")
+        async with run_lock(conn):
+            async with conn.begin():
+                undo = await _begin_undo(conn, run_id)
+            if undo is None:
+                return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
+            report = UndoReport(run_id=run_id, undo_run_id=undo)
+            for table in CHILD_TABLES:
+                await _undo_table(conn, run_id, table, report, lock_retries)
+            await _undo_created_masters(conn, run_id, report, lock_retries)
+            counts = {
+                "reverted": report.reverted,
+                "skipped": len(report.skipped),
+                "deleted_masters": report.deleted_masters,
+                "kept_masters": report.kept_masters,
+            }
+            async with conn.begin():
+                await finish_run(conn, undo, "finished", counts)
+                await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
+            return report
+
+
+async def _begin_undo(conn: AsyncConnection, run_id: uuid.UUID) -> uuid.UUID | None:
+    """Check the run can be undone; the undo run recording it (an interrupted undo of the
+    same run is continued), or None if it is undone already."""
     run = (
-        await conn.execute(text("SELECT command, status FROM flowfix_runs WHERE id = :id FOR UPDATE"), {"id": run_id})
+        await conn.execute(text("SELECT command, status FROM flowfix_runs WHERE id = :id"), {"id": run_id})
     ).one_or_none()
     if run is None:
         raise UnknownRun(f"no flowfix run with id {run_id} (see `flowfix runs`)")
     if run.command == "undo":
         raise UnknownRun(f"run {run_id} is an undo run, which cannot be undone: run the backfill or link again instead")
     if run.status == "undone":
-        return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
-
-    changes = (
+        return None
+    tables = (
         await conn.execute(
             text(
-                "SELECT id, table_name, row_id, column_name, old_value, new_value, row_ids FROM flowfix_changes"
-                " WHERE run_id = :id AND applied_at IS NOT NULL AND undone_at IS NULL ORDER BY id DESC"
+                "SELECT DISTINCT table_name FROM flowfix_changes WHERE run_id = :id AND applied_at IS NOT NULL"
+                " AND undone_at IS NULL AND old_value IS NULL AND column_name <> :created"
             ),
-            {"id": run_id},
+            {"id": run_id, "created": CREATED_ROW},
         )
-    ).all()
-    await _refuse_null_into_not_null(conn, run_id, changes)
-    undo_run = await start_run(conn, "undo", {"run_id": str(run_id)})
-    report = UndoReport(run_id=run_id, undo_run_id=undo_run)
-    for ch in changes:
-        if ch.column_name == CREATED_ROW:
-            continue  # created rows go last, once nothing the run linked points at them
-        if (ch.table_name, ch.column_name) not in UNDOABLE_COLUMNS:
-            raise FlowfixError(
-                f"ledger change {ch.id} names {ch.table_name}.{ch.column_name}, which undo does not touch"
-            )
-        # one change may stand for many rows (a batch of an import's records): row_ids
-        rows = list(ch.row_ids) if ch.row_ids is not None else [ch.row_id]
-        result = await conn.execute(
+    ).scalars()
+    await _refuse_null_into_not_null(conn, run_id, sorted(tables))
+    unknown = (
+        await conn.execute(
             text(
-                f"UPDATE {ch.table_name} SET master_flow_id = :old"
-                " WHERE id = ANY(:rows) AND master_flow_id IS NOT DISTINCT FROM :new"
+                "SELECT id, table_name, column_name FROM flowfix_changes WHERE run_id = :id AND undone_at IS NULL"
+                " AND applied_at IS NOT NULL AND NOT (column_name = 'master_flow_id' AND table_name = ANY(:tables))"
+                " AND NOT (column_name = :created AND table_name = :master) LIMIT 1"
             ),
-            {"old": ch.old_value, "new": ch.new_value, "rows": rows},
+            {"id": run_id, "tables": list(CHILD_TABLES), "created": CREATED_ROW, "master": MASTER_TABLE},
         )
-        reverted, expected = result.rowcount, len(rows)  # type: ignore[attr-defined]
-        report.reverted += reverted
-        if reverted:
-            await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
-        if reverted < expected:
-            what = f"{expected - reverted} of its records" if ch.row_ids is not None else "it"
-            report.skipped.append(
-                {"table": ch.table_name, "id": str(ch.row_id), "reason": f"{what} changed since the run"}
-            )
-    created = [ch for ch in changes if ch.column_name == CREATED_ROW and ch.table_name == MASTER_TABLE]
-    if created:
-        unreferenced = await _unreferenced_master_sql(conn)
-    for ch in created:
-        deleted = (await conn.execute(text(unreferenced), {"flow": ch.new_value})).first()
-        if deleted:
-            report.deleted_masters += 1
-            await conn.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = :id"), {"id": ch.id})
-        else:
-            report.kept_masters += 1
-    counts = {
-        "reverted": report.reverted,
-        "skipped": len(report.skipped),
-        "deleted_masters": report.deleted_masters,
-        "kept_masters": report.kept_masters,
-    }
-    await finish_run(conn, undo_run, "finished", counts)
-    await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
-    return report
+    ).one_or_none()
+    if unknown is not None:
+        raise FlowfixError(
+            f"ledger change {unknown.id} names {unknown.table_name}.{unknown.column_name}, which undo does not touch"
+            " (nothing was changed)"
+        )
+    existing = (
+        await conn.execute(
+            text(
+                "SELECT id FROM flowfix_runs WHERE command = 'undo' AND status = 'running'"
+                " AND arguments->>'run_id' = :target ORDER BY started_at DESC LIMIT 1"
+            ),
+            {"target": str(run_id)},
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        return existing  # type: ignore[no-any-return]
+    return await start_run(conn, "undo", {"run_id": str(run_id)})
 
 
-async def _refuse_null_into_not_null(conn: Executor, run_id: uuid.UUID, changes: Any) -> None:
-    """Before anything is written: a change whose old value is NULL cannot go back into a
-    column that is NOT NULL now (discovery_flows.master_flow_id at head). The rollback
-    order is undo first, then the downgrade; say so instead of failing half-way."""
-    tables = sorted({ch.table_name for ch in changes if ch.old_value is None and ch.column_name != CREATED_ROW})
+async def _undo_table(conn: AsyncConnection, run_id: uuid.UUID, table: str, report: UndoReport, retries: int) -> None:
+    assert (table, "master_flow_id") in UNDOABLE_COLUMNS  # the only names that reach the SQL
+    sql = text(UNDO_BATCH.format(table=table))
+    sizer = BatchSizer(5000, start=100)
+    after: int | None = None
+    while True:
+        limit = sizer.size
+
+        async def batch(c: AsyncConnection, after: int | None = after, limit: int = limit) -> list[Any]:
+            return list(await c.execute(sql, {"run": run_id, "table_name": table, "after": after, "limit": limit}))
+
+        rows = await timed(conn, sizer, retries, batch, limit)
+        if not rows:
+            return
+        after = rows[-1].id
+        for row in rows:
+            report.reverted += row.reverted
+            if row.reverted < row.expected:
+                what = f"{row.expected - row.reverted} of its records" if row.many else "it"
+                report.skipped.append(
+                    {"table": table, "id": str(row.row_id), "reason": f"{what} changed since the run"}
+                )
+
+
+async def _undo_created_masters(conn: AsyncConnection, run_id: uuid.UUID, report: UndoReport, retries: int) -> None:
+    """Last, once nothing the run linked points at them: delete each master the run created
+    that nothing references (any FK in the database, from the catalog), keep the others."""
+    async with conn.begin():
+        created = list(await conn.execute(text(CREATED_MASTERS), {"run": run_id}))
+        delete = await _unreferenced_masters_sql(conn)
+    for start in range(0, len(created), 500):
+        chunk = created[start : start + 500]
+
+        async def batch(c: AsyncConnection, chunk: list[Any] = chunk) -> set[uuid.UUID]:
+            deleted = set((await c.execute(text(delete), {"flows": [ch.new_value for ch in chunk]})).scalars())
+            done = [ch.id for ch in chunk if ch.new_value in deleted]
+            await c.execute(text("UPDATE flowfix_changes SET undone_at = now() WHERE id = ANY(:ids)"), {"ids": done})
+            return deleted
+
+        deleted = await transaction(conn, retries, batch)
+        report.deleted_masters += len(deleted)
+        report.kept_masters += len(chunk) - len(deleted)
+
+
+async def _refuse_null_into_not_null(conn: Executor, run_id: uuid.UUID, tables: list[str]) -> None:
+    """Before anything is written: a change whose old value is NULL (in ``tables``) cannot
+    go back into a column that is NOT NULL now (discovery_flows.master_flow_id at head).
+    The rollback order is undo first, then the downgrade; say so instead of failing."""
     if not tables:
         return
     nullable = await conn.run_sync(catalog.columns, tables)
@@ -242,8 +508,8 @@ async def _refuse_null_into_not_null(conn: Executor, run_id: uuid.UUID, changes:
         )
 
 
-async def _unreferenced_master_sql(conn: Executor) -> str:
-    """DELETE a master created by a run (``:flow``) only if no row anywhere references it:
+async def _unreferenced_masters_sql(conn: Executor) -> str:
+    """DELETE masters created by a run (``:flows``) only where no row anywhere references them:
     every FK in the database that points at the master table, read from the catalog
     (the application has tables flowfix does not know, some with ON DELETE CASCADE)."""
     refs = await conn.run_sync(catalog.referencing, MASTER_TABLE)
@@ -253,13 +519,4 @@ async def _unreferenced_master_sql(conn: Executor) -> str:
         + ")"
         for ref in refs
     )
-    return f"DELETE FROM {MASTER_TABLE} m WHERE m.flow_id = :flow{guards} RETURNING m.id"
-
-
-async def undo_run(session: AsyncSession, run_id: uuid.UUID) -> UndoReport:
-    """``flowfix undo``: lock, revert, record, commit, in one transaction."""
-    async with session.begin():
-        await require_ledger(session)
-        await session.run_sync(catalog.require_full_visibility, "undo")
-        await try_lock(session)
-        return await undo(session, run_id)
+    return f"DELETE FROM {MASTER_TABLE} m WHERE m.flow_id = ANY(CAST(:flows AS uuid[])){guards} RETURNING m.flow_id"

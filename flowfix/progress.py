@@ -1,29 +1,120 @@
-"""Progress bars for long runs: rich on a terminal, nothing when output is piped."""
+"""Progress people can read: a bar per step with totals and an ETA on a terminal, plain
+lines with the same numbers when output is piped (at most one every few seconds per
+step). Both are :class:`flowfix.backfill.Reporter` implementations."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import Progress
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from flowfix import backfill
-from flowfix.config import Settings
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
-async def backfill_with_progress(
-    engine: AsyncEngine, settings: Settings, opts: backfill.Options, console: Console
-) -> backfill.Result:
-    """Run the backfill, with one bar per table while it links, if ``console`` is a terminal."""
-    if not console.is_terminal or opts.dry_run:
-        return await backfill.run(engine, settings, opts)
-    with Progress(console=console, transient=True) as bar:
-        tasks: dict[str, Any] = {}
+class Lines:
+    """One line per step every ``every`` seconds, and when it ends."""
 
-        def advance(step: str, n: int) -> None:
-            if step not in tasks:
-                tasks[step] = bar.add_task(f"linking {step}", total=None)
-            bar.advance(tasks[step], n)
+    def __init__(self, out: IO[str], every: float = 5.0) -> None:
+        self.out, self.every = out, every
+        self.steps: dict[str, list[float]] = {}  # step: [done, total, started, last printed]
+        self.current: str | None = None
 
-        return await backfill.run(engine, settings, opts, progress=advance)
+    def start(self, step: str, total: int | None) -> None:
+        self._end()
+        self.current = step
+        now = time.monotonic()
+        self.steps[step] = [0, float(total or 0), now, now]
+
+    def advance(self, step: str, n: int) -> None:
+        state = self.steps.setdefault(step, [0, 0.0, time.monotonic(), time.monotonic()])
+        state[0] += n
+        if time.monotonic() - state[3] >= self.every:
+            self._print(step)
+
+    def paused(self, lag_seconds: float) -> None:
+        print(f"paused: a streaming replica is {lag_seconds:.1f} s behind", file=self.out, flush=True)
+
+    def resumed(self) -> None:
+        print("resumed: the replicas caught up", file=self.out, flush=True)
+
+    def close(self) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self.current is not None:
+            done, total = self.steps[self.current][:2]
+            if done or total:  # a step with nothing to do says nothing
+                self._print(self.current, final=True)
+            self.current = None
+
+    def _print(self, step: str, *, final: bool = False) -> None:
+        done, total, started, _ = self.steps[step]
+        now = time.monotonic()
+        self.steps[step][3] = now
+        elapsed = max(now - started, 1e-9)
+        rate = done / elapsed
+        line = f"{step}: {int(done):,}"
+        if total:
+            line += f" / {int(total):,} ({min(done / total, 1):.0%})"
+        line += f", {rate:,.0f}/s"
+        if final:
+            line += f", done in {elapsed:.1f} s"
+        elif total and rate > 0 and done < total:
+            line += f", eta {(total - done) / rate:.0f} s"
+        print(line, file=self.out, flush=True)
+
+
+class Bars:
+    """rich bars: description, bar, done/total, percentage, ETA."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, step: str, total: int | None) -> None:
+        self.tasks[step] = self.progress.add_task(f"linking {step}", total=total or None)
+
+    def advance(self, step: str, n: int) -> None:
+        if step not in self.tasks:
+            self.start(step, None)
+        self.progress.advance(self.tasks[step], n)
+
+    def paused(self, lag_seconds: float) -> None:
+        for step, task in self.tasks.items():
+            self.progress.update(task, description=f"linking {step} [paused: replica {lag_seconds:.0f} s behind]")
+
+    def resumed(self) -> None:
+        for step, task in self.tasks.items():
+            self.progress.update(task, description=f"linking {step}")
+
+
+@contextmanager
+def reporter(console: Console) -> Iterator[Bars | Lines]:
+    """Bars on a terminal, lines otherwise (on the console's stream)."""
+    if console.is_terminal:
+        bars = Bars(console)
+        with bars.progress:
+            yield bars
+    else:
+        lines = Lines(console.file)
+        yield lines  # an error propagates: the step it stopped is not reported done
+        lines.close()

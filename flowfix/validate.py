@@ -10,12 +10,10 @@ counts describe the same snapshot.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
-from xml.etree import ElementTree as ET
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -133,36 +131,6 @@ class Report:
 
     def check(self, name: str) -> Check:
         return next(c for c in self.checks if c.name == name)
-
-    def to_dict(self) -> dict[str, object]:
-        return {"ok": self.ok, "revision": self.revision, "checks": [asdict(c) for c in self.checks]}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_junit(self) -> str:
-        """One testcase per check; fail (and warn, with --fail-on warn) as <failure>."""
-        suite = ET.Element("testsuite", name="flowfix.validate", tests=str(len(self.checks)))
-        failures = 0
-        for c in self.checks:
-            case = ET.SubElement(suite, "testcase", classname="flowfix.validate", name=c.name)
-            if c.status == "fail" or (c.status == "warn" and self.fail_on == "warn"):
-                failures += 1
-                failure = ET.SubElement(case, "failure", message=c.message, type=c.status)
-                failure.text = f"count: {c.count}\nsamples: {', '.join(c.samples) or '-'}"
-            elif c.status == "warn":
-                ET.SubElement(case, "system-out").text = f"warning: {c.message}"
-        suite.set("failures", str(failures))
-        return ET.tostring(suite, encoding="unicode", xml_declaration=True)
-
-    def to_text(self) -> str:
-        width = max(len(c.name) for c in self.checks)
-        lines = [f"flowfix validate: revision {self.revision or '(none)'}"]
-        for c in self.checks:
-            sample = f"  e.g. {', '.join(c.samples)}" if c.samples else ""
-            lines.append(f"  {c.status.upper():<4}  {c.name:<{width}}  {c.count:>9,}  {c.message}{sample}")
-        lines.append("OK" if self.ok else "FAILED")
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

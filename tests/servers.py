@@ -42,11 +42,18 @@ def system_bin_dir() -> Path | None:
 
 @contextmanager
 def custom_server(
-    tmp: Path, *, settings: dict[str, str], hba: list[str], files: dict[str, bytes] | None = None, system: bool = False
+    tmp: Path,
+    *,
+    settings: dict[str, str] | None = None,
+    hba: list[str] | None = None,
+    files: dict[str, bytes] | None = None,
+    system: bool = False,
+    replica_of: Server | None = None,
 ) -> Iterator[Server]:
     """Start a throwaway server listening on 127.0.0.1 with ``settings`` (postgresql.conf
     lines), ``hba`` (pg_hba.conf lines) and ``files`` written into its data directory;
-    ``system``: with the machine's PostgreSQL (see :func:`system_bin_dir`)."""
+    ``system``: with the machine's PostgreSQL (see :func:`system_bin_dir`); or, with
+    ``replica_of``, a streaming replica of that server."""
     import stat
     import subprocess
 
@@ -77,6 +84,31 @@ def custom_server(
             stderr=subprocess.DEVNULL,
         )
 
+    if replica_of is not None:
+        # a streaming replica: a base backup of the primary, with standby.signal and
+        # primary_conninfo written by -R
+        run(
+            "pg_basebackup",
+            "-R",
+            "-c",
+            "fast",
+            "-X",
+            "stream",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(replica_of.port),
+            "-U",
+            "postgres",
+        )
+        data.chmod(0o700)
+        port = _free_port()
+        run("pg_ctl", "-w", "-o", f"-h 127.0.0.1 -p {port} -k {data}", "-l", str(data / "log"), "start")
+        try:
+            yield Server(port, data)
+        finally:
+            run("pg_ctl", "-m", "immediate", "-w", "stop")
+        return
     run("initdb", "--auth=trust", "--encoding=utf8", "-U", "postgres")
     for name, content in (files or {}).items():
         path = data / name
@@ -86,9 +118,9 @@ def custom_server(
             entry = pwd.getpwnam(user)
             os.chown(path, entry.pw_uid, entry.pw_gid)
     with (data / "postgresql.conf").open("a") as conf:
-        for key, value in settings.items():
+        for key, value in (settings or {}).items():
             conf.write(f"{key} = '{value}'\n")
-    (data / "pg_hba.conf").write_text("\n".join(["local all all trust", *hba]) + "\n")
+    (data / "pg_hba.conf").write_text("\n".join(["local all all trust", *(hba or [])]) + "\n")
     port = _free_port()
     run("pg_ctl", "-w", "-o", f"-h 127.0.0.1 -p {port} -k {data}", "-l", str(data / "log"), "start")
     try:

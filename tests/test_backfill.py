@@ -68,7 +68,7 @@ def run(s: Settings, **options) -> bf.Result:  # type: ignore[no-untyped-def]
 
 
 def import_links(p: bf.Plan) -> dict[uuid.UUID, tuple[uuid.UUID, str]]:
-    return {uuid.UUID(link.id): (uuid.UUID(link.master_flow_id), link.evidence) for link in p.import_links}
+    return {link.id: (link.master_flow_id, link.evidence) for link in p.import_links}
 
 
 @pytest.fixture
@@ -88,11 +88,11 @@ def test_discovery_flows_take_the_master_with_their_flow_id_or_get_one_created(s
 
     p = plan(s)
     assert [(link.id, link.master_flow_id, link.evidence) for link in p.discovery_links] == [
-        (str(linked), str(flow), "exact:flow_id")
+        (linked, flow, "exact:flow_id")
     ]
     reasons = {u.id: u.reason for u in p.unmatched}
-    assert "--create-missing-masters" in reasons[str(lonely)]
-    assert "another tenant" in reasons[str(trap)]
+    assert "--create-missing-masters" in reasons[lonely]
+    assert "another tenant" in reasons[trap]
 
     result = run(s, create_missing_masters=True)
     assert links(s, "discovery_flows") == {linked: flow, lonely: lonely_flow, trap: None}
@@ -103,9 +103,9 @@ def test_discovery_flows_take_the_master_with_their_flow_id_or_get_one_created(s
         {"f": lonely_flow},
     )
     assert created == [
-        {"client_account_id": A[0], "engagement_id": A[1], "flow_type": "discovery", "run": result.run_id}
+        {"client_account_id": A[0], "engagement_id": A[1], "flow_type": "discovery", "run": str(result.run_id)}
     ]
-    assert result.counts["masters_created"] == 1 and result.exit_code == 1  # the trap remains
+    assert result.counts.masters_created == 1 and result.exit_code == 1  # the trap remains
 
 
 def test_exact_evidence_beats_time_and_contradictions_are_ambiguous(s: Settings) -> None:
@@ -136,7 +136,7 @@ def test_exact_evidence_beats_time_and_contradictions_are_ambiguous(s: Settings)
     got = import_links(p)
     assert got[imp_df] == (by_df_flow, "exact:discovery_flow")
     assert got[imp_cfg] == (cfg_flow, "exact:configuration")
-    assert [(a.id, len(a.candidates)) for a in p.ambiguous] == [(str(imp_two), 2)]
+    assert [(a.id, len(a.candidates)) for a in p.ambiguous] == [(imp_two, 2)]
     assert "contradicting exact evidence" in p.ambiguous[0].reason
 
 
@@ -156,7 +156,7 @@ def test_ties_at_the_nearest_distance_are_ambiguous_not_guessed(s: Settings) -> 
     imp = orphan(s, minutes=0)
     p = plan(s)
     assert import_links(p) == {}
-    assert [(a.id, sorted(a.candidates)) for a in p.ambiguous] == [(str(imp), sorted([str(before), str(after)]))]
+    assert [(a.id, sorted(a.candidates)) for a in p.ambiguous] == [(imp, sorted([before, after]))]
 
 
 def test_one_master_goes_to_one_import_nearest_first(s: Settings) -> None:
@@ -171,7 +171,7 @@ def test_one_master_goes_to_one_import_nearest_first(s: Settings) -> None:
     sql(s, "UPDATE data_imports SET created_at = :t WHERE id = :i", {"t": at(-5), "i": far})
     p = plan(s)
     assert import_links(p) == {}
-    assert sorted(a.id for a in p.ambiguous) == sorted([str(near), str(far)])
+    assert sorted(a.id for a in p.ambiguous) == sorted([near, far])
 
 
 def test_never_across_tenants_deleted_or_non_discovery_flows_or_tenantless_imports(s: Settings) -> None:
@@ -184,7 +184,7 @@ def test_never_across_tenants_deleted_or_non_discovery_flows_or_tenantless_impor
     nobody = orphan(s, None, minutes=0)
     p = plan(s)
     assert import_links(p) == {imp: (right, "time_window")}
-    assert {u.id: u.reason for u in p.unmatched}[str(nobody)] == "no tenant on the import: never matched by time"
+    assert {u.id: u.reason for u in p.unmatched}[nobody] == "no tenant on the import: never matched by time"
 
 
 def test_records_follow_their_import_and_disagreeing_ones_are_reported(s: Settings) -> None:
@@ -196,8 +196,8 @@ def test_records_follow_their_import_and_disagreeing_ones_are_reported(s: Settin
     values = links(s, "raw_import_records")
     assert values.pop(odd) == other  # never overwritten
     assert set(values.values()) == {flow}
-    assert result.counts["raw_import_records"] == 4
-    assert [(a.table, a.id) for a in result.plan.ambiguous] == [("raw_import_records", str(odd))]
+    assert result.counts.raw_import_records == 4
+    assert [(a.table, a.id) for a in result.plan.ambiguous] == [("raw_import_records", odd)]
     assert result.exit_code == 1
 
 
@@ -207,14 +207,14 @@ def test_rerun_changes_nothing_and_undo_restores_everything(s: Settings) -> None
         orphan(s, minutes=n * 300 + 1, records=3)
     before = {t: links(s, t) for t in ("data_imports", "raw_import_records")}
     first = run(s)
-    assert first.exit_code == 0 and first.counts["data_imports"] == 5 and first.counts["raw_import_records"] == 15
+    assert first.exit_code == 0 and first.counts.data_imports == 5 and first.counts.raw_import_records == 15
     after = {t: links(s, t) for t in ("data_imports", "raw_import_records")}
     second = run(s)
-    assert second.counts.get("data_imports", 0) == 0 and second.counts.get("raw_import_records", 0) == 0
+    assert second.counts.data_imports == 0 and second.counts.raw_import_records == 0
     assert {t: links(s, t) for t in ("data_imports", "raw_import_records")} == after
     assert run_validate(s).ok
 
-    result = runner.invoke(app, ["undo", first.run_id], env=cli_env(s))
+    result = runner.invoke(app, ["undo", str(first.run_id)], env=cli_env(s))
     assert result.exit_code == 0, result.output
     assert {t: links(s, t) for t in ("data_imports", "raw_import_records")} == before
 
@@ -350,7 +350,7 @@ def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings) -
     finally:
         stop.set()
         writer.join()
-    assert result.counts["data_imports"] == 40 and result.counts["raw_import_records"] == 200
+    assert result.counts.data_imports == 40 and result.counts.raw_import_records == 200
     assert len(written) >= 2  # the application kept writing while the run went on
     current = links(s, "data_imports")
     assert all(current[w] is None for w in written)  # created "now": no master within the window

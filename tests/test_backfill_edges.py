@@ -74,7 +74,7 @@ def test_records_of_an_import_without_created_at_are_linked(s: Settings) -> None
     imp = import_at(s, None)
     add_discovery_flow(s, flow_id=flow, master=flow, client=C, engagement=E, data_import=imp)  # exact evidence
     result = run(s)
-    assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
+    assert result.exit_code == 0 and result.counts.raw_import_records == 2
     assert set(links(s, "raw_import_records").values()) == {flow}
 
 
@@ -84,7 +84,7 @@ def test_a_master_whose_status_is_null_is_not_deleted(s: Settings) -> None:
     sql(s, "UPDATE crewai_flow_state_extensions SET flow_status = NULL WHERE flow_id = :f", {"f": flow})
     imp = import_at(s, 1)
     result = run(s)
-    assert result.exit_code == 0 and result.counts.get("skipped", 0) == 0
+    assert result.exit_code == 0 and result.counts.skipped == 0
     assert links(s, "data_imports") == {imp: flow}
 
 
@@ -109,7 +109,7 @@ def test_naive_timestamps_do_not_crash_the_records_step(s: Settings) -> None:
     flow = master_at(s, 0)
     import_at(s, 1, naive=True)
     result = run(s)
-    assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
+    assert result.exit_code == 0 and result.counts.raw_import_records == 2
     assert set(links(s, "raw_import_records").values()) == {flow}
 
 
@@ -187,8 +187,8 @@ def test_a_master_tied_between_two_nearest_imports_goes_to_neither_nor_to_a_fart
     far = import_at(s, 30, records=0)
     result = run(s, dry_run=True)
     assert [link.id for link in result.plan.import_links] == []
-    assert sorted(a.id for a in result.plan.ambiguous) == sorted([str(near_a), str(near_b)])
-    assert str(far) in {u.id for u in result.plan.unmatched}
+    assert sorted(a.id for a in result.plan.ambiguous) == sorted([near_a, near_b])
+    assert far in {u.id for u in result.plan.unmatched}
     assert flow  # the contested master stays unlinked
 
 
@@ -211,7 +211,9 @@ def test_a_resumed_run_also_links_orphans_that_appeared_since(s: Settings) -> No
             async with engine.begin() as conn:
                 plan = await bf.make_plan(conn, bf.Options())
                 run_id = await ledger.start_run(conn, "backfill", bf.Options().arguments())
-                await bf._store_import_plan(conn, run_id, plan.import_links)
+                await ledger.store_import_plan(
+                    conn, run_id, [(x.id, x.master_flow_id, x.evidence, x.distance_seconds) for x in plan.import_links]
+                )
                 await conn.execute(text("SELECT 1"))
         finally:
             await engine.dispose()
@@ -283,7 +285,7 @@ def test_undo_at_head_of_a_run_that_linked_discovery_flows_is_refused_before_wri
     flow = master_at(s, 0)
     add_discovery_flow(s, flow_id=flow, master=None, client=C, engagement=E)
     result = run(s)
-    assert result.counts["discovery_flows"] == 1
+    assert result.counts.discovery_flows == 1
     upgrade(s, "head")
     before = snapshot.take(s, flowfix_tables=True)
     refused = runner.invoke(app, ["undo", str(result.run_id)], env=cli_env(s))

@@ -121,4 +121,4 @@ def test_backfill_invariants(settings: Settings, ms: list, ims: list) -> None:  
     before = state(settings)
     again = run(settings, window_seconds=WINDOW)
     assert state(settings) == before
-    assert again.counts.get("data_imports", 0) == 0 and again.counts.get("raw_import_records", 0) == 0
+    assert again.counts.data_imports == 0 and again.counts.raw_import_records == 0

@@ -322,9 +322,7 @@ def test_create_missing_masters_on_shape_h_supplies_ids_and_reports_what_it_cann
     result = run(s, create_missing_masters=True)
     assert result.exit_code == 1  # the blank one is left, and said
     reasons = {u.id: u.reason for u in result.plan.unmatched}
-    assert reasons == {
-        str(blank): f"cannot create its master: its user_id is NULL and {MASTER_TABLE}.user_id is NOT NULL"
-    }
+    assert reasons == {blank: f"cannot create its master: its user_id is NULL and {MASTER_TABLE}.user_id is NOT NULL"}
     created = sql(
         s,
         "SELECT id, user_id, flow_name, flow_type FROM crewai_flow_state_extensions WHERE flow_id = :f",
@@ -358,7 +356,7 @@ def test_a_required_column_flowfix_cannot_fill_is_found_while_planning(make_shap
     dry = run(s, create_missing_masters=True, dry_run=True)
     assert [(u.id, u.reason) for u in dry.plan.unmatched] == [
         (
-            str(orphan_flow),
+            orphan_flow,
             f"cannot create its master: {MASTER_TABLE}.tier_budget is NOT NULL without a default,"
             " and flowfix has no value for it",
         )
@@ -384,7 +382,7 @@ def test_undo_keeps_a_created_master_that_another_table_references(make_shape: C
     for flow in (kept_flow, gone_flow):
         add_discovery_flow(s, flow_id=flow, master=None, client=C, engagement=E)
     result = run(s, create_missing_masters=True)
-    assert result.counts["masters_created"] == 2
+    assert result.counts.masters_created == 2
     # the application starts a collection flow on one of them (ON DELETE CASCADE)
     collection = uuid.uuid4()
     sql(s, "INSERT INTO collection_flows (id, master_flow_id) VALUES (:id, :f)", {"id": collection, "f": kept_flow})
@@ -413,7 +411,7 @@ def test_the_violated_shape_runs_the_whole_runbook(make_shape: Callable[..., Set
         "0000dead-0000-4000-8000-000000000002",
     ]
     result = run(s)
-    assert result.exit_code == 0 and result.counts["raw_import_records"] == 2
+    assert result.exit_code == 0 and result.counts.raw_import_records == 2
     report = run_validate(s)
     failing = {c.name for c in report.checks if c.status == "fail"}
     assert failing == set(), report.to_text()

@@ -1,0 +1,110 @@
+"""Running a backfill: the run lock, starting or resuming the run, the steps in order.
+
+A run that dies is resumed by the next one, which applies the stored plan of the imports
+and continues the records walk where each range stopped, so the result is that of one
+uninterrupted run; a finished run leaves nothing to do for the next.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from flowfix import catalog, ledger
+from flowfix.backfill import steps
+from flowfix.backfill.model import Counts, Link, Options, Plan, Reporter, Result, Silent
+from flowfix.backfill.plan import make_plan
+from flowfix.batches import ReplicaThrottle
+from flowfix.config import Settings
+from flowfix.db import connect
+from flowfix.errors import RunInterrupted
+
+
+async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: Reporter | None = None) -> Result:
+    """Plan and (unless ``opts.dry_run``) apply, resuming an interrupted run if any."""
+    reporter = reporter or Silent()
+    async with connect(engine, settings) as conn:
+        async with conn.begin():
+            await ledger.require_ledger(conn)
+            await conn.run_sync(catalog.require_full_visibility, "the backfill")
+            if opts.dry_run:
+                return Result(None, True, opts.window_seconds, await make_plan(conn, opts), None)
+        async with ledger.run_lock(conn):
+            started = time.perf_counter()
+            async with conn.begin():
+                run_, plan = await _start_or_resume(conn, opts)
+            counts = Counts(seconds={"plan": round(time.perf_counter() - started, 3)})
+            try:
+                await _apply(conn, engine, settings, opts, run_, plan, counts, reporter)
+            except Exception as exc:
+                raise RunInterrupted(
+                    f"backfill run {run_.id} stopped part-way; the batches it committed stay (they are in the"
+                    f" ledger): run `flowfix backfill` again with the same options to resume it, or"
+                    f" `flowfix undo {run_.id}` to revert them",
+                    run_.id,
+                ) from exc
+    return Result(run_.id, False, opts.window_seconds, plan, counts, resumed=run_.resumed)
+
+
+async def _start_or_resume(conn: AsyncConnection, opts: Options) -> tuple[ledger.Run, Plan]:
+    """A new run with its import plan stored, or the interrupted one: its stored links win
+    over a fresh plan's for the imports they cover (the result is that of one
+    uninterrupted run); orphans that appeared since are planned afresh and stored."""
+    run_ = await ledger.interrupted_run(conn, "backfill", opts.arguments())
+    plan = await make_plan(conn, opts)
+    if run_ is None:
+        run_ = ledger.Run(await ledger.start_run(conn, "backfill", opts.arguments()))
+        await ledger.store_import_plan(conn, run_.id, [_stored(link) for link in plan.import_links])
+        return run_, plan
+    stored = await ledger.stored_import_plan(conn, run_.id)
+    covered = {s.import_id for s in stored}
+    new_links = [link for link in plan.import_links if link.id not in covered]
+    await ledger.store_import_plan(conn, run_.id, [_stored(link) for link in new_links])
+    plan.import_links = [
+        Link("data_imports", s.import_id, s.master_flow_id, s.evidence, s.distance_seconds) for s in stored if s.pending
+    ] + new_links
+    linked = {link.id for link in plan.import_links}
+    plan.ambiguous = [a for a in plan.ambiguous if a.table != "data_imports" or a.id not in linked]
+    plan.unmatched = [u for u in plan.unmatched if u.table != "data_imports" or u.id not in linked]
+    return run_, plan
+
+
+def _stored(link: Link) -> tuple[uuid.UUID, uuid.UUID, str, float | None]:
+    return link.id, link.master_flow_id, link.evidence, link.distance_seconds
+
+
+async def _apply(
+    conn: AsyncConnection,
+    engine: AsyncEngine,
+    settings: Settings,
+    opts: Options,
+    run_: ledger.Run,
+    plan: Plan,
+    counts: Counts,
+    reporter: Reporter,
+) -> None:
+    throttle = ReplicaThrottle(opts.max_replica_lag, reporter.paused, reporter.resumed)
+    ctx = steps.Context(conn, run_, opts, counts, reporter, throttle)
+    with _lap(counts, "discovery_flows"):
+        await steps.create_masters(ctx, plan)
+        await steps.link_discovery_flows(ctx, plan)
+    with _lap(counts, "data_imports"):
+        await steps.link_imports(ctx, len(plan.import_links))
+    with _lap(counts, "raw_import_records"):
+        await steps.link_records(ctx, engine, settings, plan.records_to_link)
+    counts.replica_pauses = throttle.pauses
+    counts.replica_paused_seconds = round(throttle.paused_seconds, 3)
+    async with conn.begin():  # commits synchronously: every batch before it is durable too
+        await ledger.finish_run(conn, run_.id, "finished", {**plan.summary(), **asdict(counts)})
+
+
+@contextmanager
+def _lap(counts: Counts, step: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    counts.seconds[step] = round(time.perf_counter() - started, 3)

@@ -1,0 +1,220 @@
+"""Every result, rendered: text for people, JSON and JUnit for machines, the demo's
+narration. Results carry data (ids as UUIDs, counts as dataclasses); this is the one
+place that turns them into strings."""
+
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # rendering never needs the database modules loaded
+    from rich.console import Console
+
+    from flowfix.backfill import Result
+    from flowfix.ledger import RunInfo, UndoReport
+    from flowfix.validate import Report
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)
+
+
+# --- validate ------------------------------------------------------------------------------
+
+
+def validate_dict(report: Report) -> dict[str, object]:
+    return {"ok": report.ok, "revision": report.revision, "checks": [asdict(c) for c in report.checks]}
+
+
+def validate_text(report: Report) -> str:
+    width = max(len(c.name) for c in report.checks)
+    lines = [f"flowfix validate: revision {report.revision or '(none)'}"]
+    for c in report.checks:
+        sample = f"  e.g. {', '.join(c.samples)}" if c.samples else ""
+        lines.append(f"  {c.status.upper():<4}  {c.name:<{width}}  {c.count:>9,}  {c.message}{sample}")
+    lines.append("OK" if report.ok else "FAILED")
+    return "\n".join(lines)
+
+
+def validate_junit(report: Report) -> str:
+    """One testcase per check; fail (and warn, with --fail-on warn) as <failure>."""
+    suite = ET.Element("testsuite", name="flowfix.validate", tests=str(len(report.checks)))
+    failures = 0
+    for c in report.checks:
+        case = ET.SubElement(suite, "testcase", classname="flowfix.validate", name=c.name)
+        if c.status == "fail" or (c.status == "warn" and report.fail_on == "warn"):
+            failures += 1
+            failure = ET.SubElement(case, "failure", message=c.message, type=c.status)
+            failure.text = f"count: {c.count}\nsamples: {', '.join(c.samples) or '-'}"
+        elif c.status == "warn":
+            ET.SubElement(case, "system-out").text = f"warning: {c.message}"
+    suite.set("failures", str(failures))
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+
+
+def validate_as(report: Report, fmt: str) -> str:
+    if fmt == "json":
+        return to_json(validate_dict(report))
+    return validate_junit(report) if fmt == "junit" else validate_text(report)
+
+
+# --- backfill ------------------------------------------------------------------------------
+
+
+def backfill_dict(result: Result) -> dict[str, Any]:
+    plan = result.plan
+    links = []
+    for link in (*plan.discovery_links, *plan.import_links, *plan.record_links):
+        entry = {k: str(v) if k in ("id", "master_flow_id") else v for k, v in asdict(link).items()}
+        if entry["rows"] is None:
+            del entry["rows"]
+        links.append(entry)
+    counts: dict[str, Any] = plan.summary()
+    if result.counts is not None:
+        counts.update(asdict(result.counts))
+    return {
+        "run_id": str(result.run_id) if result.run_id else None,
+        "dry_run": result.dry_run,
+        "window_seconds": result.window_seconds,
+        "counts": counts,
+        "links": links,
+        "ambiguous": [
+            {"table": a.table, "id": str(a.id), "candidates": [str(c) for c in a.candidates], "reason": a.reason}
+            for a in plan.ambiguous
+        ],
+        "unmatched": [{"table": u.table, "id": str(u.id), "reason": u.reason} for u in plan.unmatched],
+    }
+
+
+def backfill_json(result: Result) -> str:
+    return to_json(backfill_dict(result))
+
+
+def backfill_text(result: Result) -> str:
+    plan, c = result.plan, result.counts
+    head = (
+        "backfill plan (dry run: nothing changed)"
+        if result.dry_run
+        else f"backfill run {result.run_id}{' (resumed an interrupted run)' if result.resumed else ''}"
+    )
+    lines = [head, f"  window: {result.window_seconds:g} s"]
+    if c is None:
+        lines.append(
+            f"  would link: {len(plan.discovery_links):,} discovery flows ({len(plan.masters_to_create):,} with a new"
+            f" master), {len(plan.import_links):,} imports, {plan.records_to_link:,} records"
+        )
+    else:
+        lines.append(
+            f"  linked: {c.discovery_flows:,} discovery flows ({c.masters_created:,} masters created),"
+            f" {c.data_imports:,} imports, {c.raw_import_records:,} records in {c.batches} batches"
+            f" (longest {c.longest_batch_ms} ms; records walked {c.walk} on {c.jobs} connection"
+            f"{'s' if c.jobs > 1 else ''})"
+        )
+        if c.records_final_pass:
+            lines.append(f"  of those, {c.records_final_pass:,} records by the closing pass (moved or added mid-walk)")
+        if c.skipped:
+            lines.append(f"  skipped {c.skipped} planned links: the rows changed since planning")
+        if c.replica_pauses:
+            lines.append(f"  paused {c.replica_pauses} times ({c.replica_paused_seconds:.1f} s) for replica lag")
+    evidence = plan.import_evidence()
+    if evidence:
+        lines.append("  imports by evidence: " + ", ".join(f"{k} {v:,}" for k, v in sorted(evidence.items())))
+    lines.append(f"  ambiguous: {len(plan.ambiguous):,}   unmatched: {len(plan.unmatched):,}")
+    for a in plan.ambiguous[:10]:
+        lines.append(f"    ambiguous {a.table} {a.id}: {a.reason} ({', '.join(str(x) for x in a.candidates)})")
+    for u in plan.unmatched[:10]:
+        lines.append(f"    unmatched {u.table} {u.id}: {u.reason}")
+    more = len(plan.ambiguous) + len(plan.unmatched) - 20
+    if more > 0:
+        lines.append(f"    ... and {more} more (--format json or --report FILE lists them all)")
+    if not result.dry_run and result.run_id:
+        lines.append(f"  undo with: flowfix undo {result.run_id}")
+    return "\n".join(lines)
+
+
+def plan_reasons(result: Result) -> dict[str, int]:
+    """How many rows are left for a human, per table and reason."""
+    reasons: dict[str, int] = {}
+    for table, reason in [(a.table, a.reason) for a in result.plan.ambiguous] + [
+        (u.table, u.reason) for u in result.plan.unmatched
+    ]:
+        reasons[f"{table}: {reason}"] = reasons.get(f"{table}: {reason}", 0) + 1
+    return dict(sorted(reasons.items()))
+
+
+# --- ledger --------------------------------------------------------------------------------
+
+
+def undo_text(report: UndoReport) -> str:
+    if report.already_undone:
+        return f"run {report.run_id} was already undone: nothing to do"
+    lines = [
+        f"undid run {report.run_id}: {report.reverted} values reverted, {len(report.skipped)} left alone "
+        f"(changed since), {report.deleted_masters} created masters deleted; recorded as run {report.undo_run_id}"
+    ]
+    lines += [f"  kept {s['table']} {s['id']}: {s['reason']}" for s in report.skipped]
+    return "\n".join(lines)
+
+
+def run_line(run: RunInfo) -> str:
+    finished = run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
+    counts = {k: v for k, v in run.counts.items() if k != "walk"}
+    return (
+        f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
+        f"  {finished}  {json.dumps(counts, sort_keys=True)}"
+    )
+
+
+# --- the demo's narration -------------------------------------------------------------------
+
+
+class Narrator:
+    """Rich tables on a terminal, plain lines when piped."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.step = 0
+        self.started = time.perf_counter()
+
+    def title(self, text_: str) -> None:
+        self.step += 1
+        elapsed = time.perf_counter() - self.started
+        self.console.print(
+            f"\n[bold]{self.step}. {text_}[/bold]  ({elapsed:.1f} s)"
+            if self.console.is_terminal
+            else f"\n{self.step}. {text_}  ({elapsed:.1f} s)"
+        )
+
+    def say(self, text_: str) -> None:
+        self.console.print(f"   {text_}", markup=False)
+
+    def report(self, report: Report) -> None:
+        from rich.table import Table
+
+        shown = [c for c in report.checks if c.status != "pass"]
+        if self.console.is_terminal:
+            table = Table("status", "check", "count", "message", box=None, padding=(0, 1))
+            for c in shown:
+                color = {"fail": "red", "warn": "yellow"}[c.status]
+                table.add_row(f"[{color}]{c.status.upper()}[/{color}]", c.name, f"{c.count:,}", c.message)
+            self.console.print(table)
+        else:
+            for c in shown:
+                self.say(f"{c.status.upper():<4} {c.name:<28} {c.count:>6,}  {c.message}")
+        passed = sum(c.status == "pass" for c in report.checks)
+        self.say(f"{passed} of {len(report.checks)} checks pass -> {'OK (exit 0)' if report.ok else 'FAILED (exit 1)'}")
+
+    def plan(self, result: Result) -> None:
+        p = result.plan
+        evidence = ", ".join(f"{k} {v}" for k, v in p.import_evidence().items())
+        self.say(
+            f"would link {len(p.discovery_links)} discovery flows ({len(p.masters_to_create)} new masters),"
+            f" {len(p.import_links)} imports ({evidence}), {p.records_to_link:,} records"
+        )
+        for reason, count in plan_reasons(result).items():
+            self.say(f"{count:>4} x {reason}")
