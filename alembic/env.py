@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from flowfix.config import VERSION_TABLE, Settings
 from flowfix.db import make_engine
 from flowfix.errors import FlowfixError, is_lock_timeout, lock_backoff
-from flowfix.migrate import as_command_error
 from flowfix.models import Base
+from flowfix.revision_helpers import as_command_error
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging_config"):
@@ -39,7 +39,7 @@ target_metadata = Base.metadata
 def _settings() -> Settings:
     """flowfix's settings: handed in by flowfix, or (plain ``alembic``) from the
     environment, with ``-x create_tables=true`` for a new database. Stored back in the
-    config, where the revisions read them (migrate.settings())."""
+    config, where the revisions read them (revision_helpers.settings())."""
     settings = config.attributes.get("settings")
     if settings is None:
         try:

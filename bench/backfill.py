@@ -28,7 +28,7 @@ import time
 import uuid
 
 from bench.common import SHAPE, build_legacy_dataset, connect, fresh_database, server, settings_for
-from flowfix import backfill, schema
+from flowfix import alembic_runner, backfill
 from flowfix.db import make_engine
 
 FLOOR = """UPDATE raw_import_records r SET master_flow_id = d.master_flow_id FROM data_imports d
@@ -80,7 +80,7 @@ async def run_floor(url: str, links: list[tuple[uuid.UUID, uuid.UUID]], *, ledge
 def prepare(srv: str, imports: int) -> None:
     url = fresh_database(srv, "bench_backfill_src")
     build_legacy_dataset(url, imports=imports, discovery_names_import=False)
-    schema.upgrade(settings_for(url), "fix_master_flow_fk")
+    alembic_runner.upgrade(settings_for(url), "fix_master_flow_fk")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from flowfix import embedded, schema
+from flowfix import alembic_runner, embedded
 from flowfix.config import Settings, libpq_url, normalize_url
 from flowfix.db import admin
 from tests.shapes import SHAPES
@@ -146,7 +146,7 @@ def build_legacy_dataset(
             await conn.close()
 
     asyncio.run(create())
-    schema.upgrade(settings_for(url), "legacy")
+    alembic_runner.upgrade(settings_for(url), "legacy")
     friendly = not SHAPE.files
     params = dict(
         tenants=TENANTS,

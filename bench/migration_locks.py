@@ -29,7 +29,7 @@ import time
 
 from bench import common
 from bench.common import Latencies, build_legacy_dataset, connect, fresh_database, ms, server, settings_for
-from flowfix import schema
+from flowfix import alembic_runner
 
 PLAN_MIGRATION = """
 BEGIN;
@@ -165,7 +165,7 @@ def main() -> None:
             for scenario, reader in (("quiet", 0.0), ("reader", args.reader_seconds)):
                 rows = {}
                 for variant, fn in (
-                    ("flowfix", lambda u: schema.upgrade(settings_for(u), "fix_master_flow_fk")),
+                    ("flowfix", lambda u: alembic_runner.upgrade(settings_for(u), "fix_master_flow_fk")),
                     ("plan", run_plan),
                 ):
                     url = fresh_database(srv, f"bench_{variant}", template="bench_legacy")

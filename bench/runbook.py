@@ -24,7 +24,7 @@ import time
 
 from bench.common import SHAPE, Latencies, build_legacy_dataset, fresh_database, ms, server, settings_for
 from bench.migration_locks import Writer
-from flowfix import backfill, schema, validate
+from flowfix import alembic_runner, backfill, validate
 from flowfix.db import make_engine
 
 
@@ -75,7 +75,7 @@ def main() -> None:
         try:
             start = time.perf_counter()
             clock.marks.clear()
-            step("upgrade fix_master_flow_fk", lambda: schema.upgrade(settings, "fix_master_flow_fk"))
+            step("upgrade fix_master_flow_fk", lambda: alembic_runner.upgrade(settings, "fix_master_flow_fk"))
             revision_steps = [*list(clock.marks), (time.perf_counter(), "end")]
 
             async def run_backfill() -> backfill.Result:
@@ -95,7 +95,7 @@ def main() -> None:
                     await engine.dispose()
 
             report = step("validate", lambda: asyncio.run(run_validate()))
-            step("upgrade head", lambda: schema.upgrade(settings, "head"))
+            step("upgrade head", lambda: alembic_runner.upgrade(settings, "head"))
             total = time.perf_counter() - start
         finally:
             writer.stop.set()

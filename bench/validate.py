@@ -22,7 +22,7 @@ import statistics
 import time
 
 from bench.common import build_legacy_dataset, connect, fresh_database, server, settings_for
-from flowfix import schema
+from flowfix import alembic_runner
 from flowfix.db import make_engine
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 from flowfix.validate import Options, validate
@@ -79,7 +79,7 @@ def main() -> None:
     with server() as srv:
         url = fresh_database(srv, "bench_validate")
         build_legacy_dataset(url, imports=args.imports)
-        schema.upgrade(settings_for(url), "fix_master_flow_fk")
+        alembic_runner.upgrade(settings_for(url), "fix_master_flow_fk")
         print(f"validate: {args.imports * 50:,} records, median of {args.repeat} warm runs")
         print(f"{'state':<8} {'floor':>9} {'heap':>9} {'validate':>9} {'vs floor':>9} {'vs heap':>8}  report")
         for state in ("orphans", "linked"):

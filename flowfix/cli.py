@@ -14,20 +14,20 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from typer.core import TyperGroup
 
-from flowfix import backfill as backfilling
-from flowfix import ledger, linking, schema
-from flowfix import validate as validation
-from flowfix.backfill.model import MAX_JOBS
-from flowfix.config import Settings, mask_url
-from flowfix.db import make_sessionmaker, run_with_engine
 from flowfix.errors import FlowfixError, RunInterrupted, UsageProblem, translate
 from flowfix.exitcodes import Exit
 from flowfix.window import parse_window
+
+if TYPE_CHECKING:
+    from flowfix.config import Settings
+
+# SQLAlchemy, Alembic and asyncpg are imported by the command that needs them, when it
+# runs: `flowfix --help` and usage errors answer without loading them.
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = Exit.OK, Exit.PROBLEMS, Exit.USAGE
 #: Largest values the numeric options accept (checked before anything runs).
@@ -36,6 +36,7 @@ MAX_SAMPLES = 10_000
 MAX_LIMIT = 100_000
 MAX_ORPHANS = 2**53
 MAX_REPLICA_LAG = 86_400.0
+MAX_JOBS = 8
 
 
 def _debug(args: Sequence[str]) -> bool:
@@ -44,6 +45,8 @@ def _debug(args: Sequence[str]) -> bool:
 
 def _where() -> str:
     """The masked URL of DATABASE_URL, for connection errors (never its password)."""
+    from flowfix.config import Settings
+
     try:
         return Settings.from_env().masked_url
     except FlowfixError:
@@ -61,7 +64,7 @@ def error_line(exc: BaseException) -> tuple[str, Exit]:
             " resumes on the next upgrade)"
         ), Exit.INTERRUPTED
     cause = exc.__cause__ if isinstance(exc, RunInterrupted) and exc.__cause__ is not None else exc
-    translated = translate(cause, _where())
+    translated = cause if isinstance(cause, FlowfixError) else translate(cause, _where())
     if translated is None:
         message = (
             f"unexpected error ({type(cause).__name__}): this is a bug in flowfix; rerun with --debug for"
@@ -156,6 +159,8 @@ def fail(message: str) -> NoReturn:
 
 
 def load_settings(*, require_url: bool = True) -> Settings:
+    from flowfix.config import Settings
+
     settings = Settings.from_env()
     if require_url:
         settings.require_url()
@@ -196,11 +201,14 @@ def upgrade(
     ] = False,
 ) -> None:
     """Apply flowfix's revisions (same as `alembic upgrade`), with exit code 2 on refusal."""
+    from flowfix import alembic_runner
+    from flowfix.config import mask_url
+
     settings = dataclasses.replace(load_settings(require_url=not sql), create_tables=create_tables)
-    schema.check_revision(revision, sql=sql)
+    alembic_runner.check_revision(revision, sql=sql)
     if not sql:
         typer.echo(f"upgrading {mask_url(settings.require_url())} (schema {settings.schema}) to {revision}", err=True)
-    schema.upgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)
+    alembic_runner.upgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)
 
 
 @app.command()
@@ -209,8 +217,10 @@ def downgrade(
     sql: Annotated[bool, typer.Option("--sql", help="Print the SQL for review instead of running it.")] = False,
 ) -> None:
     """Revert flowfix's revisions, data included (same as `alembic downgrade`)."""
+    from flowfix import alembic_runner
+
     settings = load_settings(require_url=not sql)
-    schema.downgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)
+    alembic_runner.downgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)
 
 
 def parse_uuid(value: str | None, option: str) -> uuid.UUID | None:
@@ -230,6 +240,8 @@ def parse_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
 
 def run_async(settings: Settings, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     """Run ``work(engine)`` on a fresh engine (errors go to the boundary)."""
+    from flowfix.db import run_with_engine
+
     return run_with_engine(settings, work)
 
 
@@ -277,17 +289,20 @@ def validate_cmd(
     """
     fmt = parse_choice(format, "--format", ("text", "json", "junit"))
     check_output_path(output, "--output")
-    opts = validation.Options(
+    options = dict(
         samples=check_bound(samples, "--samples", MAX_SAMPLES),
         max_orphans=check_bound(max_orphans, "--max-orphans", MAX_ORPHANS),
         allow_rls=allow_rls,
-        fail_on=parse_choice(fail_on, "--fail-on", ("error", "warn")),  # type: ignore[arg-type]
+        fail_on=parse_choice(fail_on, "--fail-on", ("error", "warn")),
         client_account=parse_uuid(client_account, "--client-account"),
         engagement=parse_uuid(engagement, "--engagement"),
     )
     settings = load_settings()
-    report = run_async(settings, lambda engine: validation.validate(engine, settings, opts))
     from flowfix import render
+    from flowfix import validate as validation
+
+    opts = validation.Options(**options)  # type: ignore[arg-type]
+    report = run_async(settings, lambda engine: validation.validate(engine, settings, opts))
 
     write_output(render.validate_as(report, fmt), output)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
@@ -296,6 +311,8 @@ def validate_cmd(
 @app.command()
 def status() -> None:
     """One screen for the operator: revision, FK targets, orphan counts, next step."""
+    from flowfix import validate as validation
+
     settings = load_settings()
     report = run_async(settings, lambda engine: validation.validate(engine, settings, validation.Options(samples=0)))
     typer.echo(f"database  {settings.masked_url} (schema {settings.schema})")
@@ -370,7 +387,7 @@ def backfill(
     """
     fmt = parse_choice(format, "--format", ("text", "json"))
     check_output_path(report, "--report")
-    opts = backfilling.Options(
+    options = dict(
         window_seconds=parse_window(window),
         batch_size=check_bound(batch_size, "--batch-size", MAX_BATCH_SIZE),
         create_missing_masters=create_missing_masters,
@@ -381,10 +398,12 @@ def backfill(
         engagement=parse_uuid(engagement, "--engagement"),
     )
     settings = load_settings()
-    opts = dataclasses.replace(opts, lock_retries=settings.lock_retries)
     from rich.console import Console
 
+    from flowfix import backfill as backfilling
     from flowfix import progress, render
+
+    opts = backfilling.Options(**options, lock_retries=settings.lock_retries)  # type: ignore[arg-type]
 
     # progress goes to stderr: bars on a terminal, plain lines when piped
     console = Console(stderr=True, force_terminal=None if fmt == "text" else False)
@@ -439,6 +458,8 @@ def link(
     backfill reports as ambiguous). Recorded in the ledger: `flowfix undo RUN_ID` reverts it."""
     import_id, flow_id = require_uuid(data_import, "--import"), require_uuid(flow, "--flow")
     settings = load_settings()
+    from flowfix import linking
+    from flowfix.db import make_sessionmaker
 
     async def work(engine):  # type: ignore[no-untyped-def]
         async with make_sessionmaker(engine)() as session:
@@ -457,8 +478,7 @@ def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert
     """Revert a run's changes where rows still hold what it wrote; later edits are kept and listed."""
     target = require_uuid(run_id, "RUN_ID")
     settings = load_settings()
-
-    from flowfix import render
+    from flowfix import ledger, render
 
     report = run_async(
         settings, lambda engine: ledger.undo_run(engine, settings, target, lock_retries=settings.lock_retries)
@@ -471,12 +491,11 @@ def runs(limit: Annotated[int, typer.Option("--limit", min=1, help="How many run
     """List the ledger's runs (backfill, link, undo), newest first."""
     check_bound(limit, "--limit", MAX_LIMIT)
     settings = load_settings()
+    from flowfix import ledger, render
 
     async def work(engine):  # type: ignore[no-untyped-def]
         async with engine.connect() as conn:
             return await ledger.list_runs(conn, limit)
-
-    from flowfix import render
 
     for run in run_async(settings, work):
         typer.echo(render.run_line(run))

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from flowfix import backfill, embedded, ledger, linking, progress, schema, validate
+from flowfix import alembic_runner, backfill, embedded, ledger, linking, progress, validate
 from flowfix.config import Settings, normalize_url
 from flowfix.db import admin, make_engine, make_sessionmaker, run_with_engine
 from flowfix.render import Narrator
@@ -113,7 +113,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         n.say(f"{settings.masked_url}  (data in {server.data_dir}{', kept' if keep else ', removed at the end'})")
 
         n.title(f"Legacy schema and a broken dataset ({size} imports, {size * 10:,} records)")
-        schema.upgrade(settings, "legacy")
+        alembic_runner.upgrade(settings, "legacy")
         asyncio.run(_sql(settings, DATASET, size=size))
         n.say("links stored as master ids, orphans, ties, a cross-tenant trap, dangling values, a lost master")
 
@@ -122,7 +122,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
 
         n.title("flowfix upgrade fix_master_flow_fk (online: NOT VALID, CONCURRENTLY, batches)")
         t0 = time.perf_counter()
-        schema.upgrade(settings, "fix_master_flow_fk")
+        alembic_runner.upgrade(settings, "fix_master_flow_fk")
         quarantined = _scalar(settings, "SELECT count(*) FROM flowfix_quarantine")
         translated = _scalar(settings, "SELECT count(*) FROM flowfix_translations WHERE old_value <> new_value")
         n.say(
@@ -174,7 +174,7 @@ def run_demo(*, size: int = 300, keep: bool = False, say: Narrator | None = None
         if len(ties) > 3:
             n.say(f"... and {len(ties) - 3} more, each its own ledgered run")
         n.title("flowfix upgrade head (discovery_flows.master_flow_id NOT NULL, online)")
-        schema.upgrade(settings, "head")
+        alembic_runner.upgrade(settings, "head")
         n.say("done")
 
         backlog = _scalar(settings, "SELECT count(*) FROM data_imports WHERE master_flow_id IS NULL")

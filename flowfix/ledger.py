@@ -37,6 +37,9 @@ ADVISORY_LOCK_KEY = "flowfix.runs"
 #: Undo builds UPDATE/DELETE statements from ledger rows; only these names may appear.
 UNDOABLE_COLUMNS = {(table, "master_flow_id") for table in CHILD_TABLES}
 CREATED_ROW = "*created*"  # column name of a change that created a whole row
+#: Undo goes from the rows that follow others to the rows they follow (the reverse of the
+#: backfill's steps); created masters come last, once nothing the run linked points at them.
+UNDO_ORDER = ("raw_import_records", "data_imports", "discovery_flows")
 
 
 class LedgerMissing(FlowfixError):
@@ -383,7 +386,7 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
             if undo is None:
                 return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
             report = UndoReport(run_id=run_id, undo_run_id=undo)
-            for table in CHILD_TABLES:
+            for table in UNDO_ORDER:
                 await _undo_table(conn, run_id, table, report, lock_retries)
             await _undo_created_masters(conn, run_id, report, lock_retries)
             counts = {

@@ -110,7 +110,7 @@ def backfill_text(result: Result) -> str:
         lines.append(
             f"  linked: {c.discovery_flows:,} discovery flows ({c.masters_created:,} masters created),"
             f" {c.data_imports:,} imports, {c.raw_import_records:,} records in {c.batches} batches"
-            f" (longest {c.longest_batch_ms} ms; records walked {c.walk} on {c.jobs} connection"
+            f" (longest {c.longest_batch_ms} ms; records walked by {c.records_walk} on {c.jobs} connection"
             f"{'s' if c.jobs > 1 else ''})"
         )
         if c.records_final_pass:

@@ -19,11 +19,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flowfix import catalog
+from flowfix.alembic_runner import head
 from flowfix.config import VERSION_TABLE, Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError
 from flowfix.models import CHILD_TABLES, MASTER_TABLE, RECORD_TENANT_SCOPE, TENANT_SCOPE
-from flowfix.schema import head
 from flowfix.tenancy import unknown_matches_sql
 
 Status = Literal["pass", "warn", "fail"]

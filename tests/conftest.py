@@ -23,7 +23,7 @@ from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from flowfix import schema
+from flowfix import alembic_runner
 from flowfix.config import Settings, libpq_url, normalize_url
 from flowfix.db import admin, make_engine
 from tests.shapes import RUNBOOK_SHAPES, SHAPES, Shape
@@ -165,7 +165,7 @@ def alembic_cfg(settings: Settings) -> Config:
 
 
 def make_alembic_config(settings: Settings) -> Config:
-    return schema.alembic_config(settings)
+    return alembic_runner.alembic_config(settings)
 
 
 def upgrade(settings: Settings, revision: str = "head") -> None:

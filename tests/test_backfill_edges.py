@@ -295,3 +295,73 @@ def test_undo_at_head_of_a_run_that_linked_discovery_flows_is_refused_before_wri
     downgrade(s, "fix_master_flow_fk")
     assert runner.invoke(app, ["undo", str(result.run_id)], env=cli_env(s)).exit_code == 0
     assert set(links(s, "discovery_flows").values()) == {None}
+
+
+def test_undo_puts_every_column_of_the_four_tables_back_as_it_was(s: Settings) -> None:
+    """Undo is exact: the backfill changes master_flow_id and nothing else (not updated_at),
+    so after undo every row of the four tables is what it was before the run."""
+    flow = master_at(s, 0)
+    import_at(s, 1, records=3)
+    add_discovery_flow(s, flow_id=flow, master=None, client=C, engagement=E)
+    sql(s, "UPDATE data_imports SET updated_at = timestamptz '2026-01-02 03:04:05+00'")
+    before = snapshot.take(s)
+    first = run(s)
+    assert first.exit_code == 0 and first.counts is not None and first.counts.data_imports == 1
+    assert first.counts.discovery_flows == 1
+    assert runner.invoke(app, ["undo", str(first.run_id)], env=cli_env(s)).exit_code == 0
+    assert snapshot.take(s) == before
+
+
+def test_an_undo_that_gives_up_on_a_lock_is_finished_by_running_it_again(s: Settings) -> None:
+    """Undo runs in batches, each with lock_timeout: behind an application's row lock held
+    past the retries it stops (exit 2, what it reverted stays reverted and marked); run
+    again, it reverts the rest, and the end state is that of one undo."""
+    import threading
+
+    flows = [master_at(s, n * 300) for n in range(4)]
+    imports = [import_at(s, n * 300 + 1, records=2) for n in range(4)]
+    before = snapshot.take(s)
+    first = run(s)
+    assert first.exit_code == 0
+    held, release = threading.Event(), threading.Event()
+
+    def application_holds_a_row() -> None:
+        async def go() -> None:
+            import asyncpg
+
+            from tests.helpers import plain_url
+
+            conn = await asyncpg.connect(plain_url(s), server_settings={"search_path": s.schema})
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT 1 FROM data_imports WHERE id = $1 FOR UPDATE", imports[0])
+                    held.set()
+                    while not release.is_set():
+                        await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+
+        import asyncio
+
+        asyncio.run(go())
+
+    holder = threading.Thread(target=application_holds_a_row)
+    holder.start()
+    held.wait(10)
+    try:
+        stopped = runner.invoke(
+            app, ["undo", str(first.run_id)], env=cli_env(s, FLOWFIX_LOCK_TIMEOUT="200ms", FLOWFIX_LOCK_RETRIES="1")
+        )
+    finally:
+        release.set()
+        holder.join()
+    assert stopped.exit_code == Exit.USAGE
+    assert "lock" in stopped.output
+    # the records (undone first) went back; the locked import did not
+    assert set(links(s, "raw_import_records").values()) == {None}
+    assert links(s, "data_imports")[imports[0]] == flows[0]
+    again = runner.invoke(app, ["undo", str(first.run_id)], env=cli_env(s))
+    assert again.exit_code == 0, again.output
+    assert snapshot.take(s) == before
+    runs = sql(s, "SELECT command, status FROM flowfix_runs ORDER BY started_at")
+    assert [(r["command"], r["status"]) for r in runs] == [("backfill", "undone"), ("undo", "finished")]

@@ -110,7 +110,7 @@ def test_every_walk_links_every_record_once_and_the_ledger_lists_each(s: Setting
     assert size > 20  # many slices, not one
     result = run(s, walk=walk, jobs=jobs, batch_size=100)  # at most 5 pages (or 100 rows) a slice
     assert result.exit_code == 0 and result.counts is not None
-    assert result.counts.walk == walk and result.counts.jobs == jobs and result.counts.batches >= size / 5
+    assert result.counts.records_walk == walk and result.counts.jobs == jobs and result.counts.batches >= size / 5
     imports = links(s, "data_imports")
     got = record_links(s)
     by_import = {r["id"]: r["data_import_id"] for r in sql(s, "SELECT id, data_import_id FROM raw_import_records")}

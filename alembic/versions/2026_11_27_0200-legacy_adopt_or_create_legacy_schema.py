@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flowfix import migrate
+from flowfix import revision_helpers as helpers
 
 revision: str = "legacy"
 down_revision: str | Sequence[str] | None = None
@@ -197,15 +197,15 @@ END $legacy$"""
 
 
 def upgrade() -> None:
-    migrate.note("legacy: create the deployed schema on an empty database, or adopt the existing tables unchanged")
+    helpers.note("legacy: create the deployed schema on an empty database, or adopt the existing tables unchanged")
     # one transaction: a refusal in the DO block takes the bookkeeping table back with it
-    migrate.execute(BOOKKEEPING)
-    migrate.execute(_adopt_or_create_sql(migrate.settings().create_tables))
+    helpers.execute(BOOKKEEPING)
+    helpers.execute(_adopt_or_create_sql(helpers.settings().create_tables))
 
 
 def downgrade() -> None:
-    migrate.note("legacy: drop the four tables only if revision 'legacy' created them; adopted tables are left alone")
-    migrate.execute(
+    helpers.note("legacy: drop the four tables only if revision 'legacy' created them; adopted tables are left alone")
+    helpers.execute(
         """DO $legacy$
 BEGIN
   IF EXISTS (SELECT 1 FROM flowfix_schema_changes WHERE revision = 'legacy' AND kind = 'table_created') THEN
@@ -213,5 +213,5 @@ BEGIN
   END IF;
 END $legacy$"""
     )
-    migrate.lint_ignore("ban-drop-table", "downgrade to base: flowfix's own bookkeeping table, nobody else reads it")
-    migrate.execute("DROP TABLE flowfix_schema_changes")
+    helpers.lint_ignore("ban-drop-table", "downgrade to base: flowfix's own bookkeeping table, nobody else reads it")
+    helpers.execute("DROP TABLE flowfix_schema_changes")

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flowfix import catalog, migrate
+from flowfix import catalog
+from flowfix import revision_helpers as helpers
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
 revision: str = "fix_master_flow_fk"
@@ -262,11 +263,11 @@ END $swap$"""
 
 def _swap_fk(table: str) -> None:
     """One short transaction: the old FK goes, the new one arrives NOT VALID (no scan)."""
-    migrate.execute(_swap_fk_sql(table))
-    migrate.commit()
+    helpers.execute(_swap_fk_sql(table))
+    helpers.commit()
 
 
-#: One batch of step 4. ``{after}``/``{limit}``/``{into}`` are filled by migrate.in_batches.
+#: One batch of step 4. ``{after}``/``{limit}``/``{into}`` are filled by helpers.in_batches.
 #: Values already holding a flow_id are logged as kept (old = new) so the downgrade can
 #: tell them from links written after the upgrade; ON CONFLICT keeps the first entry, so
 #: a retried batch never overwrites what an earlier attempt translated.
@@ -341,21 +342,21 @@ def _build_index(
     flowfix_schema_changes if it is not there yet (so the downgrade drops only what this
     revision built), then CREATE ... CONCURRENTLY IF NOT EXISTS. A partitioned table
     cannot build an index CONCURRENTLY: see :func:`_build_partitioned_index`."""
-    if not migrate.offline() and _is_partitioned(table):
+    if not helpers.offline() and _is_partitioned(table):
         _build_partitioned_index(table, name, columns, why)
         return
-    if not migrate.offline() and _invalid_index(name):
-        migrate.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
-    migrate.execute(_record_if_absent(kind, table, name, f"to_regclass('{name}') IS NULL"))
-    migrate.commit()
-    migrate.outside_transaction(
+    if not helpers.offline() and _invalid_index(name):
+        helpers.outside_transaction("drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    helpers.execute(_record_if_absent(kind, table, name, f"to_regclass('{name}') IS NULL"))
+    helpers.commit()
+    helpers.outside_transaction(
         why, f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({columns})"
     )
 
 
 def _is_partitioned(table: str) -> bool:
     return bool(
-        migrate.bind()
+        helpers.bind()
         .exec_driver_sql(f"SELECT count(*) FROM pg_class WHERE oid = to_regclass('{table}') AND relkind = 'p'")
         .scalar_one()
     )
@@ -366,41 +367,41 @@ def _build_partitioned_index(table: str, name: str, columns: str, why: str) -> N
     invalid), each partition's CONCURRENTLY, then ATTACH each (instant); the parent's
     index is valid once every partition's is attached. Only direct partitions that are
     plain tables are handled: a sub-partitioned one is reported and left without."""
-    conn = migrate.bind()
+    conn = helpers.bind()
     parts = conn.exec_driver_sql(
         "SELECT c.relname, c.relkind::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
         f" WHERE i.inhparent = to_regclass('{table}') ORDER BY 1"
     ).all()
     if any(kind != "r" for _, kind in parts):
-        migrate.warn(f"{table} has sub-partitions: index {name} is not built; build it by hand if needed")
+        helpers.warn(f"{table} has sub-partitions: index {name} is not built; build it by hand if needed")
         return
-    migrate.execute(_record_if_absent("index_created", table, name, f"to_regclass('{name}') IS NULL"))
-    migrate.execute(f"CREATE INDEX IF NOT EXISTS {name} ON ONLY {table} ({columns})")
-    migrate.commit()
+    helpers.execute(_record_if_absent("index_created", table, name, f"to_regclass('{name}') IS NULL"))
+    helpers.execute(f"CREATE INDEX IF NOT EXISTS {name} ON ONLY {table} ({columns})")
+    helpers.commit()
     for part, _ in parts:
         part_index = f"ix_{part}_{columns.replace(', ', '_')}"[:63]
         if _invalid_index(part_index):
-            migrate.outside_transaction(
-                "drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(part_index)}"
+            helpers.outside_transaction(
+                "drop the invalid leftover index", f"DROP INDEX CONCURRENTLY IF EXISTS {helpers.quote(part_index)}"
             )
-        migrate.outside_transaction(
+        helpers.outside_transaction(
             f"{why}: partition {part}",
-            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {migrate.quote(part_index)} ON {migrate.quote(part)} ({columns})",
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {helpers.quote(part_index)} ON {helpers.quote(part)} ({columns})",
         )
         attached = conn.exec_driver_sql(
-            f"SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass({migrate.sql_literal(part_index)})"
+            f"SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass({helpers.sql_literal(part_index)})"
             f" AND inhparent = to_regclass('{name}')"
         ).scalar_one()
         if not attached:
-            migrate.execute(f"ALTER INDEX {name} ATTACH PARTITION {migrate.quote(part_index)}")
-            migrate.commit()
+            helpers.execute(f"ALTER INDEX {name} ATTACH PARTITION {helpers.quote(part_index)}")
+            helpers.commit()
 
 
 def _invalid_index(name: str) -> bool:
     return bool(
-        migrate.bind()
+        helpers.bind()
         .exec_driver_sql(
-            f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass({migrate.sql_literal(name)})"
+            f"SELECT count(*) FROM pg_index WHERE indexrelid = to_regclass({helpers.sql_literal(name)})"
             " AND NOT indisvalid"
         )
         .scalar_one()
@@ -408,16 +409,16 @@ def _invalid_index(name: str) -> bool:
 
 
 def _ensure_unique_flow_id() -> None:
-    if not migrate.offline():
+    if not helpers.offline():
         others = [
             ix
-            for ix in catalog.indexes(migrate.bind(), MASTER_TABLE, "flow_id")
+            for ix in catalog.indexes(helpers.bind(), MASTER_TABLE, "flow_id")
             if ix.name != UNIQUE_FLOW_ID and ix.is_unique and ix.is_valid and not ix.is_partial and ix.key_columns == 1
         ]
         if others:
-            migrate.note(f"step 2: {MASTER_TABLE}.flow_id already has unique index {others[0].name}; nothing to build")
+            helpers.note(f"step 2: {MASTER_TABLE}.flow_id already has unique index {others[0].name}; nothing to build")
             return
-    migrate.note(f"step 2: unique index {UNIQUE_FLOW_ID} on {MASTER_TABLE}(flow_id)")
+    helpers.note(f"step 2: unique index {UNIQUE_FLOW_ID} on {MASTER_TABLE}(flow_id)")
     _build_index(
         MASTER_TABLE,
         UNIQUE_FLOW_ID,
@@ -426,17 +427,17 @@ def _ensure_unique_flow_id() -> None:
         kind="constraint_created",
         unique=True,
     )
-    migrate.execute(f"""DO $attach$
+    helpers.execute(f"""DO $attach$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{MASTER_TABLE}'::regclass AND conname = '{UNIQUE_FLOW_ID}') THEN
     ALTER TABLE {MASTER_TABLE} ADD CONSTRAINT {UNIQUE_FLOW_ID} UNIQUE USING INDEX {UNIQUE_FLOW_ID};
   END IF;
 END $attach$""")
-    migrate.commit()
+    helpers.commit()
 
 
 def _ensure_master_flow_id_index(table: str) -> None:
-    if not migrate.offline() and catalog.has_usable_index(migrate.bind(), table, "master_flow_id"):
+    if not helpers.offline() and catalog.has_usable_index(helpers.bind(), table, "master_flow_id"):
         return
     _build_index(
         table,
@@ -450,7 +451,7 @@ def _created_fks(table: str) -> list[str]:
     """The FKs on ``table`` this revision added (an FK that was there before is never
     validated, dropped or otherwise touched)."""
     return list(
-        migrate.bind()
+        helpers.bind()
         .exec_driver_sql(
             "SELECT object_name FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'"
             f" AND kind = 'constraint_created' AND table_name = '{table}' ORDER BY id"
@@ -460,56 +461,56 @@ def _created_fks(table: str) -> list[str]:
 
 
 def _validate(table: str) -> None:
-    if migrate.offline():
+    if helpers.offline():
         # the DO block below validates the FK only where step 3 added it
-        migrate.execute(f"""DO $validate$
+        helpers.execute(f"""DO $validate$
 BEGIN
   IF EXISTS (SELECT 1 FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'
              AND kind = 'constraint_created' AND table_name = '{table}') THEN
     ALTER TABLE {table} VALIDATE CONSTRAINT fk_{table}_master_flow_id;
   END IF;
 END $validate$""")
-        migrate.commit()
+        helpers.commit()
         return
-    invalid = {fk.name for fk in catalog.foreign_keys(migrate.bind(), table, "master_flow_id") if not fk.validated}
+    invalid = {fk.name for fk in catalog.foreign_keys(helpers.bind(), table, "master_flow_id") if not fk.validated}
     for name in _created_fks(table):
         if name in invalid:
-            migrate.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {migrate.quote(name)}")
-            migrate.commit()
+            helpers.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {helpers.quote(name)}")
+            helpers.commit()
 
 
 def upgrade() -> None:
-    migrate.note("step 1: preflight checks (nothing changes if one fails), then flowfix's tables (quarantine, ledger)")
-    migrate.execute(PREFLIGHT)
+    helpers.note("step 1: preflight checks (nothing changes if one fails), then flowfix's tables (quarantine, ledger)")
+    helpers.execute(PREFLIGHT)
     for sql in CREATE_FLOWFIX_TABLES:
-        migrate.execute(sql)
-    migrate.commit()
+        helpers.execute(sql)
+    helpers.commit()
 
     _ensure_unique_flow_id()
 
     for table in CHILD_TABLES:
-        migrate.note(f"step 3: {table}: replace FKs on master_flow_id by one to {MASTER_TABLE}(flow_id), NOT VALID")
+        helpers.note(f"step 3: {table}: replace FKs on master_flow_id by one to {MASTER_TABLE}(flow_id), NOT VALID")
         _swap_fk(table)
 
     for table in CHILD_TABLES:
-        migrate.in_batches(
+        helpers.in_batches(
             f"step 4: {table}: translate master ids to flow_ids, quarantine the rest", table, TRANSLATE_TO_FLOW_ID
         )
 
     for table in CHILD_TABLES:
-        migrate.note(f"step 5: {table}: index master_flow_id")
+        helpers.note(f"step 5: {table}: index master_flow_id")
         _ensure_master_flow_id_index(table)
-    migrate.note(f"step 5: {MASTER_TABLE}: index (tenant, created_at) for the backfill's time-window search")
+    helpers.note(f"step 5: {MASTER_TABLE}: index (tenant, created_at) for the backfill's time-window search")
     _build_index(
         MASTER_TABLE, TENANT_CREATED, "client_account_id, engagement_id, created_at", "build it without blocking writes"
     )
 
-    migrate.outside_transaction(
+    helpers.outside_transaction(
         "step 6: fresh statistics, so VALIDATE plans its anti-join well after the mass update",
         f"ANALYZE {MASTER_TABLE}, {', '.join(CHILD_TABLES)}",
     )
     for table in CHILD_TABLES:
-        migrate.note(f"step 6: {table}: VALIDATE the new FK (SHARE UPDATE EXCLUSIVE: writes continue)")
+        helpers.note(f"step 6: {table}: VALIDATE the new FK (SHARE UPDATE EXCLUSIVE: writes continue)")
         _validate(table)
 
 
@@ -586,9 +587,9 @@ ORDER BY t.id LIMIT 10"""
 
 def _report_unvalidated(table: str) -> None:
     """Say which restored FKs stayed NOT VALID, and which rows keep them from validating."""
-    if migrate.offline():
+    if helpers.offline():
         return
-    conn = migrate.bind()
+    conn = helpers.bind()
     stuck = (
         conn.exec_driver_sql(
             "SELECT sc.object_name FROM flowfix_schema_changes sc"
@@ -601,15 +602,15 @@ def _report_unvalidated(table: str) -> None:
     )
     for name in stuck:
         rows = conn.exec_driver_sql(VIOLATING_ROWS.format(table=table)).scalars().all()
-        migrate.warn(
+        helpers.warn(
             f"{table}: foreign key {name} was VALID before the upgrade but rows break it, so it is back"
             f" NOT VALID; rows (first 10): {', '.join(rows) or 'none found'}"
         )
 
 
 def _drop_created_indexes() -> None:
-    if migrate.offline():
-        migrate.execute("""DO $drop$
+    if helpers.offline():
+        helpers.execute("""DO $drop$
 DECLARE r record;
 BEGIN
   FOR r IN SELECT object_name FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk' AND kind = 'index_created'
@@ -617,10 +618,10 @@ BEGIN
     EXECUTE format('DROP INDEX IF EXISTS %I', r.object_name);
   END LOOP;
 END $drop$""")
-        migrate.commit()
+        helpers.commit()
         return
     rows = (
-        migrate.bind()
+        helpers.bind()
         .exec_driver_sql(
             "SELECT sc.object_name, c.relkind = 'I' FROM flowfix_schema_changes sc"
             " LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(sc.object_name))"
@@ -630,53 +631,53 @@ END $drop$""")
     )
     plain = [name for name, partitioned in rows if not partitioned]
     if plain:
-        migrate.outside_transaction(
+        helpers.outside_transaction(
             "drop the indexes this revision built",
-            *[f"DROP INDEX CONCURRENTLY IF EXISTS {migrate.quote(n)}" for n in plain],
+            *[f"DROP INDEX CONCURRENTLY IF EXISTS {helpers.quote(n)}" for n in plain],
         )
     for name in [name for name, partitioned in rows if partitioned]:
         # a partitioned index cannot be dropped CONCURRENTLY; this takes its partitions along
-        migrate.execute(f"DROP INDEX IF EXISTS {migrate.quote(name)}")
-        migrate.commit()
+        helpers.execute(f"DROP INDEX IF EXISTS {helpers.quote(name)}")
+        helpers.commit()
 
 
 def downgrade() -> None:
-    migrate.note("downgrade fix_master_flow_fk: back to the FKs that were there before, data included")
-    migrate.execute(PREFLIGHT)
-    migrate.execute(DOWNGRADE_PREFLIGHT)
-    migrate.commit()
+    helpers.note("downgrade fix_master_flow_fk: back to the FKs that were there before, data included")
+    helpers.execute(PREFLIGHT)
+    helpers.execute(DOWNGRADE_PREFLIGHT)
+    helpers.commit()
     for table in CHILD_TABLES:
-        migrate.note(f"{table}: drop the FK this revision added")
-        migrate.execute(_drop_created_fks(table))
-        migrate.commit()
+        helpers.note(f"{table}: drop the FK this revision added")
+        helpers.execute(_drop_created_fks(table))
+        helpers.commit()
     for table in CHILD_TABLES:
-        migrate.in_batches(f"{table}: translate values back", table, TRANSLATE_BACK)
+        helpers.in_batches(f"{table}: translate values back", table, TRANSLATE_BACK)
     for table in CHILD_TABLES:
-        migrate.note(f"{table}: restore quarantined values (rows still NULL only)")
-        migrate.execute(RESTORE_QUARANTINE.format(table=table))
-        migrate.execute(FORGET_RESTORED.format(table=table))
-        migrate.commit()
+        helpers.note(f"{table}: restore quarantined values (rows still NULL only)")
+        helpers.execute(RESTORE_QUARANTINE.format(table=table))
+        helpers.execute(FORGET_RESTORED.format(table=table))
+        helpers.commit()
     for table in CHILD_TABLES:
-        migrate.note(f"{table}: re-add the FKs this revision replaced, NOT VALID")
-        migrate.execute(_restore_fks(table))
-        migrate.commit()
-    migrate.outside_transaction(
+        helpers.note(f"{table}: re-add the FKs this revision replaced, NOT VALID")
+        helpers.execute(_restore_fks(table))
+        helpers.commit()
+    helpers.outside_transaction(
         "fresh statistics before VALIDATE", f"ANALYZE {MASTER_TABLE}, {', '.join(CHILD_TABLES)}"
     )
     for table in CHILD_TABLES:
-        migrate.note(f"{table}: VALIDATE the restored FKs that were validated before")
-        migrate.execute(_validate_restored_fks(table))
-        migrate.commit()
+        helpers.note(f"{table}: VALIDATE the restored FKs that were validated before")
+        helpers.execute(_validate_restored_fks(table))
+        helpers.commit()
         _report_unvalidated(table)
     _drop_created_indexes()
-    migrate.execute(f"""DO $drop$
+    helpers.execute(f"""DO $drop$
 BEGIN
   IF EXISTS (SELECT 1 FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'
              AND kind = 'constraint_created' AND object_name = '{UNIQUE_FLOW_ID}') THEN
     ALTER TABLE {MASTER_TABLE} DROP CONSTRAINT IF EXISTS {UNIQUE_FLOW_ID};
   END IF;
 END $drop$""")
-    migrate.execute("""DO $drop$
+    helpers.execute("""DO $drop$
 BEGIN
   -- flowfix's own tables go only when empty: quarantined values that were not restored
   -- (their row was relinked meanwhile) and the ledger's history are kept.
@@ -692,4 +693,4 @@ BEGIN
     RAISE NOTICE 'flowfix: ledger tables flowfix_runs/flowfix_changes kept: they hold run history';
   END IF;
 END $drop$""")
-    migrate.execute("DELETE FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'")
+    helpers.execute("DELETE FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'")

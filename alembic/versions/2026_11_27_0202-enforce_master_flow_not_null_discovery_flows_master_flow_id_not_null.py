@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flowfix import migrate
+from flowfix import revision_helpers as helpers
 
 revision: str = "enforce_master_flow_not_null"
 down_revision: str | Sequence[str] | None = "fix_master_flow_fk"
@@ -43,37 +43,37 @@ END $precondition$"""
 
 
 def upgrade() -> None:
-    migrate.note("step 0: stop, changing nothing, while any discovery flow has no master")
-    migrate.execute(PRECONDITION)
-    migrate.note("step 1: CHECK ... NOT VALID (instant)")
+    helpers.note("step 0: stop, changing nothing, while any discovery flow has no master")
+    helpers.execute(PRECONDITION)
+    helpers.note("step 1: CHECK ... NOT VALID (instant)")
     exists = (
-        not migrate.offline()
-        and migrate.bind()
+        not helpers.offline()
+        and helpers.bind()
         .exec_driver_sql(
             f"SELECT count(*) FROM pg_constraint WHERE conrelid = 'discovery_flows'::regclass AND conname = '{CHECK}'"
         )
         .scalar_one()
     )
     if not exists:
-        migrate.execute(
+        helpers.execute(
             f"ALTER TABLE discovery_flows ADD CONSTRAINT {CHECK} CHECK (master_flow_id IS NOT NULL) NOT VALID"
         )
-    migrate.commit()
-    migrate.note("step 2: VALIDATE the CHECK in its own transaction")
-    migrate.run_or_undo(
+    helpers.commit()
+    helpers.note("step 2: VALIDATE the CHECK in its own transaction")
+    helpers.run_or_undo(
         f"ALTER TABLE discovery_flows VALIDATE CONSTRAINT {CHECK}",
         undo=f"ALTER TABLE discovery_flows DROP CONSTRAINT IF EXISTS {CHECK}",
         when_sqlstate="23514",  # check_violation: a row without master was written since step 0
         message="flowfix: a discovery flow without master was written while enforcing; the CHECK was removed "
         "again and nothing else changed. Deploy the linking service, run `flowfix backfill`, then upgrade again.",
     )
-    migrate.note("step 3: SET NOT NULL (proved by the CHECK, no scan) and drop the CHECK")
-    migrate.execute("ALTER TABLE discovery_flows ALTER COLUMN master_flow_id SET NOT NULL")
-    migrate.lint_ignore("ban-drop-constraint", "the column's own NOT NULL, set just above, now guarantees the same")
-    migrate.execute(f"ALTER TABLE discovery_flows DROP CONSTRAINT {CHECK}")
+    helpers.note("step 3: SET NOT NULL (proved by the CHECK, no scan) and drop the CHECK")
+    helpers.execute("ALTER TABLE discovery_flows ALTER COLUMN master_flow_id SET NOT NULL")
+    helpers.lint_ignore("ban-drop-constraint", "the column's own NOT NULL, set just above, now guarantees the same")
+    helpers.execute(f"ALTER TABLE discovery_flows DROP CONSTRAINT {CHECK}")
 
 
 def downgrade() -> None:
-    migrate.note("discovery_flows.master_flow_id back to nullable (instant)")
-    migrate.lint_ignore("ban-drop-not-null", "downgrade: back to the nullable column of fix_master_flow_fk")
-    migrate.execute("ALTER TABLE discovery_flows ALTER COLUMN master_flow_id DROP NOT NULL")
+    helpers.note("discovery_flows.master_flow_id back to nullable (instant)")
+    helpers.lint_ignore("ban-drop-not-null", "downgrade: back to the nullable column of fix_master_flow_fk")
+    helpers.execute("ALTER TABLE discovery_flows ALTER COLUMN master_flow_id DROP NOT NULL")

@@ -142,7 +142,8 @@ class Counts:
     batches: int = 0
     longest_batch_ms: float = 0.0
     jobs: int = 1
-    walk: str = ""
+    #: how the records were walked: "ctid" (physical ranges) or "key" (primary key)
+    records_walk: str = ""
     #: pauses for replica lag, and their total length
     replica_pauses: int = 0
     replica_paused_seconds: float = 0.0

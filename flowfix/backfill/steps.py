@@ -42,7 +42,7 @@ TID_RANGE_SCAN_VERSION = 140000
 LINK_DISCOVERY_FLOWS = f"""
 WITH todo AS (SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:masters AS uuid[])) AS x(id, master)),
 changed AS (
-    UPDATE discovery_flows t SET master_flow_id = todo.master, updated_at = now()
+    UPDATE discovery_flows t SET master_flow_id = todo.master
     FROM todo
     JOIN crewai_flow_state_extensions m ON m.flow_id = todo.master
     WHERE t.id = todo.id AND t.master_flow_id IS NULL
@@ -79,7 +79,7 @@ created AS (
 APPLY_IMPORT_BATCH = f"""
 WITH batch AS ({ledger.PENDING_IMPORT_LINKS}
 ), changed AS (
-    UPDATE data_imports t SET master_flow_id = b.new_value, updated_at = now()
+    UPDATE data_imports t SET master_flow_id = b.new_value
     FROM batch b
     JOIN crewai_flow_state_extensions m ON m.flow_id = b.new_value AND m.flow_status IS DISTINCT FROM 'deleted'
     WHERE t.id = b.row_id AND t.master_flow_id IS NULL
@@ -230,7 +230,7 @@ async def link_records(ctx: Context, engine: AsyncEngine, settings: Settings, to
     """Step 3: the records walk (on ``jobs`` connections), then the closing pass."""
     ctx.reporter.start(RECORDS, total)
     walk = await _choose_walk(ctx)
-    ctx.counts.walk = walk
+    ctx.counts.records_walk = walk
     async with ctx.conn.begin():
         ranges = await ledger.walk_progress(ctx.conn, ctx.run.id)
         if ranges is None:

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, text
 from flowfix.config import Settings
 from flowfix.errors import MigrationError, is_lock_timeout, sqlstate, translate
 
-log = logging.getLogger("flowfix.migrate")
+log = logging.getLogger("flowfix.revision_helpers")
 
 #: Rows per translation batch; each batch is its own short transaction.
 BATCH_ROWS = 10_000
