@@ -77,9 +77,9 @@ async def run_floor(url: str, links: list[tuple[uuid.UUID, uuid.UUID]], *, ledge
         await conn.close()
 
 
-def prepare(srv: str, imports: int) -> None:
+def prepare(srv: str, imports: int, *, scattered: bool = False) -> None:
     url = fresh_database(srv, "bench_backfill_src")
-    build_legacy_dataset(url, imports=imports, discovery_names_import=False)
+    build_legacy_dataset(url, imports=imports, discovery_names_import=False, scattered=scattered)
     alembic_runner.upgrade(settings_for(url), "fix_master_flow_fk")
 
 
@@ -87,10 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--imports", type=int, default=20_000)
     parser.add_argument("--curve", type=int, nargs="*", default=[], help="import counts for the cost-per-record curve")
+    parser.add_argument(
+        "--scattered", action="store_true", help="interleave every import's records over the table (see bench.common)"
+    )
     args = parser.parse_args()
 
     with server() as srv:
-        prepare(srv, args.imports)
+        prepare(srv, args.imports, scattered=args.scattered)
         copy = lambda name: fresh_database(srv, name, template="bench_backfill_src")  # noqa: E731
 
         rows = []
@@ -108,7 +111,8 @@ def main() -> None:
             seconds, linked = asyncio.run(run_floor(copy("bench_backfill_floor"), links, ledger=ledger))
             rows.append(("floor+ledger" if ledger else "floor", seconds, linked, seconds, seconds * 1000))
 
-        print(f"backfill: {args.imports:,} imports x 50 records on shape {SHAPE.name}, window 2h")
+        layout = "scattered" if args.scattered else "import by import"
+        print(f"backfill: {args.imports:,} imports x 50 records ({layout}) on shape {SHAPE.name}, window 2h")
         print(f"{'variant':<13} {'wall':>8} {'records':>10} {'records step':>13} {'records/s':>11} {'longest txn':>12}")
         for name, wall, records, step, longest in rows:
             print(

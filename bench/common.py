@@ -117,7 +117,8 @@ DATASET_SQL = (
                                       'ip', '10.0.' || (r % 250) || '.' || (g % 250),
                                       'os', 'linux', 'owner', 'team-' || (g % 40)) AS {raw_type}),
               timestamptz '2026-01-01' + g * interval '11 minutes'
-       FROM generate_series(1, {imports}) AS g, generate_series(1, {records_per_import}) AS r""",
+       FROM generate_series(1, {imports}) AS g, generate_series(1, {records_per_import}) AS r
+       ORDER BY {record_order}""",
     """INSERT INTO discovery_flows (id, flow_id, master_flow_id, data_import_id, client_account_id, engagement_id,
                                    user_id, flow_name, status, created_at, updated_at)
        SELECT md5('discovery-' || g)::uuid, md5('master-flow-' || g)::uuid, md5('master-flow-' || g)::uuid,
@@ -131,11 +132,19 @@ DATASET_SQL = (
 
 
 def build_legacy_dataset(
-    url: str, *, imports: int, records_per_import: int = 50, discovery_names_import: bool = True
+    url: str,
+    *,
+    imports: int,
+    records_per_import: int = 50,
+    discovery_names_import: bool = True,
+    scattered: bool = False,
 ) -> None:
     """The shape's tables (adopted by revision ``legacy``) plus the dataset, in the
     database at ``url``. With ``discovery_names_import=False`` no discovery flow names
-    its import, so the only evidence left is time (what the plan's script relies on)."""
+    its import, so the only evidence left is time (what the plan's script relies on).
+    Records are stored import by import, as the application writes them; ``scattered``
+    interleaves every import's records over the whole table instead (record 1 of every
+    import, then record 2 ...), the layout where each record needs its own ledger entry."""
 
     async def create() -> None:
         conn = await asyncpg.connect(url)
@@ -157,6 +166,7 @@ def build_legacy_dataset(
         imported_by="'user-' || (g % 50)" if friendly else f"'{BENCH_USER}'::uuid",
         position=SHAPE.position_column,
         raw_type="json" if SHAPE.name == "app_head" else "jsonb",
+        record_order="r, g" if scattered else "g, r",
     )
 
     async def load() -> None:

@@ -163,7 +163,7 @@ class Crash:
 def test_a_walk_that_dies_part_way_resumes_each_range_where_it_stopped(s: Settings, walk: str, jobs: int) -> None:
     expected = dataset(s)
     with pytest.raises(RunInterrupted):
-        run(s, Crash(after=5), walk=walk, jobs=jobs, batch_size=100)
+        run(s, Crash(after=3), walk=walk, jobs=jobs, batch_size=40)  # 2 pages a slice
     half = record_links(s)
     assert 0 < sum(v is not None for v in half.values()) < len(half)
     progress = sql(s, "SELECT counts->'walk' AS walk FROM flowfix_runs WHERE status = 'running'")[0]["walk"]

@@ -267,15 +267,12 @@ def _swap_fk(table: str) -> None:
     helpers.commit()
 
 
-#: One batch of step 4. ``{after}``/``{limit}``/``{into}`` are filled by helpers.in_batches.
+#: One batch of step 4. ``{batch}``/``{into}`` are filled by helpers.in_batches.
 #: Values already holding a flow_id are logged as kept (old = new) so the downgrade can
 #: tell them from links written after the upgrade; ON CONFLICT keeps the first entry, so
 #: a retried batch never overwrites what an earlier attempt translated.
 TRANSLATE_TO_FLOW_ID = """WITH batch AS (
-    SELECT id, master_flow_id FROM {table}
-    WHERE {after}
-    ORDER BY id
-    LIMIT {limit}
+    {batch}
 ), todo AS (
     SELECT b.id, b.master_flow_id AS old_value, m.flow_id AS new_value
     FROM batch b
@@ -307,10 +304,7 @@ SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
 #: (if nobody changed it since); in a table whose original FK referenced ``id``, a
 #: flow_id written after the upgrade becomes that master's id, so the FK holds again.
 TRANSLATE_BACK = """WITH batch AS (
-    SELECT id, master_flow_id FROM {table}
-    WHERE {after}
-    ORDER BY id
-    LIMIT {limit}
+    {batch}
 ), todo AS (
     SELECT b.id, b.master_flow_id AS old_value, COALESCE(tr.old_value, m.id) AS new_value
     FROM batch b
