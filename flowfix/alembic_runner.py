@@ -18,6 +18,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.util import CommandError
 
+from flowfix.catalog import PartDone
 from flowfix.config import Settings
 from flowfix.errors import ConfigError, MigrationError
 
@@ -100,6 +101,18 @@ def current_revision(settings: Settings) -> str | None:
     return run_with_engine(settings, read)
 
 
+def part_done(settings: Settings) -> PartDone | None:
+    """A revision that stopped part-way (:func:`flowfix.catalog.part_done`)."""
+    from flowfix import catalog
+    from flowfix.db import run_with_engine
+
+    async def read(engine: Any) -> PartDone | None:
+        async with engine.connect() as conn:
+            return await conn.run_sync(catalog.part_done)  # type: ignore[no-any-return]
+
+    return run_with_engine(settings, read)
+
+
 def _run(settings: Settings, fn: Any, *args: object, sql: bool = False, **kwargs: object) -> None:
     """Run an Alembic command; a refusal becomes :class:`MigrationError`, saying where the
     database is now when revisions before the refused one were applied (one transaction
@@ -117,6 +130,12 @@ def _run(settings: Settings, fn: Any, *args: object, sql: bool = False, **kwargs
                 after = before
             if after != before:
                 message += f" The database is now at revision {after or '(none)'} (it was at {before or '(none)'})."
+            try:
+                unfinished = part_done(settings)
+            except Exception:  # noqa: BLE001 - the server may be gone
+                unfinished = None
+            if unfinished is not None:
+                message += f" Now {unfinished.message()}."
         raise MigrationError(message) from None
 
 
@@ -129,4 +148,13 @@ def upgrade(
 def downgrade(
     settings: Settings, revision: str, *, sql: bool = False, output: TextIO | None = None, quiet: bool = True
 ) -> None:
-    _run(settings, command.downgrade, alembic_config(settings, output=output, quiet=quiet), revision, sql=sql)
+    """Alembic's downgrade; a revision that stopped part-way above the current one is
+    taken back too: it is stamped as applied first, so that its own downgrade (driven by
+    what it recorded in flowfix_schema_changes, step by step) removes what it left."""
+    config = alembic_config(settings, output=output, quiet=quiet)
+    if not sql:
+        check_revision(revision, sql=sql)
+        unfinished = part_done(settings)
+        if unfinished is not None and revision != unfinished.revision:
+            command.stamp(config, unfinished.revision)
+    _run(settings, command.downgrade, config, revision, sql=sql)

@@ -273,3 +273,61 @@ def leaves(conn: SyncExecutor, table: str) -> list[Leaf]:
 def server_version(conn: SyncExecutor) -> int:
     """``server_version_num``: 150018 for 15.18."""
     return int(conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar_one())
+
+
+#: enforce_master_flow_not_null's CHECK, in place only while that revision runs (or if its
+#: session died between adding and dropping it).
+ENFORCE_CHECK = "ck_discovery_flows_master_flow_id_not_null"
+
+#: What fix_master_flow_fk has recorded doing, in the order it did it.
+SCHEMA_CHANGES_SQL = """
+SELECT kind, table_name, object_name FROM flowfix_schema_changes
+WHERE revision = 'fix_master_flow_fk' ORDER BY id
+"""
+
+_KIND_WORDS = {
+    "constraint_created": "added {object} on {table}",
+    "index_created": "built index {object} on {table}",
+    "foreign_key_replaced": "dropped {object} on {table} (recorded, to be restored)",
+}
+
+
+@dataclass(frozen=True)
+class PartDone:
+    """A revision that stopped part-way: the database is still at ``at`` (each revision
+    is recorded only when it finishes), but ``steps`` of ``revision`` are in place."""
+
+    revision: str
+    at: str | None
+    steps: list[str]
+
+    def message(self) -> str:
+        return (
+            f"revision {self.revision} is part-done ({'; '.join(self.steps)}): `flowfix upgrade {self.revision}`"
+            f" finishes it, `flowfix downgrade {self.at or 'base'}` takes it back"
+        )
+
+
+def part_done(conn: SyncExecutor) -> PartDone | None:
+    """The revision above the current one that left steps in place, if any."""
+    revision = readable_revision(conn)
+    if revision == "legacy":
+        if not conn.execute(text("SELECT to_regclass('flowfix_schema_changes') IS NOT NULL")).scalar_one():
+            return None
+        rows = conn.execute(text(SCHEMA_CHANGES_SQL)).all()
+        if rows:
+            steps = [
+                _KIND_WORDS.get(r.kind, "{kind} {object} on {table}").format(
+                    kind=r.kind, object=r.object_name, table=r.table_name
+                )
+                for r in rows
+            ]
+            return PartDone("fix_master_flow_fk", revision, steps)
+    if revision == "fix_master_flow_fk":
+        present = conn.execute(
+            text("SELECT count(*) FROM pg_constraint WHERE conrelid = to_regclass('discovery_flows') AND conname = :c"),
+            {"c": ENFORCE_CHECK},
+        ).scalar_one()
+        if present:
+            return PartDone("enforce_master_flow_not_null", revision, [f"added {ENFORCE_CHECK} on discovery_flows"])
+    return None

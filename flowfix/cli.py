@@ -317,6 +317,11 @@ def status() -> None:
     report = run_async(settings, lambda engine: validation.validate(engine, settings, validation.Options(samples=0)))
     typer.echo(f"database  {settings.masked_url} (schema {settings.schema})")
     typer.echo(f"revision  {report.revision or '(none)'}")
+    from flowfix.alembic_runner import part_done
+
+    unfinished = part_done(settings)
+    if unfinished is not None:
+        typer.echo(f"PART-DONE {unfinished.message()}")
     for table in ("data_imports", "raw_import_records", "discovery_flows"):
         fk = report.check(f"fk.{table}")
         typer.echo(
@@ -327,7 +332,9 @@ def status() -> None:
     rls = report.check("rls_visibility")
     if rls.status != "pass":
         typer.echo(f"WARNING: {rls.message}: the counts above may be partial")
-    typer.echo(f"next step: {validation.next_step(report)}")
+    typer.echo(
+        f"next step: {validation.next_step(report) if unfinished is None else f'flowfix upgrade {unfinished.revision}'}"
+    )
 
 
 @app.command()

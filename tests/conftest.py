@@ -154,6 +154,21 @@ def shaped(
 
 
 @pytest.fixture
+def make_shape(pg_server: str, shape_template: Callable[[Shape, bool], str]) -> Iterator[Callable[..., Settings]]:
+    """``make_shape(name, adopted=True)``: a fresh database of that shape."""
+    clones: list[Iterator[Settings]] = []
+
+    def make(name: str, adopted: bool = True) -> Settings:
+        gen = shape_settings(pg_server, shape_template, SHAPES[name], adopted)
+        clones.append(gen)
+        return next(gen)
+
+    yield make
+    for gen in clones:
+        gen.close()
+
+
+@pytest.fixture
 def shape(shaped: Settings, request: pytest.FixtureRequest) -> Shape:
     """The :class:`Shape` behind ``shaped``."""
     return SHAPES[request.node.callspec.params["shaped"]]

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowfix import catalog
 from flowfix.config import Settings
-from flowfix.db import make_engine
+from flowfix.db import run_with_engine
 
 
 def sql(settings: Settings, statement: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run one statement in its own committed transaction; return the rows as dicts."""
 
-    async def run() -> list[dict[str, Any]]:
-        engine = make_engine(settings, poolclass=NullPool)
-        try:
-            async with engine.begin() as conn:
-                result = await conn.execute(text(statement), params or {})
-                return [dict(r) for r in result.mappings()] if result.returns_rows else []
-        finally:
-            await engine.dispose()
+    async def run(engine: AsyncEngine) -> list[dict[str, Any]]:
+        async with engine.begin() as conn:
+            result = await conn.execute(text(statement), params or {})
+            return [dict(r) for r in result.mappings()] if result.returns_rows else []
 
-    return asyncio.run(run())
+    return run_with_engine(settings, run)
 
 
 def script(settings: Settings, *statements: str) -> None:
@@ -38,15 +33,11 @@ def script(settings: Settings, *statements: str) -> None:
 def with_catalog(settings: Settings, fn: Any, *args: Any) -> Any:
     """Call a flowfix.catalog function on a connection to the test database."""
 
-    async def run() -> Any:
-        engine = make_engine(settings, poolclass=NullPool)
-        try:
-            async with engine.connect() as conn:
-                return await conn.run_sync(fn, *args)
-        finally:
-            await engine.dispose()
+    async def run(engine: AsyncEngine) -> Any:
+        async with engine.connect() as conn:
+            return await conn.run_sync(fn, *args)
 
-    return asyncio.run(run())
+    return run_with_engine(settings, run)
 
 
 def revision(settings: Settings) -> str | None:

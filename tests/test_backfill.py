@@ -15,13 +15,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy.pool import NullPool
 from typer.testing import CliRunner
 
 from flowfix import backfill as bf
 from flowfix.cli import app
 from flowfix.config import Settings
-from flowfix.db import make_engine
+from flowfix.db import run_with_engine
 from tests.conftest import ROOT, upgrade
 from tests.helpers import add_discovery_flow, add_import, add_master, add_record, cli_env, links, plain_url, sql
 from tests.test_validate import run_validate
@@ -57,14 +56,7 @@ def plan(s: Settings, **options) -> bf.Plan:  # type: ignore[no-untyped-def]
 
 
 def run(s: Settings, **options) -> bf.Result:  # type: ignore[no-untyped-def]
-    async def go() -> bf.Result:
-        engine = make_engine(s, poolclass=NullPool)
-        try:
-            return await bf.run(engine, s, bf.Options(**options))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
+    return run_with_engine(s, lambda engine: bf.run(engine, s, bf.Options(**options)))
 
 
 def import_links(p: bf.Plan) -> dict[uuid.UUID, tuple[uuid.UUID, str]]:

@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from flowfix import linking
 from flowfix.cli import app
 from flowfix.config import Settings
-from flowfix.db import make_engine, make_sessionmaker
+from flowfix.db import make_engine, make_sessionmaker, run_with_engine
 from flowfix.linking import RequestContext
 from tests.conftest import upgrade
 from tests.helpers import add_import, add_master, add_record, cli_env, links, script, sql
@@ -33,15 +33,11 @@ def settings(shaped: Settings) -> Settings:
 
 
 def with_session(settings: Settings, fn: Callable[[Any], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        engine = make_engine(settings, poolclass=NullPool)
-        try:
-            async with make_sessionmaker(engine)() as session:
-                return await fn(session)
-        finally:
-            await engine.dispose()
+    async def go(engine: AsyncEngine) -> Any:
+        async with make_sessionmaker(engine)() as session:
+            return await fn(session)
 
-    return asyncio.run(go())
+    return run_with_engine(settings, go)
 
 
 def new_import(s: Settings, ctx: RequestContext = CTX, records: int = 3) -> tuple[uuid.UUID, list[uuid.UUID]]:

@@ -8,6 +8,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -130,3 +131,99 @@ def test_unreachable_database_is_one_line_without_password(tmp_path) -> None:
 def test_missing_schema_is_reported(settings: Settings) -> None:
     with pytest.raises(CommandError, match="schema 'nope' does not exist"):
         upgrade(dataclasses.replace(settings, schema="nope"), "head")
+
+
+def _hold_lock_in(s: Settings, table: str, seconds: float) -> threading.Thread:
+    """Like :func:`_hold_lock`, in the schema of ``s`` (a production shape)."""
+    from tests.helpers import plain_url
+
+    started = threading.Event()
+
+    def run() -> None:
+        async def go() -> None:
+            conn = await asyncpg.connect(plain_url(s), server_settings={"search_path": s.schema})
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+                    started.set()
+                    await asyncio.sleep(seconds)
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
+    holder = threading.Thread(target=run)
+    holder.start()
+    started.wait(10)
+    return holder
+
+
+@pytest.mark.parametrize("name", ["friendly", "deployed"])  # the shapes whose imports' FK references id
+def test_an_upgrade_that_gives_up_part_way_says_so_and_status_and_downgrade_know_it(
+    make_shape: Callable[..., Settings], name: str
+) -> None:
+    """fix_master_flow_fk gives up on raw_import_records' lock after repointing
+    data_imports: the revision is still legacy, but one FK points at flow_id. The error and
+    `flowfix status` name the part-done revision; `flowfix downgrade legacy` takes it back
+    to exactly what was there (catalog and rows); the upgrade then runs whole."""
+    shaped = make_shape(name)
+    from typer.testing import CliRunner
+
+    from flowfix import alembic_runner
+    from flowfix.cli import app
+    from flowfix.errors import MigrationError
+    from tests import snapshot
+    from tests.helpers import cli_env
+
+    m, flow = add_master(shaped, client=C, engagement=E)
+    imp = add_import(shaped, master=m, client=C, engagement=E)
+    before = snapshot.take(shaped)
+    holder = _hold_lock_in(shaped, "raw_import_records", 3)
+    try:
+        with pytest.raises(MigrationError) as err:
+            alembic_runner.upgrade(
+                dataclasses.replace(shaped, lock_timeout="100ms", lock_retries=0), "fix_master_flow_fk"
+            )
+    finally:
+        holder.join()
+    assert "revision fix_master_flow_fk is part-done" in str(err.value) and "data_imports" in str(err.value)
+    assert revision(shaped) == "legacy"
+    status = CliRunner().invoke(app, ["status"], env=cli_env(shaped))
+    assert status.exit_code == 0, status.output
+    assert "PART-DONE revision fix_master_flow_fk is part-done" in status.output
+    assert "next step: flowfix upgrade fix_master_flow_fk" in status.output
+
+    down = CliRunner().invoke(app, ["downgrade", "legacy"], env=cli_env(shaped))
+    assert down.exit_code == 0, down.output
+    assert revision(shaped) == "legacy" and alembic_runner.part_done(shaped) is None
+    assert snapshot.take(shaped) == before
+    assert links(shaped, "data_imports") == {imp: m}  # still the master's id, as before
+
+    alembic_runner.upgrade(shaped, "fix_master_flow_fk")
+    assert links(shaped, "data_imports") == {imp: flow}
+
+
+def test_an_enforce_that_died_after_adding_its_check_is_named_and_taken_back(shaped: Settings) -> None:
+    """The session of `upgrade head` lost between adding the NOT NULL CHECK and dropping
+    it: the CHECK refuses new discovery flows without a master while the revision says
+    fix_master_flow_fk. status names it; `flowfix downgrade fix_master_flow_fk` removes it."""
+    from typer.testing import CliRunner
+
+    from flowfix import alembic_runner
+    from flowfix.catalog import ENFORCE_CHECK
+    from flowfix.cli import app
+    from tests import snapshot
+    from tests.helpers import cli_env
+
+    upgrade(shaped, "fix_master_flow_fk")
+    before = snapshot.take(shaped)
+    sql(
+        shaped,
+        f"ALTER TABLE discovery_flows ADD CONSTRAINT {ENFORCE_CHECK} CHECK (master_flow_id IS NOT NULL) NOT VALID",
+    )
+    status = CliRunner().invoke(app, ["status"], env=cli_env(shaped))
+    assert f"PART-DONE revision enforce_master_flow_not_null is part-done (added {ENFORCE_CHECK}" in status.output
+    down = CliRunner().invoke(app, ["downgrade", "fix_master_flow_fk"], env=cli_env(shaped))
+    assert down.exit_code == 0, down.output
+    assert revision(shaped) == "fix_master_flow_fk" and alembic_runner.part_done(shaped) is None
+    assert snapshot.take(shaped) == before

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from flowfix import backfill as bf
 from flowfix.backfill import steps
 from flowfix.config import Settings
-from flowfix.db import make_engine
+from flowfix.db import make_engine, run_with_engine
 from flowfix.errors import RunInterrupted
 from tests.conftest import upgrade
 from tests.helpers import add_master, add_record, insert, links, position_column, sql
@@ -80,14 +80,7 @@ def record_ledger(s: Settings) -> list[uuid.UUID]:
 
 
 def run(s: Settings, reporter: Any = None, **options: Any) -> bf.Result:
-    async def go() -> bf.Result:
-        engine = make_engine(s)
-        try:
-            return await bf.run(engine, s, bf.Options(**{"batch_size": 500, **options}), reporter)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
+    return run_with_engine(s, lambda engine: bf.run(engine, s, bf.Options(**{"batch_size": 500, **options}), reporter))
 
 
 def in_another_thread(fn: Any, *args: Any) -> None:

@@ -5,7 +5,7 @@ where the shape cannot be handled."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -15,7 +15,7 @@ from flowfix import catalog
 from flowfix.config import Settings
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 from tests import snapshot
-from tests.conftest import downgrade, shape_settings, upgrade
+from tests.conftest import downgrade, upgrade
 from tests.helpers import (
     add_discovery_flow,
     add_import,
@@ -26,7 +26,6 @@ from tests.helpers import (
     sql,
     with_catalog,
 )
-from tests.shapes import SHAPES, Shape
 
 C, E = uuid.uuid4(), uuid.uuid4()
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -60,21 +59,6 @@ EXPECTED_AFTER_UPGRADE: dict[str, dict[str, set[tuple[str, str]]]] = {
 }
 EXPECTED_AFTER_UPGRADE["violated"] = EXPECTED_AFTER_UPGRADE["deployed"]
 EXPECTED_AFTER_UPGRADE["partitioned"] = EXPECTED_AFTER_UPGRADE["deployed"]
-
-
-@pytest.fixture
-def make_shape(pg_server: str, shape_template: Callable[[Shape, bool], str]) -> Iterator[Callable[..., Settings]]:
-    """``make_shape(name, adopted=True)``: a fresh database of that shape."""
-    clones: list[Iterator[Settings]] = []
-
-    def make(name: str, adopted: bool = True) -> Settings:
-        gen = shape_settings(pg_server, shape_template, SHAPES[name], adopted)
-        clones.append(gen)
-        return next(gen)
-
-    yield make
-    for gen in clones:
-        gen.close()
 
 
 def target_of(s: Settings, table: str) -> str | None:

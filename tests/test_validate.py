@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import uuid
 from xml.etree import ElementTree as ET
 
 import pytest
-from sqlalchemy.pool import NullPool
 from typer.testing import CliRunner
 
 from flowfix import catalog
 from flowfix import validate as v
 from flowfix.cli import app
 from flowfix.config import Settings, normalize_url
-from flowfix.db import make_engine
+from flowfix.db import run_with_engine
 from tests.conftest import upgrade
 from tests.helpers import (
     add_discovery_flow,
@@ -42,14 +40,7 @@ def settings(shaped: Settings) -> Settings:
 
 
 def run_validate(s: Settings, **options: object) -> v.Report:
-    async def go() -> v.Report:
-        engine = make_engine(s, poolclass=NullPool)
-        try:
-            return await v.validate(engine, s, v.Options(**options))  # type: ignore[arg-type]
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
+    return run_with_engine(s, lambda engine: v.validate(engine, s, v.Options(**options)))  # type: ignore[arg-type]
 
 
 def linked_flow(s: Settings, client: uuid.UUID = A_C, engagement: uuid.UUID = A_E, records: int = 2) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from flowfix import catalog
 from flowfix import revision_helpers as helpers
 
 revision: str = "enforce_master_flow_not_null"
@@ -26,7 +27,7 @@ down_revision: str | Sequence[str] | None = "fix_master_flow_fk"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-CHECK = "ck_discovery_flows_master_flow_id_not_null"
+CHECK = catalog.ENFORCE_CHECK
 
 PRECONDITION = """DO $precondition$
 DECLARE orphans bigint;
@@ -77,3 +78,6 @@ def downgrade() -> None:
     helpers.note("discovery_flows.master_flow_id back to nullable (instant)")
     helpers.lint_ignore("ban-drop-not-null", "downgrade: back to the nullable column of fix_master_flow_fk")
     helpers.execute("ALTER TABLE discovery_flows ALTER COLUMN master_flow_id DROP NOT NULL")
+    # a part-done upgrade (its session lost between adding and dropping the CHECK) leaves it
+    helpers.lint_ignore("ban-drop-constraint", "downgrade: the CHECK of a part-done upgrade, if any")
+    helpers.execute(f"ALTER TABLE discovery_flows DROP CONSTRAINT IF EXISTS {CHECK}")

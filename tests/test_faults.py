@@ -1,0 +1,216 @@
+"""The fault suite (issue 11): each writing command killed with SIGKILL at several points,
+then run again, ends exactly where one uninterrupted run ends (every row of the four
+tables and the catalog compared with a twin database that ran without interruption);
+and a role with idle_in_transaction_session_timeout runs the whole runbook."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flowfix.cli import Exit, app
+from flowfix.config import Settings
+from flowfix.db import admin
+from tests import snapshot
+from tests.conftest import upgrade
+from tests.helpers import add_discovery_flow, add_master, add_record, cli_env, insert, sql
+from tests.test_shapes import target_of
+
+ROOT = Path(__file__).resolve().parent.parent
+C, E = uuid.uuid4(), uuid.uuid4()
+T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
+runner = CliRunner()
+
+
+def dataset(s: Settings, n: int = 12) -> None:
+    """Imports linked by the master's id (the legacy FK), orphans to backfill by time, a
+    discovery flow without master: something for every step of every command."""
+    by_id = target_of(s, "data_imports") == "id"
+    for k in range(n):
+        master_id, flow = add_master(s, client=C, engagement=E, created_at=T0 + timedelta(hours=k))
+        imp = uuid.uuid4()
+        link = None if k % 4 else (master_id if by_id else flow)
+        insert(
+            s,
+            "data_imports",
+            {
+                "id": imp,
+                "master_flow_id": link,
+                "client_account_id": C,
+                "engagement_id": E,
+                "created_at": T0 + timedelta(hours=k, minutes=1),
+            },
+        )
+        for r in range(3):
+            add_record(s, data_import=imp, master=None, row=r)
+        add_discovery_flow(s, flow_id=flow, master=flow if k % 3 else None, client=C, engagement=E)
+
+
+@pytest.fixture
+def twins(shaped: Settings, pg_server: str) -> Iterator[Callable[[], tuple[Settings, Settings]]]:
+    """``make()``: the database as it is now, and a twin copy of it."""
+    made: list[str] = []
+
+    def make() -> tuple[Settings, Settings]:
+        name = "twin_" + uuid.uuid4().hex[:8]
+        asyncio.run(admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {shaped.require_url().database}"))
+        made.append(name)
+        return shaped, dataclasses.replace(shaped, url=shaped.require_url().set(database=name))
+
+    yield make
+    for name in made:
+        asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def kill_when(s: Settings, args: list[str], marker: str) -> None:
+    """Run ``flowfix *args`` and SIGKILL it as soon as a line of its log contains ``marker``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowfix", *args],
+        env={**os.environ, **cli_env(s)},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 60
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(marker in line for line in seen), "".join(seen)
+
+
+def slow(s: Settings, table: str, seconds: float = 0.05) -> None:
+    sql(
+        s,
+        "CREATE OR REPLACE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
+        f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$",
+    )
+    sql(s, f"CREATE TRIGGER slow BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION slow()")
+
+
+def unslow(s: Settings, table: str) -> None:
+    sql(s, f"DROP TRIGGER slow ON {table}")
+    sql(s, "DROP FUNCTION slow()")
+
+
+def same(a: snapshot.Snapshot, b: snapshot.Snapshot) -> None:
+    """Equal snapshots; otherwise a message naming what differs, table by table."""
+    for field in dataclasses.fields(a):
+        left, right = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(left, dict):
+            for key in sorted(set(left) | set(right)):
+                only_a = sorted(set(map(str, left.get(key, []))) - set(map(str, right.get(key, []))))
+                only_b = sorted(set(map(str, right.get(key, []))) - set(map(str, left.get(key, []))))
+                assert not only_a and not only_b, f"{field.name} {key}: rerun only {only_a[:3]}; twin only {only_b[:3]}"
+        assert left == right, field.name
+
+
+def ok(s: Settings, *args: str) -> None:
+    result = runner.invoke(app, list(args), env=cli_env(s))
+    assert result.exit_code in (Exit.OK, Exit.PROBLEMS), result.output
+
+
+@pytest.mark.parametrize(
+    "marker",
+    ["step 3: raw_import_records", "step 4: data_imports", "step 5: raw_import_records", "step 6: discovery_flows"],
+)
+def test_upgrade_fix_master_flow_fk_killed_then_rerun_ends_as_one_run(twins, marker: str) -> None:  # type: ignore[no-untyped-def]
+    s, twin = twins()
+    dataset(s)
+    s, twin = twins()
+    kill_when(s, ["upgrade", "fix_master_flow_fk"], marker)
+    ok(s, "upgrade", "fix_master_flow_fk")
+    ok(twin, "upgrade", "fix_master_flow_fk")
+    same(snapshot.take(s), snapshot.take(twin))
+
+
+@pytest.mark.parametrize("marker", ["drop the FK this revision added", "translate values back", "re-add the FKs"])
+def test_downgrade_killed_then_rerun_ends_as_one_run(twins, marker: str) -> None:  # type: ignore[no-untyped-def]
+    s, _ = twins()
+    dataset(s)
+    upgrade(s, "fix_master_flow_fk")
+    s, twin = twins()
+    kill_when(s, ["downgrade", "legacy"], marker)
+    ok(s, "downgrade", "legacy")
+    ok(twin, "downgrade", "legacy")
+    same(snapshot.take(s), snapshot.take(twin))
+
+
+@pytest.mark.parametrize("marker", ["step 1:", "step 2:", "step 3:"])
+def test_upgrade_head_killed_then_rerun_ends_as_one_run(twins, marker: str) -> None:  # type: ignore[no-untyped-def]
+    s, _ = twins()
+    dataset(s)
+    upgrade(s, "fix_master_flow_fk")
+    ok(s, "backfill", "--create-missing-masters")
+    s, twin = twins()
+    kill_when(s, ["upgrade", "head"], marker)
+    ok(s, "upgrade", "head")
+    ok(twin, "upgrade", "head")
+    same(snapshot.take(s), snapshot.take(twin))
+
+
+def test_undo_killed_part_way_then_rerun_ends_as_one_undo(twins) -> None:  # type: ignore[no-untyped-def]
+    s, _ = twins()
+    dataset(s, n=20)
+    upgrade(s, "fix_master_flow_fk")
+    ok(s, "backfill", "--create-missing-masters")
+    (run,) = sql(s, "SELECT id::text FROM flowfix_runs")
+    s, twin = twins()
+    slow(s, "data_imports", 0.1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowfix", "undo", run["id"]],
+        env={**os.environ, **cli_env(s)},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        undone = sql(s, "SELECT count(*) AS n FROM flowfix_changes WHERE undone_at IS NOT NULL")[0]["n"]
+        if undone:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert undone, "the undo never got going"
+    unslow(s, "data_imports")
+    ok(s, "undo", run["id"])
+    ok(twin, "undo", run["id"])
+    same(snapshot.take(s), snapshot.take(twin))
+    statuses = sql(s, "SELECT command, status FROM flowfix_runs ORDER BY started_at")
+    assert [(r["command"], r["status"]) for r in statuses] == [("backfill", "undone"), ("undo", "finished")]
+
+
+def test_the_runbook_runs_under_a_role_with_idle_in_transaction_session_timeout(shaped: Settings) -> None:
+    """flowfix never leaves a transaction idle while it thinks: a role (or database) with
+    a short idle_in_transaction_session_timeout runs every writing command to the end."""
+    dataset(shaped)
+    db = shaped.require_url().database
+    sql(shaped, f"ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '300ms'")
+    try:
+        ok(shaped, "upgrade", "fix_master_flow_fk")
+        ok(shaped, "backfill", "--create-missing-masters")
+        (run,) = sql(shaped, "SELECT id::text FROM flowfix_runs")
+        ok(shaped, "undo", run["id"])
+        ok(shaped, "backfill", "--create-missing-masters")
+        ok(shaped, "validate")
+        ok(shaped, "upgrade", "head")
+    finally:
+        sql(shaped, f"ALTER DATABASE {db} RESET idle_in_transaction_session_timeout")
