@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.util import CommandError
 
-from flowfix.catalog import PartDone
+from flowfix.catalog import IndexFacts, PartDone
 from flowfix.config import Settings
 from flowfix.errors import ConfigError, MigrationError
 
@@ -101,6 +101,21 @@ def current_revision(settings: Settings) -> str | None:
     return run_with_engine(settings, read)
 
 
+def _index_facts(settings: Settings) -> IndexFacts | None:
+    """What decides fix_master_flow_fk's indexes on this database (for ``--sql``); None
+    for a database flowfix has not adopted yet (its tables may not even exist)."""
+    from flowfix import catalog
+    from flowfix.db import run_with_engine
+
+    async def read(engine: Any) -> IndexFacts | None:
+        async with engine.connect() as conn:
+            if await conn.run_sync(catalog.readable_revision) is None:
+                return None
+            return await conn.run_sync(catalog.index_facts)  # type: ignore[no-any-return]
+
+    return run_with_engine(settings, read)
+
+
 def part_done(settings: Settings) -> PartDone | None:
     """A revision that stopped part-way (:func:`flowfix.catalog.part_done`)."""
     from flowfix import catalog
@@ -118,6 +133,8 @@ def _run(settings: Settings, fn: Any, *args: object, sql: bool = False, **kwargs
     database is now when revisions before the refused one were applied (one transaction
     per revision: those stay, and "this revision changed nothing" is about the last one)."""
     check_revision(str(args[1]), sql=sql)
+    if sql and settings.url is not None:
+        args[0].attributes["index_facts"] = _index_facts(settings)  # type: ignore[attr-defined]
     before = None if sql else current_revision(settings)
     try:
         fn(*args, sql=sql, **kwargs)

@@ -331,3 +331,35 @@ def part_done(conn: SyncExecutor) -> PartDone | None:
         if present:
             return PartDone("enforce_master_flow_not_null", revision, [f"added {ENFORCE_CHECK} on discovery_flows"])
     return None
+
+
+#: The unique constraint fix_master_flow_fk adds on the master's flow_id when no other
+#: unique index serves (shape H's own constraint has this very name).
+UNIQUE_FLOW_ID = "uq_crewai_flow_state_extensions_flow_id"
+
+
+@dataclass(frozen=True)
+class IndexFacts:
+    """What decides which indexes fix_master_flow_fk builds. Read online by the revision
+    itself; for ``--sql`` with a database at hand, read beforehand, so that the printed
+    SQL builds exactly what the online upgrade of that database would build."""
+
+    #: a valid unique index on the master's flow_id that flowfix did not build (any name,
+    #: shape H's constraint has flowfix's own): nothing to build then
+    other_unique_flow_id: str | None
+    indexed: tuple[str, ...]  # child tables whose master_flow_id already has a usable index
+
+
+def index_facts(conn: SyncExecutor) -> IndexFacts:
+    from flowfix.models import CHILD_TABLES, MASTER_TABLE
+
+    ours: set[str] = set()
+    if conn.execute(text("SELECT to_regclass('flowfix_schema_changes') IS NOT NULL")).scalar_one():
+        ours = set(conn.execute(text("SELECT object_name FROM flowfix_schema_changes")).scalars())
+    others = [
+        ix.name
+        for ix in indexes(conn, MASTER_TABLE, "flow_id")
+        if ix.name not in ours and ix.is_unique and ix.is_valid and not ix.is_partial and ix.key_columns == 1
+    ]
+    indexed = tuple(t for t in CHILD_TABLES if has_usable_index(conn, t, "master_flow_id"))
+    return IndexFacts(others[0] if others else None, indexed)

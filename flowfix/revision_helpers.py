@@ -14,6 +14,7 @@ import time
 from alembic import op
 from sqlalchemy import Connection, text
 
+from flowfix.catalog import IndexFacts
 from flowfix.config import Settings
 from flowfix.errors import MigrationError, is_lock_timeout, sqlstate, translate
 
@@ -31,6 +32,21 @@ def settings() -> Settings:
     if not isinstance(found, Settings):
         raise MigrationError("flowfix: revisions must run through flowfix's alembic/env.py")
     return found
+
+
+def offline_facts() -> IndexFacts | None:
+    """For ``--sql``: the index facts of the database given, read before the run (None
+    when there was none: the SQL is then generic, and says so)."""
+    from alembic import context
+
+    found = context.config.attributes.get("index_facts")
+    if found is None and not context.config.attributes.get("said_generic"):
+        context.config.attributes["said_generic"] = True
+        op.get_context().impl.static_output(
+            "-- generic SQL (no DATABASE_URL): it builds every index; with DATABASE_URL set, --sql prints"
+            " exactly what the online upgrade of that database builds"
+        )
+    return found if isinstance(found, IndexFacts) else None
 
 
 def sql_literal(value: str) -> str:

@@ -22,11 +22,11 @@ from tests.helpers import add_import, add_master, links, revision, sql
 C, E = uuid.uuid4(), uuid.uuid4()
 
 
-def _hold_lock(database_url: str, table: str, seconds: float, started: threading.Event) -> None:
+def _hold_lock(database_url: str, table: str, seconds: float, started: threading.Event, schema: str = "public") -> None:
     """Another session keeps a lock on ``table`` (as a long application transaction would)."""
 
     async def run() -> None:
-        conn = await asyncpg.connect(database_url)
+        conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
         try:
             async with conn.transaction():
                 await conn.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
@@ -138,21 +138,7 @@ def _hold_lock_in(s: Settings, table: str, seconds: float) -> threading.Thread:
     from tests.helpers import plain_url
 
     started = threading.Event()
-
-    def run() -> None:
-        async def go() -> None:
-            conn = await asyncpg.connect(plain_url(s), server_settings={"search_path": s.schema})
-            try:
-                async with conn.transaction():
-                    await conn.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
-                    started.set()
-                    await asyncio.sleep(seconds)
-            finally:
-                await conn.close()
-
-        asyncio.run(go())
-
-    holder = threading.Thread(target=run)
+    holder = threading.Thread(target=_hold_lock, args=(plain_url(s), table, seconds, started, s.schema))
     holder.start()
     started.wait(10)
     return holder
@@ -227,3 +213,33 @@ def test_an_enforce_that_died_after_adding_its_check_is_named_and_taken_back(sha
     assert down.exit_code == 0, down.output
     assert revision(shaped) == "fix_master_flow_fk" and alembic_runner.part_done(shaped) is None
     assert snapshot.take(shaped) == before
+
+
+def test_the_sql_printed_for_a_database_builds_the_indexes_its_online_upgrade_builds(shaped: Settings) -> None:
+    """`flowfix upgrade --sql` with DATABASE_URL set reads the catalog first: the indexes
+    its SQL creates are exactly those the online upgrade of that database creates (on
+    shape D the unique index on flow_id exists under another name; on H the constraint)."""
+    from typer.testing import CliRunner
+
+    from flowfix.cli import app
+    from tests import snapshot
+    from tests.helpers import cli_env
+
+    printed = CliRunner().invoke(app, ["upgrade", "legacy:fix_master_flow_fk", "--sql"], env=cli_env(shaped))
+    assert printed.exit_code == 0, printed.output
+    would_build = set(re.findall(r"CREATE (?:UNIQUE )?INDEX CONCURRENTLY IF NOT EXISTS (\w+)", printed.output))
+    assert "generic SQL" not in printed.output
+    before = {ix["indexname"] for ix in snapshot.take(shaped, rows=False).indexes}
+    upgrade(shaped, "fix_master_flow_fk")
+    built = {ix["indexname"] for ix in snapshot.take(shaped, rows=False).indexes} - before
+    assert would_build == built
+
+
+def test_the_sql_printed_without_a_database_says_it_is_generic() -> None:
+    from typer.testing import CliRunner
+
+    from flowfix.cli import app
+
+    printed = CliRunner().invoke(app, ["upgrade", "legacy:fix_master_flow_fk", "--sql"], env={"DATABASE_URL": ""})
+    assert printed.exit_code == 0, printed.output
+    assert printed.output.count("-- generic SQL (no DATABASE_URL)") == 1

@@ -44,7 +44,7 @@ down_revision: str | Sequence[str] | None = "legacy"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-UNIQUE_FLOW_ID = "uq_crewai_flow_state_extensions_flow_id"
+UNIQUE_FLOW_ID = catalog.UNIQUE_FLOW_ID
 TENANT_CREATED = "ix_crewai_flow_state_extensions_tenant_created"
 #: PostgreSQL adds a NOT VALID FK to a partitioned table from version 18 on.
 PARTITIONED_NOT_VALID_FK = 180000
@@ -402,16 +402,21 @@ def _invalid_index(name: str) -> bool:
     )
 
 
-def _ensure_unique_flow_id() -> None:
+def _index_facts() -> catalog.IndexFacts | None:
+    """Online: read now. ``--sql``: read beforehand from the database, if one was given
+    (None: the SQL builds every index, for any database)."""
     if not helpers.offline():
-        others = [
-            ix
-            for ix in catalog.indexes(helpers.bind(), MASTER_TABLE, "flow_id")
-            if ix.name != UNIQUE_FLOW_ID and ix.is_unique and ix.is_valid and not ix.is_partial and ix.key_columns == 1
-        ]
-        if others:
-            helpers.note(f"step 2: {MASTER_TABLE}.flow_id already has unique index {others[0].name}; nothing to build")
-            return
+        return catalog.index_facts(helpers.bind())
+    return helpers.offline_facts()
+
+
+def _ensure_unique_flow_id() -> None:
+    facts = _index_facts()
+    if facts is not None and facts.other_unique_flow_id:
+        helpers.note(
+            f"step 2: {MASTER_TABLE}.flow_id already has unique index {facts.other_unique_flow_id}; nothing to build"
+        )
+        return
     helpers.note(f"step 2: unique index {UNIQUE_FLOW_ID} on {MASTER_TABLE}(flow_id)")
     _build_index(
         MASTER_TABLE,
@@ -431,7 +436,9 @@ END $attach$""")
 
 
 def _ensure_master_flow_id_index(table: str) -> None:
-    if not helpers.offline() and catalog.has_usable_index(helpers.bind(), table, "master_flow_id"):
+    facts = _index_facts()
+    if facts is not None and table in facts.indexed:
+        helpers.note(f"step 5: {table}.master_flow_id already has an index; nothing to build")
         return
     _build_index(
         table,
