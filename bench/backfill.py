@@ -138,8 +138,11 @@ def main() -> None:
                     f"/record  whole run {wall / (n * 50) * 1e6:5.1f} us/record  longest txn"
                     f" {res.counts.longest_batch_ms:,.0f} ms"
                 )
-            spread = max(costs) / min(costs) - 1
-            print(f"  records step: max/min - 1 = {spread:.0%} (target: within 20% either side of the mean)")
+            mean = sum(costs) / len(costs)
+            print(
+                f"  records step: from {min(costs) / mean - 1:+.0%} to {max(costs) / mean - 1:+.0%} of the mean"
+                f" {mean:.1f} us/record (target: within +-20%); max/min {max(costs) / min(costs):.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -98,11 +98,11 @@ def run_plan(url: str) -> None:
 
 
 class Reader(threading.Thread):
-    """A long report: one transaction holding ACCESS SHARE on data_imports."""
+    """A long report: one transaction holding ACCESS SHARE on ``table``."""
 
-    def __init__(self, url: str, seconds: float) -> None:
+    def __init__(self, url: str, seconds: float, table: str = "data_imports") -> None:
         super().__init__(daemon=True)
-        self.url, self.seconds = url, seconds
+        self.url, self.seconds, self.table = url, seconds, table
         self.started = threading.Event()
 
     def run(self) -> None:
@@ -110,7 +110,7 @@ class Reader(threading.Thread):
             conn = await connect(self.url)
             try:
                 async with conn.transaction():
-                    await conn.fetchval("SELECT count(*) FROM data_imports")
+                    await conn.fetchval(f"SELECT count(*) FROM {self.table}")
                     self.started.set()
                     await asyncio.sleep(self.seconds)
             finally:
@@ -120,13 +120,15 @@ class Reader(threading.Thread):
         asyncio.run(go())
 
 
-def measure(url: str, migrate, reader_seconds: float = 0.0) -> tuple[float, Latencies, int]:  # type: ignore[no-untyped-def]
+def measure(
+    url: str, migrate, reader_seconds: float = 0.0, reader_table: str = "data_imports"
+) -> tuple[float, Latencies, int]:  # type: ignore[no-untyped-def]
     writer = Writer(url)
     writer.start()
     writer.ready.wait(30)
     time.sleep(0.3)  # a baseline of normal latencies
     if reader_seconds:
-        reader = Reader(url, reader_seconds)
+        reader = Reader(url, reader_seconds, reader_table)
         reader.start()
         reader.started.wait(30)
     t0 = time.perf_counter()
@@ -151,33 +153,43 @@ def main() -> None:
         default=8.0,
         help="how long the report transaction of the 'reader' scenario stays open",
     )
+    parser.add_argument(
+        "--reader-tables",
+        nargs="+",
+        default=["data_imports"],
+        choices=["data_imports", "raw_import_records", "discovery_flows"],
+        help="the child tables the 'reader' scenario's report holds open, one run each",
+    )
     args = parser.parse_args()
     common.use_shape(os.environ.get("FLOWFIX_BENCH_SHAPE", "deployed"))
     print(
         "migration_locks: writer latency while the FKs are repointed (lower is better);"
         f" flowfix lock_timeout {settings_for('postgresql://x/y').lock_timeout}"
     )
-    print(f"{'records':>10} {'scenario':<8} {'variant':<8} {'wall':>9} {'longest stall':>14} {'p99':>9} {'txns':>6}")
+    print(f"{'records':>10} {'scenario':<28} {'variant':<8} {'wall':>9} {'longest stall':>14} {'p99':>9} {'txns':>6}")
     with server() as srv:
         for imports in args.imports:
             template = fresh_database(srv, "bench_legacy")
             build_legacy_dataset(template, imports=imports)
-            for scenario, reader in (("quiet", 0.0), ("reader", args.reader_seconds)):
+            scenarios = [("quiet", 0.0, "")] + [
+                (f"reader on {table}", args.reader_seconds, table) for table in args.reader_tables
+            ]
+            for scenario, reader, table in scenarios:
                 rows = {}
                 for variant, fn in (
                     ("flowfix", lambda u: alembic_runner.upgrade(settings_for(u), "fix_master_flow_fk")),
                     ("plan", run_plan),
                 ):
                     url = fresh_database(srv, f"bench_{variant}", template="bench_legacy")
-                    wall, lat, n = measure(url, fn, reader)
+                    wall, lat, n = measure(url, fn, reader, table or "data_imports")
                     rows[variant] = (wall, lat)
                     print(
-                        f"{imports * 50:>10,} {scenario:<8} {variant:<8} {wall:>8.2f}s {ms(lat.longest):>14}"
+                        f"{imports * 50:>10,} {scenario:<28} {variant:<8} {wall:>8.2f}s {ms(lat.longest):>14}"
                         f" {ms(lat.p99):>9} {n:>6,}"
                     )
                 (fw, fl), (pw, pl) = rows["flowfix"], rows["plan"]
                 print(
-                    f"{'':>10} {scenario:<8} {'plan/flowfix':<12} longest stall x{pl.longest / fl.longest:.1f},"
+                    f"{'':>10} {scenario:<28} {'plan/flowfix':<12} longest stall x{pl.longest / fl.longest:.1f},"
                     f" p99 x{pl.p99 / fl.p99:.1f}, wall x{pw / fw:.2f}"
                 )
 
