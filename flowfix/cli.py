@@ -470,7 +470,9 @@ def link(
 
     async def work(engine):  # type: ignore[no-untyped-def]
         async with make_sessionmaker(engine)() as session:
-            return await linking.link_with_ledger(session, data_import_id=import_id, flow_id=flow_id, force=force)
+            return await linking.link_with_ledger(
+                session, data_import_id=import_id, flow_id=flow_id, force=force, lock_retries=settings.lock_retries
+            )
 
     run_id, result = run_async(settings, work)
     if run_id is None:

@@ -13,16 +13,18 @@ so a refusal leaves the caller's transaction usable) and the caller commits.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowfix import catalog, ledger
-from flowfix.errors import FlowfixError
+from flowfix.errors import FlowfixError, is_lock_timeout, lock_backoff
 from flowfix.evidence import Evidence
 from flowfix.ledger import Change
 from flowfix.models import MASTER_TABLE
@@ -278,11 +280,31 @@ async def link_import(
 
 
 async def link_with_ledger(
-    session: AsyncSession, *, data_import_id: uuid.UUID, flow_id: uuid.UUID, force: bool = False
+    session: AsyncSession,
+    *,
+    data_import_id: uuid.UUID,
+    flow_id: uuid.UUID,
+    force: bool = False,
+    lock_retries: int = 5,
 ) -> tuple[uuid.UUID | None, LinkResult]:
     """``flowfix link``: take the run lock, link, and record a ledger run that
     ``flowfix undo`` can revert, all in one transaction. No run is recorded when nothing
-    changed (the import was already linked to this flow)."""
+    changed (the import was already linked to this flow). Behind an application's row
+    lock the transaction gives up after lock_timeout, holding nothing, and is retried
+    with jittered backoff up to ``lock_retries`` times."""
+    for attempt in range(lock_retries + 1):
+        try:
+            return await _link_with_ledger(session, data_import_id, flow_id, force)
+        except DBAPIError as exc:
+            if not is_lock_timeout(exc) or attempt == lock_retries:
+                raise
+            await asyncio.sleep(lock_backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+async def _link_with_ledger(
+    session: AsyncSession, data_import_id: uuid.UUID, flow_id: uuid.UUID, force: bool
+) -> tuple[uuid.UUID | None, LinkResult]:
     async with session.begin():
         await ledger.require_ledger(session)
         await session.run_sync(catalog.require_full_visibility, "flowfix link")

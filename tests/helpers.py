@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -225,3 +226,37 @@ def plain_url(settings: Settings) -> str:
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment a flowfix command needs to reach this test database and schema."""
     return {"DATABASE_URL": plain_url(settings), "FLOWFIX_SCHEMA": settings.schema, **extra}
+
+
+def hold_row_lock(settings: Settings, table: str, row_id: uuid.UUID, seconds: float) -> Any:
+    """Another session locks one row (as an application transaction would) for up to
+    ``seconds``; returns ``release()``, which ends it early and waits for the session."""
+    import threading
+
+    import asyncpg
+
+    locked, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(plain_url(settings), server_settings={"search_path": settings.schema})
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE", row_id)
+                locked.set()
+                for _ in range(int(seconds * 20)):
+                    if done.is_set():
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            locked.set()
+            await conn.close()
+
+    holder = threading.Thread(target=lambda: asyncio.run(hold()))
+    holder.start()
+    locked.wait(10)
+
+    def release() -> None:
+        done.set()
+        holder.join()
+
+    return release

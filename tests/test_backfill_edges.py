@@ -15,7 +15,17 @@ from flowfix.cli import Exit, app
 from flowfix.config import Settings
 from tests import snapshot
 from tests.conftest import downgrade, upgrade
-from tests.helpers import add_discovery_flow, add_import, add_master, add_record, cli_env, insert, links, sql
+from tests.helpers import (
+    add_discovery_flow,
+    add_import,
+    add_master,
+    add_record,
+    cli_env,
+    hold_row_lock,
+    insert,
+    links,
+    sql,
+)
 from tests.test_backfill import run
 from tests.test_validate import run_validate
 
@@ -316,45 +326,19 @@ def test_an_undo_that_gives_up_on_a_lock_is_finished_by_running_it_again(s: Sett
     """Undo runs in batches, each with lock_timeout: behind an application's row lock held
     past the retries it stops (exit 2, what it reverted stays reverted and marked); run
     again, it reverts the rest, and the end state is that of one undo."""
-    import threading
 
     flows = [master_at(s, n * 300) for n in range(4)]
     imports = [import_at(s, n * 300 + 1, records=2) for n in range(4)]
     before = snapshot.take(s)
     first = run(s)
     assert first.exit_code == 0
-    held, release = threading.Event(), threading.Event()
-
-    def application_holds_a_row() -> None:
-        async def go() -> None:
-            import asyncpg
-
-            from tests.helpers import plain_url
-
-            conn = await asyncpg.connect(plain_url(s), server_settings={"search_path": s.schema})
-            try:
-                async with conn.transaction():
-                    await conn.execute("SELECT 1 FROM data_imports WHERE id = $1 FOR UPDATE", imports[0])
-                    held.set()
-                    while not release.is_set():
-                        await asyncio.sleep(0.05)
-            finally:
-                await conn.close()
-
-        import asyncio
-
-        asyncio.run(go())
-
-    holder = threading.Thread(target=application_holds_a_row)
-    holder.start()
-    held.wait(10)
+    release = hold_row_lock(s, "data_imports", imports[0], 30)
     try:
         stopped = runner.invoke(
             app, ["undo", str(first.run_id)], env=cli_env(s, FLOWFIX_LOCK_TIMEOUT="200ms", FLOWFIX_LOCK_RETRIES="1")
         )
     finally:
-        release.set()
-        holder.join()
+        release()
     assert stopped.exit_code == Exit.USAGE
     assert "lock" in stopped.output
     # the records (undone first) went back; the locked import did not
@@ -365,3 +349,39 @@ def test_an_undo_that_gives_up_on_a_lock_is_finished_by_running_it_again(s: Sett
     assert snapshot.take(s) == before
     runs = sql(s, "SELECT command, status FROM flowfix_runs ORDER BY started_at")
     assert [(r["command"], r["status"]) for r in runs] == [("backfill", "undone"), ("undo", "finished")]
+
+
+def test_link_waits_out_an_application_row_lock_with_retries_or_says_it_gave_up(s: Settings) -> None:
+    """flowfix link's transaction has lock_timeout and retries with backoff like every
+    writing transaction: behind a short application lock it succeeds; behind one held
+    past its retries it exits 2 and changes nothing."""
+    import time
+
+    flow = master_at(s, 0)
+    imp = import_at(s, 1)
+    before = snapshot.take(s, flowfix_tables=True)
+    release = hold_row_lock(s, "data_imports", imp, 30)
+    try:
+        refused = runner.invoke(
+            app,
+            ["link", "--import", str(imp), "--flow", str(flow)],
+            env=cli_env(s, FLOWFIX_LOCK_TIMEOUT="200ms", FLOWFIX_LOCK_RETRIES="0"),
+        )
+    finally:
+        release()
+    assert refused.exit_code == Exit.USAGE and "gave up waiting for a lock" in refused.stderr, refused.output
+    assert snapshot.take(s, flowfix_tables=True) == before
+
+    release = hold_row_lock(s, "data_imports", imp, 1.0)
+    started = time.monotonic()
+    try:
+        linked = runner.invoke(
+            app,
+            ["link", "--import", str(imp), "--flow", str(flow)],
+            env=cli_env(s, FLOWFIX_LOCK_TIMEOUT="200ms", FLOWFIX_LOCK_RETRIES="8"),
+        )
+    finally:
+        release()
+    assert linked.exit_code == 0, linked.output
+    assert time.monotonic() - started >= 0.9  # it waited the lock out
+    assert links(s, "data_imports") == {imp: flow}

@@ -236,11 +236,13 @@ async def link_records(ctx: Context, engine: AsyncEngine, settings: Settings, to
         if ranges is None:
             ranges = await _plan_walk(ctx, walk)
             await ledger.start_walk(ctx.conn, ctx.run.id, ranges)
-        known = {leaf.name for leaf in await ctx.conn.run_sync(catalog.leaves, RECORDS)}
+        leaves = await ctx.conn.run_sync(catalog.leaves, RECORDS)
+    known = {leaf.name for leaf in leaves}
+    rows_per_page = max((leaf.rows_per_page for leaf in leaves), default=0.0)
     todo = [i for i, r in enumerate(ranges) if not r.get("done") and (r["walk"] == "key" or r["relation"] in known)]
     jobs = max(1, min(ctx.opts.jobs, len(todo)))
     ctx.counts.jobs = jobs
-    sizer = _records_sizer(ctx, ranges)
+    sizer = _records_sizer(ctx, ranges, rows_per_page)
     queue = list(todo)
 
     async def worker(conn: AsyncConnection) -> None:
@@ -284,12 +286,14 @@ async def _plan_walk(ctx: Context, walk: str) -> list[dict[str, Any]]:
     return ranges
 
 
-def _records_sizer(ctx: Context, ranges: list[dict[str, Any]]) -> BatchSizer:
-    """Pages per slice (or rows, by key): --batch-size rows at most; the first slice
-    small, so the first measurement comes early."""
+def _records_sizer(ctx: Context, ranges: list[dict[str, Any]], rows_per_page: float) -> BatchSizer:
+    """Pages per slice (or rows, by key): about --batch-size rows at most (pages from the
+    table's own rows per page, as the statistics have it; 20 when it has none); the first
+    slice small, so the first measurement comes early."""
     if ranges and ranges[0]["walk"] == "key":
         return BatchSizer(ctx.opts.batch_size, start=min(ctx.opts.batch_size, 1000))
-    return BatchSizer(max(1, ctx.opts.batch_size // 20), start=8)
+    per_page = rows_per_page if rows_per_page >= 1 else 20.0
+    return BatchSizer(max(1, int(ctx.opts.batch_size / per_page)), start=8)
 
 
 async def _walk_pages(ctx: Context, sizer: BatchSizer, index: int, part: dict[str, Any]) -> None:
