@@ -59,19 +59,29 @@ class BatchSizer:
         self.size = int(max(self.floor, min(bounded, self.ceiling)))
 
 
-async def transaction(conn: AsyncConnection, retries: int, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """Run ``work`` in one transaction. Every flowfix session has a lock_timeout
-    (:func:`flowfix.config.connect_args`): a transaction that gives up waiting for an
-    application's lock is rolled back and retried with jittered backoff."""
-    for attempt in range(retries + 1):
+async def retrying(retries: int, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Call ``attempt`` (one whole transaction) until it does not give up on a lock: every
+    flowfix session has a lock_timeout (:func:`flowfix.config.connect_args`), and a
+    transaction that hit it has been rolled back, holding nothing; the next try comes
+    after a jittered backoff, at most ``retries`` times."""
+    for number in range(retries + 1):
         try:
-            async with conn.begin():
-                return await work(conn)
+            return await attempt()
         except DBAPIError as exc:
-            if not is_lock_timeout(exc) or attempt == retries:
+            if not is_lock_timeout(exc) or number == retries:
                 raise
-            await asyncio.sleep(lock_backoff(attempt))
+            await asyncio.sleep(lock_backoff(number))
     raise AssertionError("unreachable")
+
+
+async def transaction(conn: AsyncConnection, retries: int, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run ``work`` in one transaction, retried after a lock timeout (:func:`retrying`)."""
+
+    async def attempt() -> T:
+        async with conn.begin():
+            return await work(conn)
+
+    return await retrying(retries, attempt)
 
 
 async def timed(

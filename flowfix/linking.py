@@ -13,18 +13,17 @@ so a refusal leaves the caller's transaction usable) and the caller commits.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flowfix import catalog, ledger
-from flowfix.errors import FlowfixError, is_lock_timeout, lock_backoff
+from flowfix.batches import retrying
+from flowfix.errors import FlowfixError
 from flowfix.evidence import Evidence
 from flowfix.ledger import Change
 from flowfix.models import MASTER_TABLE
@@ -292,14 +291,7 @@ async def link_with_ledger(
     changed (the import was already linked to this flow). Behind an application's row
     lock the transaction gives up after lock_timeout, holding nothing, and is retried
     with jittered backoff up to ``lock_retries`` times."""
-    for attempt in range(lock_retries + 1):
-        try:
-            return await _link_with_ledger(session, data_import_id, flow_id, force)
-        except DBAPIError as exc:
-            if not is_lock_timeout(exc) or attempt == lock_retries:
-                raise
-            await asyncio.sleep(lock_backoff(attempt))
-    raise AssertionError("unreachable")
+    return await retrying(lock_retries, lambda: _link_with_ledger(session, data_import_id, flow_id, force))
 
 
 async def _link_with_ledger(
