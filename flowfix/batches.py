@@ -41,11 +41,9 @@ class BatchSizer:
         self.floor = max(1, min(floor, self.ceiling))
         self.size = max(self.floor, min(start or self.ceiling, self.ceiling))
         self.cost: float | None = None  # seconds per unit, smoothed
-        self.batches = 0
         self.longest = 0.0
 
     def done(self, seconds: float, units: int) -> None:
-        self.batches += 1
         self.longest = max(self.longest, seconds)
         if units <= 0:
             return

@@ -50,6 +50,9 @@ class RunLocked(FlowfixError):
     """Another flowfix run holds the lock."""
 
 
+RUN_LOCKED = "another flowfix run (backfill, link or undo) is in progress on this database; try again later"
+
+
 class UnknownRun(FlowfixError):
     """No run with that id."""
 
@@ -117,7 +120,7 @@ async def run_lock(conn: AsyncConnection) -> AsyncIterator[None]:
     got = (await conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": ADVISORY_LOCK_KEY})).scalar_one()
     await conn.commit()
     if not got:
-        raise RunLocked("another flowfix run (backfill, link or undo) is in progress on this database; try again later")
+        raise RunLocked(RUN_LOCKED)
     try:
         yield
     finally:
@@ -134,7 +137,7 @@ async def try_lock(conn: Executor) -> None:
         await conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:k))"), {"k": ADVISORY_LOCK_KEY})
     ).scalar_one()
     if not got:
-        raise RunLocked("another flowfix run (backfill, link or undo) is in progress on this database; try again later")
+        raise RunLocked(RUN_LOCKED)
 
 
 async def start_run(conn: Executor, command: str, arguments: dict[str, Any]) -> uuid.UUID:

@@ -229,14 +229,15 @@ async def link_imports(ctx: Context, total: int) -> None:
 async def link_records(ctx: Context, engine: AsyncEngine, settings: Settings, total: int) -> None:
     """Step 3: the records walk (on ``jobs`` connections), then the closing pass."""
     ctx.reporter.start(RECORDS, total)
-    walk = await _choose_walk(ctx)
-    ctx.counts.records_walk = walk
     async with ctx.conn.begin():
-        ranges = await ledger.walk_progress(ctx.conn, ctx.run.id)
-        if ranges is None:
-            ranges = await _plan_walk(ctx, walk)
-            await ledger.start_walk(ctx.conn, ctx.run.id, ranges)
         leaves = await ctx.conn.run_sync(catalog.leaves, RECORDS)
+        ranges = await ledger.walk_progress(ctx.conn, ctx.run.id)
+        walk = ranges[0]["walk"] if ranges else ""
+        if ranges is None:  # a new walk (a resumed one keeps the ranges it stored)
+            walk = _choose_walk(ctx, await ctx.conn.run_sync(catalog.server_version))
+            ranges = _plan_walk(ctx, walk, leaves)
+            await ledger.start_walk(ctx.conn, ctx.run.id, ranges)
+    ctx.counts.records_walk = walk
     known = {leaf.name for leaf in leaves}
     rows_per_page = max((leaf.rows_per_page for leaf in leaves), default=0.0)
     todo = [i for i, r in enumerate(ranges) if not r.get("done") and (r["walk"] == "key" or r["relation"] in known)]
@@ -262,22 +263,20 @@ async def link_records(ctx: Context, engine: AsyncEngine, settings: Settings, to
     await link_records_left(ctx)
 
 
-async def _choose_walk(ctx: Context) -> str:
+def _choose_walk(ctx: Context, server_version: int) -> str:
     if ctx.opts.walk in ("ctid", "key"):
         return ctx.opts.walk
-    version = await ctx.conn.run_sync(catalog.server_version)
-    await ctx.conn.rollback()
-    return "ctid" if version >= TID_RANGE_SCAN_VERSION else "key"
+    return "ctid" if server_version >= TID_RANGE_SCAN_VERSION else "key"
 
 
-async def _plan_walk(ctx: Context, walk: str) -> list[dict[str, Any]]:
+def _plan_walk(ctx: Context, walk: str, leaves: list[catalog.Leaf]) -> list[dict[str, Any]]:
     """The ranges to walk: each leaf table's pages as they are now, cut into ``jobs``
     contiguous ranges (pages added later are the closing pass's); or, walking by key,
     one range over the whole table."""
     if walk == "key":
         return [{"walk": "key", "relation": RECORDS, "next": None}]
     ranges: list[dict[str, Any]] = []
-    for leaf in await ctx.conn.run_sync(catalog.leaves, RECORDS):
+    for leaf in leaves:
         parts = max(1, min(ctx.opts.jobs, leaf.pages))
         bounds = [leaf.pages * k // parts for k in range(parts + 1)]
         for start, end in itertools.pairwise(bounds):
@@ -320,10 +319,8 @@ async def _walk_keys(ctx: Context, sizer: BatchSizer, index: int, part: dict[str
 
         async def slice_(c: AsyncConnection, after: uuid.UUID | None = after, limit: int = limit) -> Any:
             last_id, changed = (await c.execute(text(LINK_RECORDS_BY_KEY), ctx.params(after=after, limit=limit))).one()
-            if last_id is None:
-                await ledger.advance_walk(c, ctx.run.id, index, part["next"], done=True)
-            else:
-                await ledger.advance_walk(c, ctx.run.id, index, str(last_id))
+            at = str(last_id) if last_id is not None else part["next"]
+            await ledger.advance_walk(c, ctx.run.id, index, at, done=last_id is None)
             return last_id, changed
 
         last_id, changed = await ctx.batch(sizer, slice_, limit)
@@ -332,6 +329,7 @@ async def _walk_keys(ctx: Context, sizer: BatchSizer, index: int, part: dict[str
         if last_id is None:
             return
         after = last_id
+        part["next"] = str(last_id)
 
 
 async def link_records_left(ctx: Context) -> None:
