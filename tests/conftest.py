@@ -11,8 +11,10 @@ TEMPLATE``, a few milliseconds), and dropped afterwards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,11 +28,21 @@ from sqlalchemy.pool import NullPool
 from flowfix import alembic_runner
 from flowfix.config import Settings, libpq_url, normalize_url
 from flowfix.db import admin, make_engine
+from tests import helpers
 from tests.shapes import RUNBOOK_SHAPES, SHAPES, Shape
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "flowfix_test_template"
 _counter = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each session gets its own base temp dir outside ``/tmp/pytest-of-<user>``: pytest
+    strips group/other permissions from that shared dir whenever a session starts, which
+    locks the embedded server's OS user out of the data directory of any other session
+    still running (two suites at once on one machine). xdist workers inherit the dir."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="flowfix-pytest-")
 
 
 def _docker_answers() -> bool:
@@ -78,10 +90,35 @@ def _clone(pg_server: str, template: str) -> Iterator[str]:
         asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
+@pytest.fixture(autouse=True)
+def _close_sql_connections() -> Iterator[None]:
+    """tests.helpers.sql keeps a connection per database for the test; close them after."""
+    yield
+    helpers.close_connections()
+
+
 @pytest.fixture
 def database_url(pg_server: str, template_db: str) -> Iterator[str]:
     """A fresh, empty database for this test (plain postgresql:// URL)."""
     yield from _clone(pg_server, template_db)
+
+
+@pytest.fixture
+def copy_database(pg_server: str) -> Iterator[Callable[[Settings], Settings]]:
+    """``copy(settings)``: a copy of that database as it is now (a twin for comparing an
+    interrupted run with an uninterrupted one), dropped after the test."""
+    made: list[str] = []
+
+    def copy(settings: Settings) -> Settings:
+        helpers.close_connections(settings)
+        name = f"flowfix_twin_{os.getpid()}_{next(_counter)}"
+        asyncio.run(admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {settings.require_url().database}"))
+        made.append(name)
+        return dataclasses.replace(settings, url=settings.require_url().set(database=name))
+
+    yield copy
+    for name in made:
+        asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def test_settings(url: str, schema: str = "public") -> Settings:

@@ -4,7 +4,6 @@ contention, tenants, reruns, undo, a killed run resumed, concurrent writes."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -22,7 +22,7 @@ from flowfix.cli import app
 from flowfix.config import Settings
 from flowfix.db import run_with_engine
 from tests.conftest import ROOT, upgrade
-from tests.helpers import add_discovery_flow, add_import, add_master, add_record, cli_env, links, plain_url, sql
+from tests.helpers import Gate, add_discovery_flow, add_import, add_master, add_record, cli_env, links, plain_url, sql
 from tests.test_validate import run_validate
 
 A = (uuid.uuid4(), uuid.uuid4())  # tenant A: client account, engagement
@@ -267,58 +267,40 @@ def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, tmp_pa
     assert real.exit_code == 1
 
 
-def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(s: Settings, pg_server: str) -> None:
+def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(
+    s: Settings, copy_database: Callable[[Settings], Settings]
+) -> None:
     """SIGKILL mid-run (batches of 2 rows), rerun, compare with a clean run on a copy."""
     for n in range(60):
         master(s, minutes=n * 30)
         orphan(s, minutes=n * 30 + (n % 7), records=3)
-    twin_name = "twin_" + uuid.uuid4().hex[:8]
-    source = s.require_url().database
-    from flowfix.db import admin
-
-    asyncio.run(admin(pg_server, f"CREATE DATABASE {twin_name} TEMPLATE {source}"))
-    try:
-        # Slow every import update down (a real trigger, nothing mocked) so that the kill
-        # reliably lands mid-run, whatever the speed of the machine or server.
-        sql(
-            s,
-            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$ BEGIN PERFORM pg_sleep(0.03); RETURN NEW; END $$",
-        )
-        sql(s, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
-        env = {**os.environ, **cli_env(s)}
+    twin_settings = copy_database(s)
+    # The 6th batch of imports waits at a gate (a real trigger, nothing mocked): five have
+    # committed when the kill lands, whatever the speed of the machine or server.
+    with Gate(s, "data_imports", at=6) as gate:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flowfix", "backfill", "--batch-size", "2"],
-            env=env,
+            env={**os.environ, **cli_env(s)},
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            done = sql(
-                s,
-                "SELECT count(*) AS n FROM flowfix_changes WHERE applied_at IS NOT NULL"
-                " AND table_name = 'data_imports'",
-            )[0]["n"]
-            if done >= 10:
-                break
-            time.sleep(0.02)
+        gate.wait()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert 10 <= done < 60, done
-        assert sql(s, "SELECT status FROM flowfix_runs") == [{"status": "running"}]
-        sql(s, "DROP TRIGGER slow ON data_imports")
+    done = sql(
+        s,
+        "SELECT count(*) AS n FROM flowfix_changes WHERE applied_at IS NOT NULL AND table_name = 'data_imports'",
+    )[0]["n"]
+    assert 10 <= done < 60, done
+    assert sql(s, "SELECT status FROM flowfix_runs") == [{"status": "running"}]
 
-        resumed = run(s)
-        assert resumed.resumed
-        twin_settings = dataclasses.replace(s, url=s.require_url().set(database=twin_name))
-        run(twin_settings)
-        for table in ("data_imports", "raw_import_records"):
-            assert links(s, table) == links(twin_settings, table)
-        assert set(links(s, "data_imports").values()) - {None}
-    finally:
-        asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {twin_name} WITH (FORCE)"))
+    resumed = run(s)
+    assert resumed.resumed
+    run(twin_settings)
+    for table in ("data_imports", "raw_import_records"):
+        assert links(s, table) == links(twin_settings, table)
+    assert set(links(s, "data_imports").values()) - {None}
 
 
 def test_application_writes_during_a_run_are_not_lost_or_relinked(s: Settings) -> None:

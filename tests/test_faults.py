@@ -5,7 +5,6 @@ and a role with idle_in_transaction_session_timeout runs the whole runbook."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import signal
@@ -13,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,10 +21,9 @@ from typer.testing import CliRunner
 
 from flowfix.cli import Exit, app
 from flowfix.config import Settings
-from flowfix.db import admin
 from tests import snapshot
 from tests.conftest import upgrade
-from tests.helpers import add_discovery_flow, add_master, add_record, cli_env, insert, sql
+from tests.helpers import Gate, add_discovery_flow, add_master, add_record, cli_env, insert, sql
 from tests.test_shapes import target_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,19 +57,9 @@ def dataset(s: Settings, n: int = 12) -> None:
 
 
 @pytest.fixture
-def twins(shaped: Settings, pg_server: str) -> Iterator[Callable[[], tuple[Settings, Settings]]]:
+def twins(shaped: Settings, copy_database: Callable[[Settings], Settings]) -> Callable[[], tuple[Settings, Settings]]:
     """``make()``: the database as it is now, and a twin copy of it."""
-    made: list[str] = []
-
-    def make() -> tuple[Settings, Settings]:
-        name = "twin_" + uuid.uuid4().hex[:8]
-        asyncio.run(admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {shaped.require_url().database}"))
-        made.append(name)
-        return shaped, dataclasses.replace(shaped, url=shaped.require_url().set(database=name))
-
-    yield make
-    for name in made:
-        asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    return lambda: (shaped, copy_database(shaped))
 
 
 def kill_when(s: Settings, args: list[str], marker: str) -> None:
@@ -94,20 +82,6 @@ def kill_when(s: Settings, args: list[str], marker: str) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert any(marker in line for line in seen), "".join(seen)
-
-
-def slow(s: Settings, table: str, seconds: float = 0.05) -> None:
-    sql(
-        s,
-        "CREATE OR REPLACE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
-        f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$",
-    )
-    sql(s, f"CREATE TRIGGER slow BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION slow()")
-
-
-def unslow(s: Settings, table: str) -> None:
-    sql(s, f"DROP TRIGGER slow ON {table}")
-    sql(s, "DROP FUNCTION slow()")
 
 
 def same(a: snapshot.Snapshot, b: snapshot.Snapshot) -> None:
@@ -173,24 +147,19 @@ def test_undo_killed_part_way_then_rerun_ends_as_one_undo(twins) -> None:  # typ
     ok(s, "backfill", "--create-missing-masters")
     (run,) = sql(s, "SELECT id::text FROM flowfix_runs")
     s, twin = twins()
-    slow(s, "data_imports", 0.1)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flowfix", "undo", run["id"]],
-        env={**os.environ, **cli_env(s)},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        undone = sql(s, "SELECT count(*) AS n FROM flowfix_changes WHERE undone_at IS NOT NULL")[0]["n"]
-        if undone:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert undone, "the undo never got going"
-    unslow(s, "data_imports")
+    # the undo's 2nd statement on the imports waits at a gate: its first batch committed
+    with Gate(s, "data_imports", at=2) as gate:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flowfix", "undo", run["id"]],
+            env={**os.environ, **cli_env(s)},
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        gate.wait()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert sql(s, "SELECT count(*) AS n FROM flowfix_changes WHERE undone_at IS NOT NULL")[0]["n"], "no batch undone"
     ok(s, "undo", run["id"])
     ok(twin, "undo", run["id"])
     same(snapshot.take(s), snapshot.take(twin))

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -22,7 +21,7 @@ from flowfix.config import Settings
 from flowfix.db import admin
 from tests import snapshot
 from tests.conftest import ROOT, upgrade
-from tests.helpers import add_import, add_master, add_record, cli_env, plain_url, sql
+from tests.helpers import Gate, add_import, add_master, add_record, cli_env, plain_url, sql
 
 runner = CliRunner()
 C, E = uuid.uuid4(), uuid.uuid4()
@@ -59,17 +58,6 @@ def role(s: Settings, *grants: str) -> Settings:
     return Settings(
         url=s.require_url().set(username=name, password=None), schema=s.schema, lock_timeout="2s", lock_retries=0
     )
-
-
-def slow_import_updates(s: Settings, seconds: float) -> None:
-    """A real trigger that makes every UPDATE of an import take ``seconds``: the run is
-    reliably mid-way when the test interferes."""
-    sql(
-        s,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
-        f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$",
-    )
-    sql(s, "CREATE TRIGGER slow BEFORE UPDATE ON data_imports FOR EACH ROW EXECUTE FUNCTION slow()")
 
 
 @pytest.fixture
@@ -126,11 +114,12 @@ def test_a_read_only_database_is_named_as_such(fixed: Settings) -> None:
 
 
 def test_statement_timeout_is_one_line_and_names_the_run(fixed: Settings) -> None:
-    slow_import_updates(fixed, 0.3)
     db = fixed.require_url().database
-    sql(fixed, f"ALTER DATABASE {db} SET statement_timeout = '200ms'")
-    result = runner.invoke(app, ["backfill"], env=cli_env(fixed))
-    sql(fixed, f"ALTER DATABASE {db} RESET statement_timeout")
+    # the first update of the imports waits at a gate until statement_timeout cancels it
+    with Gate(fixed, "data_imports", at=1):
+        sql(fixed, f"ALTER DATABASE {db} SET statement_timeout = '200ms'")
+        result = runner.invoke(app, ["backfill"], env=cli_env(fixed))
+        sql(fixed, f"ALTER DATABASE {db} RESET statement_timeout")
     assert result.exit_code == Exit.USAGE, result.output
     line = one_line(result)
     assert "the server cancelled a statement" in line and "statement_timeout" in line
@@ -139,31 +128,18 @@ def test_statement_timeout_is_one_line_and_names_the_run(fixed: Settings) -> Non
 
 
 def test_a_terminated_session_is_one_line_and_the_rerun_finishes(fixed: Settings) -> None:
-    slow_import_updates(fixed, 0.2)
-    db = fixed.require_url().database
+    with Gate(fixed, "data_imports", at=2) as gate:
 
-    def terminate() -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            gone = sql(
-                fixed,
-                "SELECT pg_terminate_backend(pid) AS t FROM pg_stat_activity WHERE datname = :d"
-                " AND pid <> pg_backend_pid() AND query LIKE '%UPDATE data_imports%'"
-                " AND state = 'active'",
-                {"d": db},
-            )
-            if gone:
-                return
-            time.sleep(0.02)
+        def terminate() -> None:
+            sql(fixed, "SELECT pg_terminate_backend(:pid)", {"pid": gate.wait()})
 
-    killer = threading.Thread(target=terminate)
-    killer.start()
-    result = runner.invoke(app, ["backfill", "--batch-size", "1"], env=cli_env(fixed))
-    killer.join()
+        killer = threading.Thread(target=terminate)
+        killer.start()
+        result = runner.invoke(app, ["backfill", "--batch-size", "1"], env=cli_env(fixed))
+        killer.join()
     assert result.exit_code == Exit.USAGE, result.output
     line = one_line(result)
     assert "ended flowfix's session" in line or "lost the connection" in line, line
-    sql(fixed, "DROP TRIGGER slow ON data_imports")
     rerun = runner.invoke(app, ["backfill"], env=cli_env(fixed))
     assert rerun.exit_code == Exit.OK, rerun.output
     assert sql(fixed, "SELECT count(*) AS n FROM data_imports WHERE master_flow_id IS NULL") == [{"n": 0}]
@@ -181,21 +157,18 @@ def test_a_bug_is_exit_3_with_a_hint_and_debug_shows_the_traceback(fixed: Settin
 
 
 def test_ctrl_c_is_exit_130_in_one_line(fixed: Settings) -> None:
-    slow_import_updates(fixed, 0.2)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flowfix", "backfill", "--batch-size", "1"],
-        cwd=ROOT,
-        env={**os.environ, **cli_env(fixed)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not sql(fixed, "SELECT 1 FROM flowfix_runs"):
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    with Gate(fixed, "data_imports", at=2) as gate:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flowfix", "backfill", "--batch-size", "1"],
+            cwd=ROOT,
+            env={**os.environ, **cli_env(fixed)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        gate.wait()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
     assert proc.returncode == Exit.INTERRUPTED, (out, err)
     # progress lines (stderr is a pipe here) may come first; the error is one line, the last
     lines = [line for line in err.splitlines() if line.strip()]
