@@ -16,10 +16,11 @@ import itertools
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -32,7 +33,6 @@ from tests import helpers
 from tests.shapes import RUNBOOK_SHAPES, SHAPES, Shape
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE_DB = "flowfix_test_template"
 _counter = itertools.count()
 
 
@@ -70,15 +70,26 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         server = embedded.start(tmp_path_factory.mktemp("pg"))
         try:
+            # a throwaway server: durability buys nothing here, and every test creates
+            # and drops databases (CI's PostgreSQL 15 runs with fsync=off too)
+            asyncio.run(
+                admin(
+                    server.url,
+                    "ALTER SYSTEM SET fsync = off",
+                    "ALTER SYSTEM SET full_page_writes = off",
+                    "ALTER SYSTEM SET synchronous_commit = off",
+                    "SELECT pg_reload_conf()",
+                )
+            )
             yield server.url
         finally:
             server.stop()
 
 
 @pytest.fixture(scope="session")
-def template_db(pg_server: str) -> str:
-    asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE_DB}", f"CREATE DATABASE {TEMPLATE_DB}"))
-    return TEMPLATE_DB
+def template_db(shape_template: Callable[..., str]) -> str:
+    """An empty template database (each test's ``database_url`` is a copy of it)."""
+    return shape_template(None, None)
 
 
 def _clone(pg_server: str, template: str) -> Iterator[str]:
@@ -144,24 +155,42 @@ def empty_settings(database_url: str) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def shape_template(pg_server: str) -> Callable[[Shape, bool], str]:
-    """``template(shape, adopted)``: the name of a template database holding ``shape``,
-    built once per session; ``adopted``: flowfix's revision ``legacy`` has run on it."""
-    built: dict[tuple[str, bool], str] = {}
+def shape_template(pg_server: str) -> Iterator[Callable[..., str]]:
+    """``template(shape, revision="legacy")``: the name of a template database holding
+    ``shape`` (None: an empty database) at ``revision`` (None: before flowfix's first
+    revision), built once per session: a test starts from a copy of the state it needs
+    instead of upgrading again. Names carry the process id, so xdist workers and
+    concurrent sessions sharing one server (DATABASE_URL) never touch each other's."""
+    built: dict[tuple[str | None, str | None], str] = {}
 
-    def template(shape: Shape, adopted: bool = True) -> str:
-        key = (shape.name, adopted)
-        if key not in built:
-            name = f"flowfix_shape_{shape.name}_{'legacy' if adopted else 'raw'}"
+    def template(shape: Shape | None, revision: str | None = "legacy") -> str:
+        key = (shape.name if shape else None, revision)
+        if key in built:
+            return built[key]
+        name = f"flowfix_tpl{os.getpid()}_{shape.name if shape else 'empty'}_{revision or 'raw'}"
+        if revision is None:
             asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"))
+            if shape is not None:
+                asyncio.run(_run_scripts(libpq_url(pg_server, name), shape.sql()))
+        else:
+            base = template(shape, REVISIONS[REVISIONS.index(revision) - 1] if revision != "legacy" else None)
+            asyncio.run(
+                admin(
+                    pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name} TEMPLATE {base}"
+                )
+            )
             url = libpq_url(pg_server, name)
-            asyncio.run(_run_scripts(url, shape.sql()))
-            if adopted:
-                upgrade(test_settings(url, shape.schema), "legacy")
-            built[key] = name
-        return built[key]
+            upgrade(test_settings(url, shape.schema if shape else "public"), revision)
+            helpers.close_connections()
+        built[key] = name
+        return name
 
-    return template
+    yield template
+    asyncio.run(admin(pg_server, *(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in built.values())))
+
+
+#: flowfix's revisions in order, as far as test templates are built from them
+REVISIONS = ("legacy", "fix_master_flow_fk")
 
 
 async def _run_scripts(url: str, scripts: list[str]) -> None:
@@ -176,27 +205,34 @@ async def _run_scripts(url: str, scripts: list[str]) -> None:
 
 
 def shape_settings(
-    pg_server: str, shape_template: Callable[[Shape, bool], str], shape: Shape, adopted: bool = True
+    pg_server: str, shape_template: Callable[..., str], shape: Shape, revision: str | None = "legacy"
 ) -> Iterator[Settings]:
-    for url in _clone(pg_server, shape_template(shape, adopted)):
+    for url in _clone(pg_server, shape_template(shape, revision)):
         yield test_settings(url, shape.schema)
 
 
 @pytest.fixture(params=RUNBOOK_SHAPES)
-def shaped(
-    request: pytest.FixtureRequest, pg_server: str, shape_template: Callable[[Shape, bool], str]
-) -> Iterator[Settings]:
+def shaped(request: pytest.FixtureRequest, pg_server: str, shape_template: Callable[..., str]) -> Iterator[Settings]:
     """A fresh database of each runbook shape, at revision ``legacy`` (tables adopted)."""
     yield from shape_settings(pg_server, shape_template, SHAPES[request.param])
 
 
+@pytest.fixture(params=RUNBOOK_SHAPES)
+def shaped_fixed(
+    request: pytest.FixtureRequest, pg_server: str, shape_template: Callable[..., str]
+) -> Iterator[Settings]:
+    """A fresh database of each runbook shape, at revision ``fix_master_flow_fk`` (the
+    backfill's starting point), copied from a template upgraded once per session."""
+    yield from shape_settings(pg_server, shape_template, SHAPES[request.param], "fix_master_flow_fk")
+
+
 @pytest.fixture
-def make_shape(pg_server: str, shape_template: Callable[[Shape, bool], str]) -> Iterator[Callable[..., Settings]]:
-    """``make_shape(name, adopted=True)``: a fresh database of that shape."""
+def make_shape(pg_server: str, shape_template: Callable[..., str]) -> Iterator[Callable[..., Settings]]:
+    """``make_shape(name, revision="legacy")``: a fresh database of that shape."""
     clones: list[Iterator[Settings]] = []
 
-    def make(name: str, adopted: bool = True) -> Settings:
-        gen = shape_settings(pg_server, shape_template, SHAPES[name], adopted)
+    def make(name: str, revision: str | None = "legacy") -> Settings:
+        gen = shape_settings(pg_server, shape_template, SHAPES[name], revision)
         clones.append(gen)
         return next(gen)
 
@@ -206,9 +242,21 @@ def make_shape(pg_server: str, shape_template: Callable[[Shape, bool], str]) -> 
 
 
 @pytest.fixture
-def shape(shaped: Settings, request: pytest.FixtureRequest) -> Shape:
-    """The :class:`Shape` behind ``shaped``."""
-    return SHAPES[request.node.callspec.params["shaped"]]
+def shape(request: pytest.FixtureRequest) -> Shape:
+    """The :class:`Shape` behind ``shaped`` or ``shaped_fixed``."""
+    params = request.node.callspec.params
+    return SHAPES[params["shaped"] if "shaped" in params else params["shaped_fixed"]]
+
+
+@pytest_asyncio.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """flowfix's engine on this test's database, for async tests. pytest-asyncio runs an
+    async test on its own loop; what else a test calls runs on other loops, never nested
+    in this one: ``tests.helpers.sql`` on a loop in a thread of its own, and Alembic or
+    the CLI (each ``asyncio.run``) only from sync tests (or a thread)."""
+    made = make_engine(settings)
+    yield made
+    await made.dispose()
 
 
 @pytest.fixture

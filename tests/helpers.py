@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from collections.abc import Coroutine
@@ -58,6 +59,10 @@ async def _fetch(settings: Settings, statement: str, values: list[Any]) -> list[
             server_settings["lock_timeout"] = settings.lock_timeout
         # no statement cache: tests change the schema under it (revisions, triggers)
         conn = await asyncpg.connect(key[0], server_settings=server_settings, statement_cache_size=0)
+        # json values as flowfix's engine gives them (SQLAlchemy's asyncpg dialect): JSON
+        # text in, Python objects out
+        for kind in ("json", "jsonb"):
+            await conn.set_type_codec(kind, encoder=str, decoder=json.loads, schema="pg_catalog")
         _connections[key] = conn
     async with conn.transaction():
         return [dict(r) for r in await conn.fetch(statement, *values)]

@@ -21,7 +21,7 @@ from flowfix import backfill as bf
 from flowfix.cli import app
 from flowfix.config import Settings
 from flowfix.db import run_with_engine
-from tests.conftest import ROOT, upgrade
+from tests.conftest import ROOT
 from tests.helpers import Gate, add_discovery_flow, add_import, add_master, add_record, cli_env, links, plain_url, sql
 from tests.test_validate import run_validate
 
@@ -64,10 +64,9 @@ def import_links(p: bf.Plan) -> dict[uuid.UUID, tuple[uuid.UUID, str]]:
 
 
 @pytest.fixture
-def s(shaped: Settings) -> Settings:
+def s(shaped_fixed: Settings) -> Settings:
     """Every backfill test runs on each production shape (tests/shapes), after the fix."""
-    upgrade(shaped, "fix_master_flow_fk")
-    return shaped
+    return shaped_fixed
 
 
 def test_discovery_flows_take_the_master_with_their_flow_id_or_get_one_created(s: Settings) -> None:

@@ -36,9 +36,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def s(shaped: Settings) -> Settings:
-    upgrade(shaped, "fix_master_flow_fk")
-    return shaped
+def s(shaped_fixed: Settings) -> Settings:
+    return shaped_fixed
 
 
 def master_at(s: Settings, minutes: float) -> uuid.UUID:

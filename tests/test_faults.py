@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -24,6 +25,7 @@ from flowfix.config import Settings
 from tests import snapshot
 from tests.conftest import upgrade
 from tests.helpers import Gate, add_discovery_flow, add_master, add_record, cli_env, insert, sql
+from tests.shapes import RUNBOOK_SHAPES
 from tests.test_shapes import target_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,12 +56,6 @@ def dataset(s: Settings, n: int = 12) -> None:
         for r in range(3):
             add_record(s, data_import=imp, master=None, row=r)
         add_discovery_flow(s, flow_id=flow, master=flow if k % 3 else None, client=C, engagement=E)
-
-
-@pytest.fixture
-def twins(shaped: Settings, copy_database: Callable[[Settings], Settings]) -> Callable[[], tuple[Settings, Settings]]:
-    """``make()``: the database as it is now, and a twin copy of it."""
-    return lambda: (shaped, copy_database(shaped))
 
 
 def kill_when(s: Settings, args: list[str], marker: str) -> None:
@@ -101,52 +97,115 @@ def ok(s: Settings, *args: str) -> None:
     assert result.exit_code in (Exit.OK, Exit.PROBLEMS), result.output
 
 
-@pytest.mark.parametrize(
-    "marker",
-    ["step 3: raw_import_records", "step 4: data_imports", "step 5: raw_import_records", "step 6: discovery_flows"],
+# --- the matrix: kill points x shapes, sized by what differs ---------------------------
+#
+# Each command is killed at every point where a rerun takes a different path (what the
+# revision's bookkeeping says is done, what is half-built) on the shape that takes it
+# fully (deployed: every step has work, both FKs move, the unique key is an index to
+# adopt), and on another shape only where that shape makes the step itself take another
+# path; each pair says why. FLOWFIX_FAULT_MATRIX=full runs every kill point on every
+# runbook shape (CI does, on PostgreSQL 18).
+FULL_MATRIX = os.environ.get("FLOWFIX_FAULT_MATRIX") == "full"
+
+UPGRADE_KILLS = (
+    (
+        "deployed",
+        "step 3: raw_import_records",
+        "one table's FK swapped, the other's not: the rerun swaps only what is left",
+    ),
+    ("deployed", "step 4: data_imports", "ids half translated to flow_ids: the rerun translates the rest, once"),
+    (
+        "deployed",
+        "step 5: raw_import_records",
+        "an index build (CONCURRENTLY) cut off: the rerun rebuilds an invalid one",
+    ),
+    ("deployed", "step 6: discovery_flows", "FKs NOT VALID, statistics fresh: the rerun only validates"),
+    (
+        "between",
+        "step 3: raw_import_records",
+        "one FK already on flow_id before flowfix: recorded as kept, not swapped",
+    ),
+    ("between", "step 4: data_imports", "only one table holds master ids: translation must leave the other alone"),
+    ("friendly", "step 5: raw_import_records", "schema public, ids with defaults, an index flowfix adopts or builds"),
+    ("app_head", "step 6: discovery_flows", "nothing to swap or translate: the rerun must not redo what it never did"),
 )
-def test_upgrade_fix_master_flow_fk_killed_then_rerun_ends_as_one_run(twins, marker: str) -> None:  # type: ignore[no-untyped-def]
-    s, twin = twins()
+DOWNGRADE_KILLS = (
+    ("deployed", "drop the FK this revision added", "added FKs half dropped: the rerun drops the rest"),
+    ("deployed", "translate values back", "flow_ids half translated back to ids"),
+    ("deployed", "re-add the FKs", "old FKs half restored (NOT VALID, then VALIDATE)"),
+    ("between", "translate values back", "one table was on flow_id before: only the other goes back"),
+    ("app_head", "drop the FK this revision added", "nothing was added: the rerun restores nothing"),
+)
+HEAD_KILLS = (
+    ("deployed", "step 1:", "before the CHECK exists"),
+    ("deployed", "step 2:", "CHECK NOT VALID added, not validated: the rerun validates it"),
+    ("deployed", "step 3:", "CHECK validated, SET NOT NULL pending"),
+    ("app_head", "step 2:", "discovery_flows has its own FK (ON DELETE CASCADE) beside the CHECK"),
+)
+UNDO_KILLS = (
+    ("deployed", "", "created masters have server defaults"),
+    ("app_head", "", "created masters took every required column from planning (no id default)"),
+)
+
+
+def kills(chosen: tuple[tuple[str, str, str], ...]) -> list[Any]:
+    markers = dict.fromkeys(marker for _, marker, _ in chosen)
+    pairs = [(s, m) for s in RUNBOOK_SHAPES for m in markers] if FULL_MATRIX else [(s, m) for s, m, _ in chosen]
+    return [pytest.param(s, m, id=f"{s}-{m}".rstrip("-")) for s, m in pairs]
+
+
+@pytest.mark.parametrize(("shape_name", "marker"), kills(UPGRADE_KILLS))
+def test_upgrade_fix_master_flow_fk_killed_then_rerun_ends_as_one_run(
+    make_shape: Callable[..., Settings], copy_database: Callable[[Settings], Settings], shape_name: str, marker: str
+) -> None:
+    s = make_shape(shape_name)
     dataset(s)
-    s, twin = twins()
+    twin = copy_database(s)
     kill_when(s, ["upgrade", "fix_master_flow_fk"], marker)
     ok(s, "upgrade", "fix_master_flow_fk")
     ok(twin, "upgrade", "fix_master_flow_fk")
     same(snapshot.take(s), snapshot.take(twin))
 
 
-@pytest.mark.parametrize("marker", ["drop the FK this revision added", "translate values back", "re-add the FKs"])
-def test_downgrade_killed_then_rerun_ends_as_one_run(twins, marker: str) -> None:  # type: ignore[no-untyped-def]
-    s, _ = twins()
+@pytest.mark.parametrize(("shape_name", "marker"), kills(DOWNGRADE_KILLS))
+def test_downgrade_killed_then_rerun_ends_as_one_run(
+    make_shape: Callable[..., Settings], copy_database: Callable[[Settings], Settings], shape_name: str, marker: str
+) -> None:
+    s = make_shape(shape_name)
     dataset(s)
     upgrade(s, "fix_master_flow_fk")
-    s, twin = twins()
+    twin = copy_database(s)
     kill_when(s, ["downgrade", "legacy"], marker)
     ok(s, "downgrade", "legacy")
     ok(twin, "downgrade", "legacy")
     same(snapshot.take(s), snapshot.take(twin))
 
 
-@pytest.mark.parametrize("marker", ["step 1:", "step 2:", "step 3:"])
-def test_upgrade_head_killed_then_rerun_ends_as_one_run(twins, marker: str) -> None:  # type: ignore[no-untyped-def]
-    s, _ = twins()
+@pytest.mark.parametrize(("shape_name", "marker"), kills(HEAD_KILLS))
+def test_upgrade_head_killed_then_rerun_ends_as_one_run(
+    make_shape: Callable[..., Settings], copy_database: Callable[[Settings], Settings], shape_name: str, marker: str
+) -> None:
+    s = make_shape(shape_name)
     dataset(s)
     upgrade(s, "fix_master_flow_fk")
     ok(s, "backfill", "--create-missing-masters")
-    s, twin = twins()
+    twin = copy_database(s)
     kill_when(s, ["upgrade", "head"], marker)
     ok(s, "upgrade", "head")
     ok(twin, "upgrade", "head")
     same(snapshot.take(s), snapshot.take(twin))
 
 
-def test_undo_killed_part_way_then_rerun_ends_as_one_undo(twins) -> None:  # type: ignore[no-untyped-def]
-    s, _ = twins()
+@pytest.mark.parametrize(("shape_name", "marker"), kills(UNDO_KILLS))
+def test_undo_killed_part_way_then_rerun_ends_as_one_undo(
+    make_shape: Callable[..., Settings], copy_database: Callable[[Settings], Settings], shape_name: str, marker: str
+) -> None:
+    s = make_shape(shape_name)
     dataset(s, n=20)
     upgrade(s, "fix_master_flow_fk")
     ok(s, "backfill", "--create-missing-masters")
     (run,) = sql(s, "SELECT id::text FROM flowfix_runs")
-    s, twin = twins()
+    twin = copy_database(s)
     # the undo's 2nd statement on the imports waits at a gate: its first batch committed
     with Gate(s, "data_imports", at=2) as gate:
         proc = subprocess.Popen(

@@ -27,9 +27,10 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def settings(shaped: Settings) -> Settings:
-    """Every linking test runs on each production shape (tests/shapes), from legacy."""
-    return shaped
+def settings(shaped_fixed: Settings) -> Settings:
+    """Every linking test runs on each production shape (tests/shapes), at
+    fix_master_flow_fk (where the linking service starts to work)."""
+    return shaped_fixed
 
 
 def with_session(settings: Settings, fn: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -49,10 +50,15 @@ def count(s: Settings, table: str) -> int:
     return sql(s, f"SELECT count(*) AS n FROM {table}")[0]["n"]
 
 
-def test_start_discovery_flow_links_everything_in_one_go(settings: Settings) -> None:
-    upgrade(settings, "fix_master_flow_fk")
+async def start(engine: AsyncEngine, imp: uuid.UUID, ctx: RequestContext = CTX) -> uuid.UUID:
+    async with make_sessionmaker(engine)() as session:
+        return await linking.start_discovery_flow(session, data_import_id=imp, context=ctx)
+
+
+@pytest.mark.asyncio
+async def test_start_discovery_flow_links_everything_in_one_go(settings: Settings, engine: AsyncEngine) -> None:
     imp, records = new_import(settings)
-    flow = with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
+    flow = await start(engine, imp)
 
     master = sql(
         settings,
@@ -76,48 +82,37 @@ def test_start_discovery_flow_links_everything_in_one_go(settings: Settings) -> 
         {"flow_id": flow, "master_flow_id": flow, "data_import_id": imp}
     ]
     # Idempotent: a second call returns the same flow and creates nothing.
-    again = with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
-    assert again == flow
+    assert await start(engine, imp) == flow
     assert (count(settings, "crewai_flow_state_extensions"), count(settings, "discovery_flows")) == (1, 1)
 
 
-def test_twenty_concurrent_calls_create_exactly_one_flow(settings: Settings) -> None:
-    upgrade(settings, "fix_master_flow_fk")
+@pytest.mark.asyncio
+async def test_twenty_concurrent_calls_create_exactly_one_flow(settings: Settings) -> None:
     imp, _ = new_import(settings, records=50)
-
-    async def go() -> set[uuid.UUID]:
-        engine = make_engine(settings, pool_size=20, max_overflow=5)
-        try:
-            sessions = make_sessionmaker(engine)
-
-            async def one() -> uuid.UUID:
-                async with sessions() as s:
-                    return await linking.start_discovery_flow(s, data_import_id=imp, context=CTX)
-
-            return set(await asyncio.gather(*(one() for _ in range(20))))
-        finally:
-            await engine.dispose()
-
-    flows = asyncio.run(go())
+    engine = make_engine(settings, pool_size=20, max_overflow=5)
+    try:
+        flows = set(await asyncio.gather(*(start(engine, imp) for _ in range(20))))
+    finally:
+        await engine.dispose()
     assert len(flows) == 1
     assert (count(settings, "crewai_flow_state_extensions"), count(settings, "discovery_flows")) == (1, 1)
     assert set(links(settings, "raw_import_records").values()) == flows
 
 
-def test_another_tenant_is_refused_and_nothing_changes(settings: Settings) -> None:
-    upgrade(settings, "fix_master_flow_fk")
+@pytest.mark.asyncio
+async def test_another_tenant_is_refused_and_nothing_changes(settings: Settings, engine: AsyncEngine) -> None:
     imp, records = new_import(settings)
     with pytest.raises(linking.TenantMismatch):
-        with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=OTHER))
+        await start(engine, imp, OTHER)
     with pytest.raises(linking.ImportNotFound):
-        with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=uuid.uuid4(), context=CTX))
+        await start(engine, uuid.uuid4())
     assert count(settings, "crewai_flow_state_extensions") == 0
     assert links(settings, "raw_import_records") == {r: None for r in records}
 
 
-def test_a_failure_after_the_master_insert_leaves_nothing_behind(settings: Settings) -> None:
+@pytest.mark.asyncio
+async def test_a_failure_after_the_master_insert_leaves_nothing_behind(settings: Settings, engine: AsyncEngine) -> None:
     """A real failure inside the transaction: a trigger rejects the discovery flow insert."""
-    upgrade(settings, "fix_master_flow_fk")
     imp, records = new_import(settings)
     script(
         settings,
@@ -125,7 +120,7 @@ def test_a_failure_after_the_master_insert_leaves_nothing_behind(settings: Setti
         "CREATE TRIGGER refuse BEFORE INSERT ON discovery_flows FOR EACH ROW EXECUTE FUNCTION refuse()",
     )
     with pytest.raises(Exception, match="injected"):
-        with_session(settings, lambda s: linking.start_discovery_flow(s, data_import_id=imp, context=CTX))
+        await start(engine, imp)
     assert count(settings, "crewai_flow_state_extensions") == 0
     assert links(settings, "data_imports") == {imp: None}
     assert links(settings, "raw_import_records") == {r: None for r in records}
@@ -155,17 +150,13 @@ def test_after_enforce_the_service_works_and_validate_passes(settings: Settings)
     assert run_validate(settings).ok
 
 
-def test_inside_a_callers_transaction_a_refusal_leaves_it_usable(settings: Settings) -> None:
-    upgrade(settings, "fix_master_flow_fk")
+@pytest.mark.asyncio
+async def test_inside_a_callers_transaction_a_refusal_leaves_it_usable(settings: Settings, engine: AsyncEngine) -> None:
     imp, _ = new_import(settings)
-
-    async def work(session):  # type: ignore[no-untyped-def]
-        async with session.begin():
-            with pytest.raises(linking.TenantMismatch):
-                await linking.start_discovery_flow(session, data_import_id=imp, context=OTHER)
-            return await linking.start_discovery_flow(session, data_import_id=imp, context=CTX)
-
-    flow = with_session(settings, work)
+    async with make_sessionmaker(engine)() as session, session.begin():
+        with pytest.raises(linking.TenantMismatch):
+            await linking.start_discovery_flow(session, data_import_id=imp, context=OTHER)
+        flow = await linking.start_discovery_flow(session, data_import_id=imp, context=CTX)
     assert links(settings, "data_imports") == {imp: flow}
 
 
@@ -173,7 +164,6 @@ def test_inside_a_callers_transaction_a_refusal_leaves_it_usable(settings: Setti
 
 
 def test_link_then_undo_from_the_cli(settings: Settings) -> None:
-    upgrade(settings, "fix_master_flow_fk")
     imp, records = new_import(settings)
     _, flow = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
 
@@ -201,7 +191,6 @@ def test_link_then_undo_from_the_cli(settings: Settings) -> None:
 
 
 def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings) -> None:
-    upgrade(settings, "fix_master_flow_fk")
     imp, _ = new_import(settings)
     _, foreign = add_master(settings, client=OTHER.client_account_id, engagement=OTHER.engagement_id)
     _, assessment = add_master(
@@ -231,10 +220,9 @@ def test_link_refusals_are_exit_2_one_line_and_change_nothing(settings: Settings
     assert links(settings, "data_imports") == {imp: mine2}
 
 
-def test_link_before_the_fix_revision_says_what_to_do(settings: Settings) -> None:
-    upgrade(settings, "legacy")
+def test_link_before_the_fix_revision_says_what_to_do(shaped: Settings) -> None:
     result = runner.invoke(
-        app, ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())], env=cli_env(settings)
+        app, ["link", "--import", str(uuid.uuid4()), "--flow", str(uuid.uuid4())], env=cli_env(shaped)
     )
     assert result.exit_code == 2
     assert "run `flowfix upgrade fix_master_flow_fk` first" in result.stderr
@@ -243,7 +231,6 @@ def test_link_before_the_fix_revision_says_what_to_do(settings: Settings) -> Non
 def test_flowfix_link_places_a_tenantless_import_but_never_one_of_another_tenant(settings: Settings) -> None:
     """The backfill leaves an import without tenant "for a human": `flowfix link` is how
     the operator places it (its records follow); an import of another tenant is refused."""
-    upgrade(settings, "fix_master_flow_fk")
     _, flow = add_master(settings, client=CTX.client_account_id, engagement=CTX.engagement_id)
     tenantless = add_import(settings, master=None)
     record = add_record(settings, data_import=tenantless, master=None)

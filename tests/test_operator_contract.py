@@ -20,7 +20,7 @@ from flowfix.cli import Exit, app
 from flowfix.config import Settings
 from flowfix.db import admin
 from tests import snapshot
-from tests.conftest import ROOT, upgrade
+from tests.conftest import ROOT
 from tests.helpers import Gate, add_import, add_master, add_record, cli_env, plain_url, sql
 
 runner = CliRunner()
@@ -61,10 +61,9 @@ def role(s: Settings, *grants: str) -> Settings:
 
 
 @pytest.fixture
-def fixed(shaped: Settings) -> Settings:
-    upgrade(shaped, "fix_master_flow_fk")
-    orphans(shaped)
-    return shaped
+def fixed(shaped_fixed: Settings) -> Settings:
+    orphans(shaped_fixed)
+    return shaped_fixed
 
 
 @pytest.mark.parametrize(

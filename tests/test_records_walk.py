@@ -18,7 +18,6 @@ from flowfix.backfill import steps
 from flowfix.config import Settings
 from flowfix.db import make_engine, run_with_engine
 from flowfix.errors import RunInterrupted
-from tests.conftest import upgrade
 from tests.helpers import add_master, add_record, insert, links, position_column, sql
 
 C, E = uuid.uuid4(), uuid.uuid4()
@@ -26,9 +25,8 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def s(shaped: Settings) -> Settings:
-    upgrade(shaped, "fix_master_flow_fk")
-    return shaped
+def s(shaped_fixed: Settings) -> Settings:
+    return shaped_fixed
 
 
 def dataset(s: Settings, imports: int = 6, records: int = 400) -> dict[uuid.UUID, uuid.UUID]:

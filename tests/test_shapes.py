@@ -239,7 +239,7 @@ def test_downgrade_refuses_while_an_application_fk_depends_on_the_new_unique_con
 def test_a_forgotten_flowfix_schema_is_refused_naming_the_schema_that_holds_the_tables(
     make_shape: Callable[..., Settings],
 ) -> None:
-    s = make_shape("deployed", adopted=False)
+    s = make_shape("deployed", revision=None)
     public = Settings(url=s.url, schema="public", lock_timeout="2s", lock_retries=0)
     before = snapshot.take(public)
     with pytest.raises(

@@ -17,17 +17,20 @@ from tests.helpers import plain_url, revision
 def test_the_wheel_carries_the_revisions_and_runs_them(settings: Settings, tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
+        # no build isolation: setuptools from this environment, not a fresh download
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
         check=True,
         cwd=tmp_path,
         capture_output=True,
     )
     (wheel,) = dist.glob("flowfix-*.whl")
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    venv.create(env_dir, with_pip=False)  # this environment's pip installs into it (--python)
     python = env_dir / "bin" / "python"
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
     )
     # the dependencies come from this environment's site-packages, added as a plain path
     # (its .pth files, among them the editable install of the checkout, are not processed)
