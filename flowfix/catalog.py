@@ -87,9 +87,10 @@ RLS_LIMITED_SQL = RLS_LIMITED_TEMPLATE.format(tables=":tables")
 #: arity or schema: pairs of (referencing column, referenced column), quoted for SQL.
 REFERENCING_SQL = """
 SELECT c.conname AS name,
-       format('%I.%I', sn.nspname, st.relname) AS source,
-       array_agg(quote_ident(sa.attname) ORDER BY k.n) AS columns,
-       array_agg(quote_ident(ta.attname) ORDER BY k.n) AS referenced
+       sn.nspname::text AS schema,
+       st.relname::text AS source,
+       array_agg(sa.attname::text ORDER BY k.n) AS columns,
+       array_agg(ta.attname::text ORDER BY k.n) AS referenced
 FROM pg_constraint c
 JOIN pg_class st ON st.oid = c.conrelid
 JOIN pg_namespace sn ON sn.oid = st.relnamespace
@@ -98,7 +99,7 @@ JOIN pg_attribute sa ON sa.attrelid = c.conrelid AND sa.attnum = k.src
 JOIN pg_attribute ta ON ta.attrelid = c.confrelid AND ta.attnum = k.dst
 WHERE c.contype = 'f' AND c.confrelid = to_regclass(:table) AND c.conparentid = 0
 GROUP BY c.oid, c.conname, sn.nspname, st.relname
-ORDER BY 2, 1
+ORDER BY 2, 3, 1
 """
 
 #: Columns of :table that an INSERT must supply: NOT NULL, no default, not generated.
@@ -138,10 +139,11 @@ class ForeignKey:
 
 @dataclass(frozen=True)
 class Reference:
-    """A foreign key that references a table: ``source`` (schema-qualified, quoted) and
-    the quoted column pairs."""
+    """A foreign key that references a table: its table ``schema``.``source`` and the column
+    pairs, as the catalog names them (unquoted: flowfix.sql quotes them where SQL uses them)."""
 
     name: str
+    schema: str
     source: str
     columns: list[str]
     referenced: list[str]
@@ -252,14 +254,18 @@ class Leaf:
     name: str
     pages: int
     rows_per_page: float
+    schema: str = ""  # the catalog's names, unquoted (flowfix.sql quotes them for SQL)
+    relname: str = ""
 
 
 #: The leaves of :table (a plain table is its own leaf), largest first.
 LEAVES_SQL = """
 SELECT c.oid::regclass::text AS name,
        (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint AS pages,
-       CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 0 END AS rows_per_page
-FROM pg_class c
+       CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 0 END AS rows_per_page,
+       n.nspname::text AS schema,
+       c.relname::text AS relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass(:table)) WHERE isleaf)
    OR (c.oid = to_regclass(:table) AND c.relkind <> 'p')
 ORDER BY pages DESC, name
