@@ -8,6 +8,7 @@ assumed constraint name: production names differ from the plan's.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -228,14 +229,39 @@ def require_full_visibility(conn: SyncExecutor, what: str) -> None:
         )
 
 
+#: Whether flowfix's version table exists here and this role may read it; who asks, where.
+VERSION_TABLE_ACCESS_SQL = """
+SELECT to_regclass(:t) IS NOT NULL AS present,
+       COALESCE(has_table_privilege(to_regclass(:t), 'SELECT'), false) AS readable,
+       current_user::text AS role, current_schema()::text AS schema
+"""
+
+
 def readable_revision(conn: SyncExecutor) -> str | None:
-    """Like :func:`current_revision`, but None (not an error) for a role that may not read
-    the version table, so a read-only transaction is not aborted by the attempt."""
-    readable = conn.execute(
-        text("SELECT to_regclass(:t) IS NOT NULL AND has_table_privilege(to_regclass(:t), 'SELECT')"),
-        {"t": VERSION_TABLE},
-    ).scalar_one()
-    return current_revision(conn) if readable else None
+    """Like :func:`current_revision`, but the privilege is checked first, so a read-only
+    transaction is not aborted by the attempt: a role that may not read the version table
+    (a CI role granted SELECT on the application's tables only) is told which grant is
+    missing, instead of being shown "revision (none)"."""
+    from flowfix.errors import DatabaseRefused
+
+    access = conn.execute(text(VERSION_TABLE_ACCESS_SQL), {"t": VERSION_TABLE}).one()
+    if not access.present:
+        return None
+    if not access.readable:
+        where = f"{_ident(access.schema)}.{VERSION_TABLE}" if access.schema else VERSION_TABLE
+        role = _ident(access.role)
+        raise DatabaseRefused(
+            f"role {access.role} may read the tables but not flowfix's version table {where}, so the revision"
+            f" cannot be known: GRANT SELECT ON {where} TO {role}; (docs/security.md)"
+        )
+    return current_revision(conn)
+
+
+def _ident(name: str) -> str:
+    """A name as an operator would type it in SQL: quoted only when it must be."""
+    from flowfix.sql import quote_ident
+
+    return name if re.match(r"^[a-z_][a-z0-9_]*$", name, re.ASCII) else quote_ident(name)
 
 
 def current_revision(conn: SyncExecutor) -> str | None:
