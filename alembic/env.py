@@ -19,7 +19,7 @@ import logging
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, pool, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowfix.config import VERSION_TABLE, Settings
@@ -76,8 +76,10 @@ def run_migrations_offline() -> None:
     settings = _settings()
     url = settings.url.render_as_string(hide_password=True) if settings.url else "postgresql+asyncpg://"
     _configure(url=url, literal_binds=True, dialect_opts={"paramstyle": "named"})
-    context.execute(f"SET search_path TO {settings.schema}")
-    context.execute(f"SET lock_timeout = '{settings.lock_timeout}'")
+    # values as bound literals (rendered escaped by the dialect), never spliced into the text;
+    # SET takes a quoted string for search_path as the schema's exact name
+    context.execute(text("SET search_path TO :schema").bindparams(schema=settings.schema))
+    context.execute(text("SET lock_timeout = :timeout").bindparams(timeout=settings.lock_timeout))
     with context.begin_transaction():
         context.run_migrations()
 
@@ -91,7 +93,7 @@ def do_run_migrations(connection: Connection) -> None:
         path = connection.exec_driver_sql("SHOW search_path").scalar()
         raise as_command_error(FlowfixError(f"schema '{path}' does not exist: create it, or set FLOWFIX_SCHEMA"))
     # Session-level, so it holds for every transaction and autocommit step that follows.
-    connection.exec_driver_sql(f"SET lock_timeout = '{settings.lock_timeout}'")
+    connection.execute(text("SELECT set_config('lock_timeout', :timeout, false)"), {"timeout": settings.lock_timeout})
     connection.commit()
     _configure(connection=connection)
     with context.begin_transaction():

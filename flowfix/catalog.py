@@ -8,6 +8,7 @@ assumed constraint name: production names differ from the plan's.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -87,9 +88,10 @@ RLS_LIMITED_SQL = RLS_LIMITED_TEMPLATE.format(tables=":tables")
 #: arity or schema: pairs of (referencing column, referenced column), quoted for SQL.
 REFERENCING_SQL = """
 SELECT c.conname AS name,
-       format('%I.%I', sn.nspname, st.relname) AS source,
-       array_agg(quote_ident(sa.attname) ORDER BY k.n) AS columns,
-       array_agg(quote_ident(ta.attname) ORDER BY k.n) AS referenced
+       sn.nspname::text AS schema,
+       st.relname::text AS source,
+       array_agg(sa.attname::text ORDER BY k.n) AS columns,
+       array_agg(ta.attname::text ORDER BY k.n) AS referenced
 FROM pg_constraint c
 JOIN pg_class st ON st.oid = c.conrelid
 JOIN pg_namespace sn ON sn.oid = st.relnamespace
@@ -98,7 +100,7 @@ JOIN pg_attribute sa ON sa.attrelid = c.conrelid AND sa.attnum = k.src
 JOIN pg_attribute ta ON ta.attrelid = c.confrelid AND ta.attnum = k.dst
 WHERE c.contype = 'f' AND c.confrelid = to_regclass(:table) AND c.conparentid = 0
 GROUP BY c.oid, c.conname, sn.nspname, st.relname
-ORDER BY 2, 1
+ORDER BY 2, 3, 1
 """
 
 #: Columns of :table that an INSERT must supply: NOT NULL, no default, not generated.
@@ -138,10 +140,11 @@ class ForeignKey:
 
 @dataclass(frozen=True)
 class Reference:
-    """A foreign key that references a table: ``source`` (schema-qualified, quoted) and
-    the quoted column pairs."""
+    """A foreign key that references a table: its table ``schema``.``source`` and the column
+    pairs, as the catalog names them (unquoted: flowfix.sql quotes them where SQL uses them)."""
 
     name: str
+    schema: str
     source: str
     columns: list[str]
     referenced: list[str]
@@ -226,14 +229,39 @@ def require_full_visibility(conn: SyncExecutor, what: str) -> None:
         )
 
 
+#: Whether flowfix's version table exists here and this role may read it; who asks, where.
+VERSION_TABLE_ACCESS_SQL = """
+SELECT to_regclass(:t) IS NOT NULL AS present,
+       COALESCE(has_table_privilege(to_regclass(:t), 'SELECT'), false) AS readable,
+       current_user::text AS role, current_schema()::text AS schema
+"""
+
+
 def readable_revision(conn: SyncExecutor) -> str | None:
-    """Like :func:`current_revision`, but None (not an error) for a role that may not read
-    the version table, so a read-only transaction is not aborted by the attempt."""
-    readable = conn.execute(
-        text("SELECT to_regclass(:t) IS NOT NULL AND has_table_privilege(to_regclass(:t), 'SELECT')"),
-        {"t": VERSION_TABLE},
-    ).scalar_one()
-    return current_revision(conn) if readable else None
+    """Like :func:`current_revision`, but the privilege is checked first, so a read-only
+    transaction is not aborted by the attempt: a role that may not read the version table
+    (a CI role granted SELECT on the application's tables only) is told which grant is
+    missing, instead of being shown "revision (none)"."""
+    from flowfix.errors import DatabaseRefused
+
+    access = conn.execute(text(VERSION_TABLE_ACCESS_SQL), {"t": VERSION_TABLE}).one()
+    if not access.present:
+        return None
+    if not access.readable:
+        where = f"{_ident(access.schema)}.{VERSION_TABLE}" if access.schema else VERSION_TABLE
+        role = _ident(access.role)
+        raise DatabaseRefused(
+            f"role {access.role} may read the tables but not flowfix's version table {where}, so the revision"
+            f" cannot be known: GRANT SELECT ON {where} TO {role}; (docs/security.md)"
+        )
+    return current_revision(conn)
+
+
+def _ident(name: str) -> str:
+    """A name as an operator would type it in SQL: quoted only when it must be."""
+    from flowfix.sql import quote_ident
+
+    return name if re.match(r"^[a-z_][a-z0-9_]*$", name, re.ASCII) else quote_ident(name)
 
 
 def current_revision(conn: SyncExecutor) -> str | None:
@@ -252,14 +280,18 @@ class Leaf:
     name: str
     pages: int
     rows_per_page: float
+    schema: str = ""  # the catalog's names, unquoted (flowfix.sql quotes them for SQL)
+    relname: str = ""
 
 
 #: The leaves of :table (a plain table is its own leaf), largest first.
 LEAVES_SQL = """
 SELECT c.oid::regclass::text AS name,
        (pg_relation_size(c.oid) / current_setting('block_size')::int)::bigint AS pages,
-       CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 0 END AS rows_per_page
-FROM pg_class c
+       CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 0 END AS rows_per_page,
+       n.nspname::text AS schema,
+       c.relname::text AS relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass(:table)) WHERE isleaf)
    OR (c.oid = to_regclass(:table) AND c.relkind <> 'p')
 ORDER BY pages DESC, name

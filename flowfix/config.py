@@ -2,9 +2,9 @@
 
 Every other module takes a :class:`Settings`, so tests and the CLI can pass their own.
 
-``DATABASE_URL`` is read the way libpq reads a connection URI: a password may hold an
-unencoded ``@`` (the host is what follows the *last* one), and the query string may
-carry libpq's parameters (``sslmode``, ``sslrootcert``, ``application_name``,
+``DATABASE_URL`` is read the way libpq reads a connection URI (see
+:func:`parse_database_url` and docs/security.md): a password may hold an unencoded ``@``,
+``#``, ``?``, ``+`` or ``:``, and the query string may carry libpq's parameters (``sslmode``, ``sslrootcert``, ``application_name``,
 ``connect_timeout``, ``options``, ``password``, ``host`` ...). Parts the URL leaves out
 come from the PG* environment variables and ``~/.pgpass``, as with libpq (asyncpg reads
 them when connecting). The URL is parsed once, here; it is only ever shown through
@@ -70,62 +70,195 @@ PG_CONNECTION_VARIABLES = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUS
 def parse_database_url(raw: str) -> URL:
     """Parse a libpq connection URI into a SQLAlchemy URL for the asyncpg driver.
 
-    ``postgresql://``, ``postgres://`` and ``postgresql+asyncpg://`` are accepted; the
-    password may come from the userinfo or the ``password`` parameter (which wins, as in
-    libpq) and never stays in the query. Raises :class:`ConfigError` with one line that
-    never contains the password.
+    The grammar is libpq's (``conninfo_uri_parse_options``), read the same way: the
+    authority runs to the first ``/``; the user name and password may hold ``#``, ``?``,
+    ``+`` and ``:`` unencoded; ``%XX`` is decoded (never ``+`` as a space) in every part,
+    query values included; an unencoded space, a bad ``%`` token or ``%00`` is refused;
+    IPv6 hosts go in brackets; a host starting with ``/`` (or ``?host=/dir``) is a socket
+    directory; several hosts (``h1:5432,h2:5433``) are kept as libpq's host and port lists;
+    ``host``, ``port``, ``dbname``, ``user`` and ``password`` parameters override the
+    authority's, as in libpq. One difference, on purpose: when the part before the first
+    ``/`` holds several ``@``, libpq splits at the first and tries to resolve a host name
+    containing ``@`` (which never works); flowfix splits at the first ``@`` after which
+    come hosts (no ``@`` in them) and, optionally, a well-formed query, so an unencoded
+    ``@`` in a password works (see :func:`_userinfo_end`). Raises
+    :class:`ConfigError` with one line that never contains any piece of the user name,
+    password, host or port.
     """
     raw = raw.strip()
-    scheme, sep, _ = raw.partition("://")
+    scheme, sep, rest = raw.partition("://")
     if not sep:
         raise ConfigError("DATABASE_URL is not a URL (expected postgresql://user@host:port/database)")
     if scheme not in SCHEMES:
-        shown = scheme if len(scheme) <= 40 else scheme[:40] + "..."
+        shown = scheme if len(scheme) <= 40 and "@" not in scheme and ":" not in scheme else "..."
         raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL (postgresql://...), not '{shown}://'")
-    parts = urllib.parse.urlsplit("postgresql" + raw[len(scheme) :])
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    username, colon, password = userinfo.partition(":") if at else ("", "", "")
-    host, port = _host_and_port(hostport)
-    try:
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise ConfigError("DATABASE_URL has a malformed query string (expected ?name=value&name=value)") from None
-    params: dict[str, str] = {}
-    for name, value in query:
-        if name not in DRIVER_PARAMETERS and name not in OWN_PARAMETERS:
+    username = password = None
+    at = _userinfo_end(rest)
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1 :]
+        user_text, colon, password_text = userinfo.partition(":")
+        username = _decode(user_text, "user name") or None
+        password = _decode(password_text, "password") if colon else None
+    hosts, ports, rest = _netlocs(rest)
+    database: str | None = None
+    query_text = ""
+    if rest.startswith("/"):
+        path, _, query_text = rest[1:].partition("?")
+        if at < 0 and "@" in path:
             raise ConfigError(
-                f"DATABASE_URL parameter '{name[:40]}' is not supported; use one of "
-                f"{', '.join(sorted(DRIVER_PARAMETERS + OWN_PARAMETERS))}"
+                "DATABASE_URL has an unencoded '/' before its '@': percent-encode '/' in the user name or password as %2F"
             )
-        if name in params:
-            raise ConfigError(f"DATABASE_URL parameter '{name}' is given twice")
-        params[name] = value
+        database = _decode(path, "database name") or None
+    elif rest.startswith("?"):
+        query_text = rest[1:]
+    params = _query(query_text)
     if "password" in params:
-        password, colon = params.pop("password"), ":"
+        password = params.pop("password")
+    if "user" in params:
+        username = params.pop("user") or None
+    if "dbname" in params:
+        database = params.pop("dbname") or None
+    if "host" in params:
+        hosts = params.pop("host").split(",")
+    if "port" in params:
+        ports = params.pop("port").split(",")
     _check_parameters(params)
+    host, port = _place_hosts(hosts, ports, params)
     return URL.create(
         "postgresql+asyncpg",
-        username=urllib.parse.unquote(username) or None,
-        password=urllib.parse.unquote(password) if colon else None,
+        username=username,
+        password=password,
         host=host,
         port=port,
-        database=urllib.parse.unquote(parts.path.lstrip("/")) or None,
+        database=database,
         query=params,
     )
 
 
-def _host_and_port(hostport: str) -> tuple[str | None, int | None]:
-    if hostport.startswith("["):  # an IPv6 address
-        end = hostport.find("]")
-        host, rest = hostport[1:end], hostport[end + 1 :]
-        port_text = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port_text = hostport.partition(":")
-    if port_text == "":
-        return urllib.parse.unquote(host) or None, None
-    if not _DIGITS_RE.match(port_text) or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"DATABASE_URL port '{port_text[:20]}' is not a number from 1 to 65535")
-    return urllib.parse.unquote(host) or None, int(port_text)
+def _userinfo_end(rest: str) -> int:
+    """Where the user name and password end: libpq's first ``@`` before the first ``/``,
+    unless what follows it cannot be the hosts (a host holding ``@``, or a query that is
+    not ``name=value`` pairs of known parameters): then the next ``@``. -1 if none."""
+    region = rest.split("/", 1)[0]
+    ats = [i for i, c in enumerate(region) if c == "@"]
+    for at in ats:
+        hosts, _, query = region[at + 1 :].partition("?")
+        if "@" not in hosts and all(_known_pair(pair) for pair in query.split("&") if query):
+            return at
+    return ats[-1] if ats else -1
+
+
+def _known_pair(pair: str) -> bool:
+    name, eq, value = pair.partition("=")
+    return bool(eq) and "=" not in value and (name in DRIVER_PARAMETERS or name in OWN_PARAMETERS)
+
+
+def _netlocs(rest: str) -> tuple[list[str], list[str], str]:
+    """libpq's host loop: ``host[:port]`` pairs separated by ``,``, a host in brackets
+    for IPv6; returns the decoded hosts, the ports as written, and what follows."""
+    hosts: list[str] = []
+    ports: list[str] = []
+    while True:
+        if rest.startswith("["):
+            end = rest.find("]")
+            if end < 0:
+                raise ConfigError("DATABASE_URL has an IPv6 host without its closing ']'")
+            if end == 1:
+                raise ConfigError("DATABASE_URL has an empty IPv6 host '[]'")
+            host, rest = rest[1:end], rest[end + 1 :]
+            if rest and rest[0] not in ":/?,":
+                raise ConfigError(
+                    "DATABASE_URL has a character after an IPv6 host's ']' that is not ':', '/', '?' or ','"
+                )
+        else:
+            match = re.match(r"[^:/?,]*", rest)
+            host = match.group(0) if match else ""
+            rest = rest[len(host) :]
+        hosts.append(_decode(host, "host"))
+        port = ""
+        if rest.startswith(":"):
+            match = re.match(r"[^/?,]*", rest[1:])
+            port = match.group(0) if match else ""
+            rest = rest[1 + len(port) :]
+        ports.append(port)
+        if not rest.startswith(","):
+            return hosts, ports, rest
+        rest = rest[1:]
+
+
+def _query(text: str) -> dict[str, str]:
+    """libpq's query string: ``name=value`` pairs joined by ``&``, each part decoded
+    (``+`` stays a plus); a value is never shown in an error (it may be the password)."""
+    params: dict[str, str] = {}
+    if not text:
+        return params
+    for pair in text.split("&"):
+        name, eq, value = pair.partition("=")
+        if not eq or not name or "=" in value:
+            raise ConfigError("DATABASE_URL has a malformed query string (expected ?name=value&name=value)")
+        name = _decode(name, "query parameter name")
+        if name not in DRIVER_PARAMETERS and name not in OWN_PARAMETERS:
+            shown = name[:40] if re.match(r"^[A-Za-z0-9_]*$", name, re.ASCII) else "..."
+            raise ConfigError(
+                f"DATABASE_URL parameter '{shown}' is not supported; use one of "
+                f"{', '.join(sorted(DRIVER_PARAMETERS + OWN_PARAMETERS))}"
+            )
+        if name in params:
+            raise ConfigError(f"DATABASE_URL parameter '{name}' is given twice")
+        params[name] = _decode(value, f"'{name}' parameter")
+    return params
+
+
+_BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _decode(text: str, what: str) -> str:
+    """libpq's percent-decoding of one part, which is named in errors (never shown)."""
+    if " " in text:
+        raise ConfigError(f"DATABASE_URL has an unencoded space in its {what}: write it as %20")
+    if _BAD_PERCENT_RE.search(text):
+        raise ConfigError(f"DATABASE_URL has a '%' not followed by two hex digits in its {what}: write '%' as %25")
+    if "%00" in text:
+        raise ConfigError(f"DATABASE_URL has %00 in its {what}, which libpq forbids")
+    try:
+        return urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigError(f"DATABASE_URL has percent-encoded bytes that are not UTF-8 in its {what}") from None
+
+
+def _place_hosts(hosts: list[str], ports: list[str], params: dict[str, str]) -> tuple[str | None, int | None]:
+    """One TCP host stays in the URL's host and port; a socket directory or several hosts
+    go to libpq's ``host``/``port`` parameters (asyncpg reads them the same way).
+    Each port must be a number from 1 to 65535; with several hosts, every host has its
+    port or none has (libpq would fill the gaps from PGPORT; flowfix asks)."""
+    checked = [_port(p) if p else None for p in ports]
+    if len(hosts) == 1 and len(checked) == 1:
+        host, port = hosts[0] or None, checked[0]
+        if host is None or not host.startswith("/"):
+            return host, port
+        params["host"] = host
+        if port is not None:
+            params["port"] = str(port)
+        return None, None
+    if any(not h for h in hosts):
+        raise ConfigError("DATABASE_URL has an empty host in its list of hosts")
+    if len(checked) == 1 and len(hosts) > 1:
+        checked = checked * len(hosts)  # libpq: one port for every host
+    if len(checked) != len(hosts):
+        raise ConfigError("DATABASE_URL gives a different number of hosts and ports")
+    if any(p is None for p in checked) and any(p is not None for p in checked):
+        raise ConfigError("DATABASE_URL gives a port for some hosts and not others: give every host its port, or none")
+    params["host"] = ",".join(hosts)
+    if checked[0] is not None:
+        params["port"] = ",".join(str(p) for p in checked)
+    return None, None
+
+
+def _port(text: str) -> int:
+    """A port from 1 to 65535; the text is never shown (a misplaced password could be it)."""
+    if not _DIGITS_RE.match(text) or not 1 <= int(text) <= 65535:
+        raise ConfigError("DATABASE_URL has a port that is not a number from 1 to 65535")
+    return int(text)
 
 
 def _check_parameters(params: dict[str, str]) -> None:
@@ -137,8 +270,6 @@ def _check_parameters(params: dict[str, str]) -> None:
             raise ConfigError(
                 f"DATABASE_URL connect_timeout '{value[:20]}' must be whole seconds from 1 to {MAX_CONNECT_TIMEOUT_S}"
             )
-    if "port" in params:
-        _host_and_port(":" + params["port"])
     if "options" in params:
         server_options(params["options"])
 
@@ -228,7 +359,10 @@ def connect_args(url: URL, schema: str, lock_timeout: str | None = None) -> Conn
     if lock_timeout is not None:
         settings["lock_timeout"] = lock_timeout
     timeout = float(query.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S))  # type: ignore[arg-type]
-    dsn = url.set(drivername="postgresql", password=None, query=query).render_as_string(hide_password=False)
+    if "host" in query:  # libpq's host list; asyncpg wants an IPv6 address in it in brackets
+        query["host"] = ",".join(f"[{h}]" if ":" in h else h for h in str(query["host"]).split(","))
+    # URL.set(password=None) would keep the password: None there means "unchanged"
+    dsn = url.set(drivername="postgresql", query=query)._replace(password=None).render_as_string(hide_password=False)
     return ConnectArgs(dsn=dsn, password=url.password, timeout=timeout, server_settings=settings)
 
 
@@ -273,6 +407,17 @@ class Settings:
     #: let revision ``legacy`` create the four tables in an empty schema (a new database);
     #: without it an empty schema is refused, since it usually means a wrong FLOWFIX_SCHEMA
     create_tables: bool = False
+
+    def __post_init__(self) -> None:
+        """Checked where a Settings is built (tests, the CLI, ``dataclasses.replace``), not
+        only in :meth:`from_env`: the schema and lock_timeout reach SQL and ``search_path``."""
+        if self.url is not None and not isinstance(self.url, URL):
+            raise ConfigError("Settings.url must be a parsed URL (flowfix.config.parse_database_url), not text")
+        validate_schema(self.schema)
+        validate_lock_timeout(self.lock_timeout)
+        if isinstance(self.lock_retries, bool) or not isinstance(self.lock_retries, int):
+            raise ConfigError("FLOWFIX_LOCK_RETRIES must be a whole number")
+        validate_lock_retries(str(self.lock_retries))
 
     @property
     def masked_url(self) -> str:

@@ -25,7 +25,10 @@ class EmbeddedServer:
     keep: bool = False
 
     def url_for(self, database: str) -> str:
-        return self.url.replace("/postgres?", f"/{database}?", 1)
+        """The same server's URL for ``database`` (socket or TCP, as the wheel gives it)."""
+        from flowfix.config import libpq_url
+
+        return libpq_url(self.url, database)
 
     def stop(self) -> None:
         if not self.keep:

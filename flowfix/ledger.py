@@ -28,6 +28,7 @@ from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import FlowfixError
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
+from flowfix.sql import quote_ident, quote_qualified
 
 Executor = AsyncConnection | AsyncSession
 
@@ -457,7 +458,7 @@ async def _begin_undo(conn: AsyncConnection, run_id: uuid.UUID) -> uuid.UUID | N
 
 async def _undo_table(conn: AsyncConnection, run_id: uuid.UUID, table: str, report: UndoReport, retries: int) -> None:
     assert (table, "master_flow_id") in UNDOABLE_COLUMNS  # the only names that reach the SQL
-    sql = text(UNDO_BATCH.format(table=table))
+    sql = text(UNDO_BATCH.format(table=quote_ident(table)))
     sizer = BatchSizer(5000, start=100)
     after: int | None = None
     while True:
@@ -520,8 +521,11 @@ async def _unreferenced_masters_sql(conn: Executor) -> str:
     (the application has tables flowfix does not know, some with ON DELETE CASCADE)."""
     refs = await conn.run_sync(catalog.referencing, MASTER_TABLE)
     guards = "".join(
-        f" AND NOT EXISTS (SELECT 1 FROM {ref.source} x WHERE "
-        + " AND ".join(f"x.{col} = m.{target}" for col, target in zip(ref.columns, ref.referenced, strict=True))
+        f" AND NOT EXISTS (SELECT 1 FROM {quote_qualified(ref.schema, ref.source)} x WHERE "
+        + " AND ".join(
+            f"x.{quote_ident(col)} = m.{quote_ident(target)}"
+            for col, target in zip(ref.columns, ref.referenced, strict=True)
+        )
         + ")"
         for ref in refs
     )

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, text
 from flowfix.catalog import IndexFacts
 from flowfix.config import Settings
 from flowfix.errors import MigrationError, is_lock_timeout, sqlstate, translate
+from flowfix.sql import quote_ident, quote_literal
 
 log = logging.getLogger("flowfix.revision_helpers")
 
@@ -52,7 +53,7 @@ def offline_facts() -> IndexFacts | None:
 def sql_literal(value: str) -> str:
     """A string as a SQL literal, for the few names revisions inline into DO blocks
     (which take no bind parameters)."""
-    return "'" + value.replace("'", "''") + "'"
+    return quote_literal(value)
 
 
 def warn(message: str) -> None:
@@ -244,10 +245,7 @@ def as_command_error(exc: BaseException, settings: Settings | None = None) -> Ba
 
 def quote(name: str) -> str:
     """Quote an identifier read from the catalog (constraint or index name) for DDL."""
-    from sqlalchemy.dialects import postgresql
-
-    quoted: str = postgresql.dialect().identifier_preparer.quote_identifier(name)  # type: ignore[no-untyped-call]
-    return quoted
+    return quote_ident(name)
 
 
 def run_or_undo(sql: str, *, undo: str, when_sqlstate: str, message: str) -> None:

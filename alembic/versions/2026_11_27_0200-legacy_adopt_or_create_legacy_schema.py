@@ -200,7 +200,7 @@ def upgrade() -> None:
     helpers.note("legacy: create the deployed schema on an empty database, or adopt the existing tables unchanged")
     # one transaction: a refusal in the DO block takes the bookkeeping table back with it
     helpers.execute(BOOKKEEPING)
-    helpers.execute(_adopt_or_create_sql(helpers.settings().create_tables))
+    helpers.execute(_adopt_or_create_sql(bool(helpers.settings().create_tables)))
 
 
 def downgrade() -> None:

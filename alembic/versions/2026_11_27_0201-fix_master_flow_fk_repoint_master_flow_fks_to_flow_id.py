@@ -161,6 +161,40 @@ BEGIN{CATALOG_PREFLIGHT}
   END IF;
 END $preflight$"""
 
+#: A name as pg_get_constraintdef prints it: plain, or double-quoted ("" for a quote).
+_IDENT = '(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
+#: The definition pg_get_constraintdef gives a single-column FK, in parts: 1 column,
+#: 2 referenced table (schema-qualified when not on the search_path), 3 referenced column,
+#: 4 MATCH FULL, 6 ON UPDATE rule, 8 ON DELETE rule, 9 DEFERRABLE, 10 INITIALLY
+#: DEFERRED, 11 NOT VALID. Nothing else matches (no second statement, no other clause).
+FK_DEFINITION_RE = (
+    f"^FOREIGN KEY [(]({_IDENT})[)] REFERENCES ({_IDENT}(?:[.]{_IDENT})?)[(]({_IDENT})[)]"
+    "( MATCH FULL)?"
+    "( ON UPDATE (CASCADE|SET NULL|SET DEFAULT|RESTRICT))?"
+    "( ON DELETE (CASCADE|SET NULL|SET DEFAULT|RESTRICT))?"
+    "( DEFERRABLE)?( INITIALLY DEFERRED)?( NOT VALID)?$"
+)
+_RULES = ("CASCADE", "SET NULL", "SET DEFAULT", "RESTRICT")
+
+#: The DDL that restores the FK recorded in row ``sc`` of flowfix_schema_changes, NOT VALID,
+#: rebuilt from checked parts of its stored definition (the stored text itself is never
+#: executed): the column must be master_flow_id, the referenced table and column must exist
+#: in the catalog (their names are taken from it and quoted), each rule comes from a fixed
+#: set. NULL when the definition is anything else (changed by hand, or tampered with).
+REBUILT_FK = f"""(SELECT format('ALTER TABLE %I ADD CONSTRAINT %I FOREIGN KEY (master_flow_id) REFERENCES %I.%I (%I)',
+                      sc.table_name, sc.object_name, n.nspname, t.relname, a.attname)
+       || CASE WHEN m[4] IS NOT NULL THEN ' MATCH FULL' ELSE '' END
+       || CASE m[6] {" ".join(f"WHEN '{r}' THEN ' ON UPDATE {r}'" for r in _RULES)} ELSE '' END
+       || CASE m[8] {" ".join(f"WHEN '{r}' THEN ' ON DELETE {r}'" for r in _RULES)} ELSE '' END
+       || CASE WHEN m[9] IS NOT NULL THEN ' DEFERRABLE' ELSE '' END
+       || CASE WHEN m[10] IS NOT NULL THEN ' INITIALLY DEFERRED' ELSE '' END
+       || ' NOT VALID'
+  FROM regexp_match(sc.definition, '{FK_DEFINITION_RE}') m
+  JOIN pg_class t ON t.oid = to_regclass(m[2]) AND t.relkind IN ('r', 'p')
+  JOIN pg_namespace n ON n.oid = t.relnamespace
+  JOIN pg_attribute a ON a.attrelid = t.oid AND quote_ident(a.attname) = m[3] AND a.attnum > 0 AND NOT a.attisdropped
+  WHERE m[1] = 'master_flow_id' AND sc.table_name = ANY({CHILDREN_SQL}) AND sc.object_name ~ '^[^[:cntrl:]]{{1,63}}$')"""
+
 #: Before the downgrade (after PREFLIGHT): no FK that flowfix did not add may depend on
 #: the unique constraint flowfix added (dropping it would fail, or take that FK along).
 DOWNGRADE_PREFLIGHT = f"""DO $preflight$
@@ -176,6 +210,13 @@ BEGIN
                     AND sc.table_name = c.conrelid::regclass::text);
   IF found IS NOT NULL THEN
     RAISE EXCEPTION 'flowfix: the unique constraint {UNIQUE_FLOW_ID}, which this downgrade would drop, is referenced by foreign key % (not added by flowfix): drop that FK first, or stay at fix_master_flow_fk. This revision changed nothing.', found USING ERRCODE = 'FF000';
+  END IF;
+  SELECT string_agg(format('%s on %s', left(regexp_replace(sc.object_name, '[[:cntrl:]]', '?', 'g'), 63),
+                           left(regexp_replace(sc.table_name, '[[:cntrl:]]', '?', 'g'), 63)), ', ') INTO found
+  FROM flowfix_schema_changes sc
+  WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced' AND {REBUILT_FK} IS NULL;
+  IF found IS NOT NULL THEN
+    RAISE EXCEPTION 'flowfix: flowfix_schema_changes holds a definition for foreign key % that flowfix did not record (not a single-column FK on master_flow_id to a table and column that exist, with standard rules): it was edited or tampered with, and flowfix never runs stored text. Put back the row as pg_get_constraintdef wrote it, or delete it and re-add that FK yourself after the downgrade. This revision changed nothing.', found USING ERRCODE = 'FF000';
   END IF;
 END $preflight$"""
 
@@ -542,19 +583,23 @@ END $drop$"""
 
 
 def _restore_fks(table: str) -> str:
-    """Re-add the FKs step 3 replaced, by their recorded names and definitions, NOT VALID
-    (no scan while the tables are locked)."""
+    """Re-add the FKs step 3 replaced, by their recorded names, NOT VALID (no scan while
+    the tables are locked), each rebuilt from checked parts of its recorded definition
+    (REBUILT_FK; DOWNGRADE_PREFLIGHT refused the downgrade before anything changed if one
+    cannot be)."""
     return f"""DO $restore$
 DECLARE r record;
 BEGIN
-  FOR r IN SELECT object_name, definition FROM flowfix_schema_changes
-           WHERE revision = 'fix_master_flow_fk' AND kind = 'foreign_key_replaced' AND table_name = '{table}'
-             AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{table}'::regclass AND conname = object_name)
-           ORDER BY id
+  FOR r IN SELECT sc.object_name, {REBUILT_FK} AS ddl FROM flowfix_schema_changes sc
+           WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced' AND sc.table_name = '{table}'
+             AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{table}'::regclass AND conname = sc.object_name)
+           ORDER BY sc.id
   LOOP
+    IF r.ddl IS NULL THEN
+      RAISE EXCEPTION 'flowfix: flowfix_schema_changes holds a definition for foreign key % on {table} that flowfix did not record: it was edited or tampered with, and flowfix never runs stored text', r.object_name USING ERRCODE = 'FF000';
+    END IF;
     {_lock_pair(table)}
-    EXECUTE format('ALTER TABLE {table} ADD CONSTRAINT %I %s NOT VALID', r.object_name,
-                   regexp_replace(r.definition, '\\s+NOT VALID$', ''));
+    EXECUTE r.ddl;
   END LOOP;
 END $restore$"""
 

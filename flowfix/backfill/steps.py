@@ -30,6 +30,7 @@ from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.evidence import Evidence
 from flowfix.models import TENANT_SCOPE
+from flowfix.sql import quote_qualified
 from flowfix.tenancy import known_and_equal_sql, unknown_matches_sql
 
 T = TypeVar("T")
@@ -239,6 +240,8 @@ async def link_records(ctx: Context, engine: AsyncEngine, settings: Settings, to
             await ledger.start_walk(ctx.conn, ctx.run.id, ranges)
     ctx.counts.records_walk = walk
     known = {leaf.name for leaf in leaves}
+    #: a stored walk names its leaves; only a leaf the catalog has now is walked, by its quoted name
+    quoted = {leaf.name: quote_qualified(leaf.schema, leaf.relname) for leaf in leaves}
     rows_per_page = max((leaf.rows_per_page for leaf in leaves), default=0.0)
     todo = [i for i, r in enumerate(ranges) if not r.get("done") and (r["walk"] == "key" or r["relation"] in known)]
     jobs = max(1, min(ctx.opts.jobs, len(todo)))
@@ -251,7 +254,7 @@ async def link_records(ctx: Context, engine: AsyncEngine, settings: Settings, to
         while queue:
             index = queue.pop(0)
             if ranges[index]["walk"] == "ctid":
-                await _walk_pages(mine, sizer, index, ranges[index])
+                await _walk_pages(mine, sizer, index, ranges[index], quoted[ranges[index]["relation"]])
             else:
                 await _walk_keys(mine, sizer, index, ranges[index])
 
@@ -295,8 +298,8 @@ def _records_sizer(ctx: Context, ranges: list[dict[str, Any]], rows_per_page: fl
     return BatchSizer(max(1, int(ctx.opts.batch_size / per_page)), start=8)
 
 
-async def _walk_pages(ctx: Context, sizer: BatchSizer, index: int, part: dict[str, Any]) -> None:
-    sql = LINK_RECORDS_SLICE.replace("{relation}", part["relation"])  # a leaf's name, from the catalog
+async def _walk_pages(ctx: Context, sizer: BatchSizer, index: int, part: dict[str, Any], relation: str) -> None:
+    sql = LINK_RECORDS_SLICE.replace("{relation}", relation)  # the leaf's quoted name, from the catalog
     while part["next"] < part["end"]:
         lo = part["next"]
         hi = min(part["end"], lo + sizer.size)
