@@ -198,20 +198,17 @@ def mask_url(url: URL | str | None) -> str:
 @dataclass(frozen=True)
 class ConnectArgs:
     """What asyncpg.connect() is called with: a libpq DSN (no password in it), the
-    password apart, the connect timeout, and the server settings."""
+    password apart and the connect timeout; and the settings flowfix gives each session
+    right after connecting (:mod:`flowfix.db`), not as startup parameters: a pooler such
+    as PgBouncer refuses those it does not know, or drops them."""
 
     dsn: str
     password: str | None
     timeout: float
-    server_settings: dict[str, str] = field(default_factory=dict)
+    session_settings: dict[str, str] = field(default_factory=dict)
 
     def kwargs(self) -> dict[str, Any]:
-        return {
-            "dsn": self.dsn,
-            "password": self.password,
-            "timeout": self.timeout,
-            "server_settings": self.server_settings,
-        }
+        return {"dsn": self.dsn, "password": self.password, "timeout": self.timeout}
 
 
 def connect_args(url: URL, schema: str, lock_timeout: str | None = None) -> ConnectArgs:
@@ -229,7 +226,7 @@ def connect_args(url: URL, schema: str, lock_timeout: str | None = None) -> Conn
         settings["lock_timeout"] = lock_timeout
     timeout = float(query.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S))  # type: ignore[arg-type]
     dsn = url.set(drivername="postgresql", password=None, query=query).render_as_string(hide_password=False)
-    return ConnectArgs(dsn=dsn, password=url.password, timeout=timeout, server_settings=settings)
+    return ConnectArgs(dsn=dsn, password=url.password, timeout=timeout, session_settings=settings)
 
 
 def validate_schema(name: str) -> str:
