@@ -14,6 +14,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,13 +69,14 @@ def _server_address(server_url: str) -> tuple[str, int, str | None]:
 
 
 @contextmanager
-def pgbouncer(server_url: str, tmp: Path, mode: str) -> Iterator[Bouncer]:
+def pgbouncer(server_url: str, mode: str) -> Iterator[Bouncer]:
     """Start PgBouncer (``pool_mode = mode``) in front of the server of ``server_url``;
-    every database name is passed through to the server."""
+    every database name is passed through to the server. Its files live in a directory
+    of its own under the system's temp dir (pytest's is private to root), removed after."""
     exe = binary()
     assert exe is not None, SKIP_REASON
     host, server_port, owner = _server_address(server_url)
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"flowfix-pgbouncer-{mode}-"))
     port = _free_port()
     (tmp / "users.txt").write_text('"postgres" ""\n')
     ini = tmp / "pgbouncer.ini"
@@ -113,6 +115,7 @@ def pgbouncer(server_url: str, tmp: Path, mode: str) -> Iterator[Bouncer]:
         deadline = time.monotonic() + 10
         while pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _listening(port: int) -> bool:

@@ -36,15 +36,14 @@ C, E = uuid.uuid4(), uuid.uuid4()
 
 
 @pytest.fixture(scope="module")
-def bouncers(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Bouncer]]:
+def bouncers(pg_server: str) -> Iterator[Callable[[str], Bouncer]]:
     """``bouncer(mode)``: a PgBouncer in front of the test server, started once per mode."""
     started: dict[str, Bouncer] = {}
     with ExitStack() as stack:
 
         def bouncer(mode: str) -> Bouncer:
             if mode not in started:
-                tmp = tmp_path_factory.mktemp(f"pgbouncer-{mode}")
-                started[mode] = stack.enter_context(pgbouncer(pg_server, tmp, mode))
+                started[mode] = stack.enter_context(pgbouncer(pg_server, mode))
             return started[mode]
 
         yield bouncer
