@@ -103,18 +103,18 @@ def pgbouncer(server_url: str, mode: str) -> Iterator[Bouncer]:
         ["runuser", "-u", user, "--", *command] if user else command, check=True, timeout=30, capture_output=True
     )
     pid_file = tmp / "pgbouncer.pid"
-    deadline = time.monotonic() + 10
-    while not pid_file.exists() or not pid_file.read_text().strip() or not _listening(port):
-        assert time.monotonic() < deadline, (tmp / "pgbouncer.log").read_text()
-        time.sleep(0.05)
-    pid = int(pid_file.read_text().strip())
     try:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() or not pid_file.read_text().strip() or not _listening(port):
+            assert time.monotonic() < deadline, (tmp / "pgbouncer.log").read_text()
+            time.sleep(0.05)
         yield Bouncer(port, mode)
     finally:
-        os.kill(pid, 15)  # the PgBouncer this fixture started, by its pid
-        deadline = time.monotonic() + 10
-        while pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if pid_file.exists() and pid_file.read_text().strip():
+            os.kill(int(pid_file.read_text()), 15)  # the PgBouncer started here, by its pid
+            deadline = time.monotonic() + 10
+            while pid_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

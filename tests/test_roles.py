@@ -168,6 +168,8 @@ def test_each_role_runs_its_part_of_the_runbook(roles: Roles) -> None:
     relinked = run_id(run(operator, "link", "--import", str(imports[0]["id"]), "--flow", str(other), "--force"))
     run(operator, "undo", relinked)
     run(operator, "runs")
+    run(operator, "validate")  # the operator runs whatever CI runs
+    run(operator, "status")
     run(ci, "validate")
     run(ci, "runs")
     run(owner, "upgrade", "head")
