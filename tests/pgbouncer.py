@@ -40,9 +40,11 @@ class Bouncer:
     mode: str
 
     def settings(self, direct: Settings) -> Settings:
-        """``direct``'s database, user and schema, reached through this PgBouncer."""
+        """``direct``'s database, user, schema and URL parameters, reached through this
+        PgBouncer."""
         url = direct.require_url()
-        through = url.set(host="127.0.0.1", port=self.port, query={})
+        query = {k: v for k, v in url.query.items() if k not in ("host", "port")}
+        through = url.set(host="127.0.0.1", port=self.port, query=query)
         return Settings(
             url=normalize_url(through),
             schema=direct.schema,

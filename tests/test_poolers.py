@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -68,6 +69,25 @@ def broken(s: Settings) -> None:
 
 def cli(s: Settings, *args: str):  # type: ignore[no-untyped-def]
     return runner.invoke(app, list(args), env=cli_env(s))
+
+
+def test_the_urls_options_reach_the_session_through_pgbouncer(
+    settings: Settings, bouncers: Callable[[str], Bouncer]
+) -> None:
+    """libpq's ``options`` is a startup parameter a stock PgBouncer refuses; flowfix sets
+    its settings after connecting instead (and application_name, which PgBouncer would
+    pass, the same way)."""
+    url = settings.require_url().update_query_dict({"options": "-c statement_timeout=5min", "application_name": "ops"})
+    pooled = bouncers("session").settings(replace(settings, url=url))
+
+    async def read(engine: AsyncEngine) -> list[str]:
+        async with engine.connect() as conn:
+            got = await conn.execute(
+                text("SELECT current_setting('statement_timeout'), current_setting('application_name')")
+            )
+            return list(got.one())
+
+    assert run_with_engine(pooled, read) == ["5min", "ops"]
 
 
 def session_state(s: Settings) -> dict[str, str]:
