@@ -329,20 +329,17 @@ def mask_url(url: URL | str | None) -> str:
 @dataclass(frozen=True)
 class ConnectArgs:
     """What asyncpg.connect() is called with: a libpq DSN (no password in it), the
-    password apart, the connect timeout, and the server settings."""
+    password apart and the connect timeout; and the settings flowfix gives each session
+    right after connecting (:mod:`flowfix.db`), not as startup parameters: a pooler such
+    as PgBouncer refuses those it does not know, or drops them."""
 
     dsn: str
     password: str | None
     timeout: float
-    server_settings: dict[str, str] = field(default_factory=dict)
+    session_settings: dict[str, str] = field(default_factory=dict)
 
     def kwargs(self) -> dict[str, Any]:
-        return {
-            "dsn": self.dsn,
-            "password": self.password,
-            "timeout": self.timeout,
-            "server_settings": self.server_settings,
-        }
+        return {"dsn": self.dsn, "password": self.password, "timeout": self.timeout}
 
 
 def connect_args(url: URL, schema: str, lock_timeout: str | None = None) -> ConnectArgs:
@@ -363,7 +360,7 @@ def connect_args(url: URL, schema: str, lock_timeout: str | None = None) -> Conn
         query["host"] = ",".join(f"[{h}]" if ":" in h else h for h in str(query["host"]).split(","))
     # URL.set(password=None) would keep the password: None there means "unchanged"
     dsn = url.set(drivername="postgresql", query=query)._replace(password=None).render_as_string(hide_password=False)
-    return ConnectArgs(dsn=dsn, password=url.password, timeout=timeout, server_settings=settings)
+    return ConnectArgs(dsn=dsn, password=url.password, timeout=timeout, session_settings=settings)
 
 
 def validate_schema(name: str) -> str:

@@ -14,6 +14,7 @@ keyword arguments SQLAlchemy derives from the URL: that is what makes ``sslmode`
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -21,8 +22,8 @@ from typing import Any, TypeVar
 from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from flowfix.config import Settings, connect_args, libpq_url, mask_url
-from flowfix.errors import DatabaseUnavailable, FlowfixError, translate
+from flowfix.config import ConnectArgs, Settings, connect_args, libpq_url, mask_url
+from flowfix.errors import ConfigError, DatabaseUnavailable, FlowfixError, translate
 
 T = TypeVar("T")
 
@@ -32,11 +33,82 @@ def make_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     import asyncpg
 
     args = connect_args(settings.require_url(), settings.schema, settings.lock_timeout)
+    probed: list[bool] = []  # the path to the server is checked once per engine
 
     async def connect() -> Any:
-        return await asyncpg.connect(**args.kwargs())
+        conn = await asyncpg.connect(**args.kwargs())
+        try:
+            await start_session(conn, args, probe=not probed)
+        except BaseException:
+            conn.terminate()
+            raise
+        probed.append(True)
+        return conn
 
     return create_async_engine(URL.create("postgresql+asyncpg"), async_creator=connect, pool_pre_ping=True, **kwargs)
+
+
+#: Give the session flowfix's settings (``set_config(..., false)``: for the session, not
+#: the transaction), and a probe value only this session holds; read back what took.
+SESSION_SETUP_SQL = """
+SELECT pg_backend_pid() AS pid,
+       array_agg(set_config(s.name, s.value, false) ORDER BY s.n) AS took
+FROM unnest(CAST($1 AS text[]), CAST($2 AS text[])) WITH ORDINALITY AS s(name, value, n)
+"""
+#: What a later transaction sees of the same settings and probe.
+SESSION_STATE_SQL = """
+SELECT pg_backend_pid() AS pid,
+       array_agg(current_setting(s.name, true) ORDER BY s.n) AS took
+FROM unnest(CAST($1 AS text[])) WITH ORDINALITY AS s(name, n)
+"""
+PROBE_SETTING = "flowfix.session_probe"
+
+TRANSACTION_POOLING = (
+    "DATABASE_URL goes through a connection pooler in transaction pooling (or statement pooling) mode: a session's"
+    " state does not survive from one transaction to the next there ({evidence}), and flowfix holds its run"
+    " lock and settings for the session. Use a direct connection to PostgreSQL, or a pool in session pooling"
+    " mode (PgBouncer: pool_mode = session); nothing was changed"
+)
+
+
+async def start_session(conn: Any, args: ConnectArgs, *, probe: bool) -> None:
+    """Set flowfix's session settings (search_path, lock_timeout, application_name and the
+    URL's ``options``) with ``set_config`` after connecting, not as startup parameters,
+    which PgBouncer refuses ("unsupported startup parameter") or, when told to ignore
+    them, drops silently.
+
+    ``probe``: also check that the session keeps them. A direct connection is recognised
+    by the server's own process id (``pg_backend_pid()``) matching the one the server sent
+    at connect time (BackendKeyData); a pooler sends its own. Through a pooler, a second
+    connection looks for this session's probe value and the first reads its settings
+    again in a new transaction: in transaction pooling the server connection was handed
+    on (PgBouncer reuses the one released last), so the second connection sees the probe,
+    or the first finds another backend or lost settings. Either refuses in one line.
+    """
+    import asyncpg
+
+    names = [*args.session_settings, PROBE_SETTING]
+    token = uuid.uuid4().hex
+    values = [*args.session_settings.values(), token]
+    try:
+        first = await conn.fetchrow(SESSION_SETUP_SQL, names, values)
+        if not probe or first["pid"] == conn.get_server_pid():
+            return
+        other = await asyncpg.connect(**args.kwargs(), statement_cache_size=0)
+        try:
+            seen = await other.fetchrow(SESSION_STATE_SQL, [PROBE_SETTING])
+        finally:
+            await other.close()
+        again = await conn.fetchrow(SESSION_STATE_SQL, names)
+    except asyncpg.InvalidSQLStatementNameError:  # a statement prepared on one server connection, run on another
+        raise ConfigError(TRANSACTION_POOLING.format(evidence="a prepared statement vanished")) from None
+    if seen["took"] == [token] or seen["pid"] == first["pid"]:
+        evidence = "another connection was given this session's server process"
+    elif again["pid"] != first["pid"] or list(again["took"]) != list(first["took"]):
+        evidence = "the next transaction ran in another server process"
+    else:
+        return
+    raise ConfigError(TRANSACTION_POOLING.format(evidence=evidence))
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -9,6 +9,7 @@ recognise is a bug in flowfix (the CLI exits 3 and suggests ``--debug``).
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
@@ -54,9 +55,8 @@ DEADLOCK_DETECTED = "40P01"
 SQLSTATE_MESSAGES: dict[str, str] = {
     "28": "the server refused the login ({detail}): check the user and password (DATABASE_URL, PGPASSWORD, ~/.pgpass)",
     "3D000": "{detail}: check the database name in DATABASE_URL",
-    "42501": "permission denied ({detail}): run flowfix as a role that may do this (the tables' owner for"
-    " upgrade and downgrade; SELECT, INSERT and UPDATE on the four tables and the ledger for backfill,"
-    " link and undo; SELECT for validate and status)",
+    "42501": "permission denied: {denied} ({detail}): run flowfix as a role that may do this (the tables' owner"
+    " for upgrade and downgrade; docs/roles-and-poolers.md has the grants of each role)",
     "25006": "the database is read-only ({detail}): it is a replica, in recovery, or"
     " default_transaction_read_only is on; run flowfix against the primary",
     LOCK_NOT_AVAILABLE: "gave up waiting for a lock ({detail}): a long transaction holds it (see"
@@ -89,6 +89,38 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(cur)
         cur = getattr(cur, "orig", None) or cur.__cause__ or cur.__context__
     return seen
+
+
+_DENIED_RE = re.compile(r"permission denied for (table|relation|sequence|schema|function|database) (\S+)")
+_OWNER_RE = re.compile(r"must be owner of (\w+(?: \w+)?) (\S+)")
+_WRITES = (("INSERT", r"INSERT\s+INTO\s+"), ("UPDATE", r"UPDATE\s+"), ("DELETE", r"DELETE\s+FROM\s+"))
+
+
+def denied(exc: BaseException, detail: str) -> str:
+    """What a permission error (42501) denied, as "PRIVILEGE on KIND NAME": the object from
+    the server's message, the privilege from the statement (a table the statement writes
+    is named with that verb, one it reads with SELECT; a schema needs USAGE)."""
+    owner = _OWNER_RE.search(detail)
+    if owner:
+        return f"only the owner of {owner.group(1)} {owner.group(2)} may do this"
+    found = _DENIED_RE.search(detail)
+    if found is None:
+        return "a privilege this role lacks"
+    kind, name = found.group(1), found.group(2)
+    if kind == "schema":
+        return f"USAGE (or CREATE) on schema {name}"
+    if kind in ("function", "database"):
+        return f"EXECUTE on function {name}" if kind == "function" else f"CONNECT on database {name}"
+    statement = next((s for s in (getattr(c, "statement", None) for c in _chain(exc)) if isinstance(s, str)), "")
+    bare = re.escape(name.rsplit(".", 1)[-1].strip('"'))
+    privilege = "SELECT" + (
+        " and UPDATE (a row lock)" if re.search(r"\bFOR (NO KEY )?(UPDATE|SHARE)\b", statement) else ""
+    )
+    for verb, pattern in _WRITES:
+        if re.search(pattern + r'(?:\w+\.)?"?' + bare + r"\b", statement, re.IGNORECASE):
+            privilege = verb
+            break
+    return f"{privilege} on {kind} {name}"
 
 
 def is_lock_timeout(exc: BaseException) -> bool:
@@ -157,7 +189,7 @@ def translate(exc: BaseException, where: str = "") -> FlowfixError | None:
     if code is not None:
         template = SQLSTATE_MESSAGES.get(code) or SQLSTATE_MESSAGES.get(code[:2])
         if template is not None:
-            message = template.format(detail=detail)
+            message = template.format(detail=detail, denied=denied(exc, detail) if code == "42501" else "")
             if code[:2] in ("08", "28") or code == "3D000":
                 return DatabaseUnavailable(f"cannot connect to {where or 'the database'}: {message}")
             if code[:2] == "57" or code[:2] == "53":

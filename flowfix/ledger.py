@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from flowfix import catalog
+from flowfix import catalog, privileges
 from flowfix.batches import BatchSizer, timed, transaction
 from flowfix.config import Settings
 from flowfix.db import connect
@@ -384,6 +384,7 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
         async with conn.begin():
             await require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "undo")
+            await _require_undo_privileges(conn, run_id)
         async with run_lock(conn):
             async with conn.begin():
                 undo = await _begin_undo(conn, run_id)
@@ -403,6 +404,23 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
                 await finish_run(conn, undo, "finished", counts)
                 await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
             return report
+
+
+async def _require_undo_privileges(conn: AsyncConnection, run_id: uuid.UUID) -> None:
+    """What undo writes, checked before anything: the links and the ledger; for a run that
+    created masters, deleting them, and reading every table that may reference them."""
+    created = (
+        await conn.execute(
+            text("SELECT EXISTS (SELECT 1 FROM flowfix_changes WHERE run_id = :id AND column_name = :created)"),
+            {"id": run_id, "created": CREATED_ROW},
+        )
+    ).scalar_one()
+    if not created:
+        await privileges.require(conn, "undo", "write")
+        return
+    refs = await conn.run_sync(catalog.referencing, MASTER_TABLE)
+    readers = [privileges.Need(ref.source, "SELECT", privileges.ANY_COLUMN) for ref in refs]
+    await privileges.require(conn, "undo", "write", "masters", extra=readers)
 
 
 async def _begin_undo(conn: AsyncConnection, run_id: uuid.UUID) -> uuid.UUID | None:

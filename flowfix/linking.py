@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from flowfix import catalog, ledger
+from flowfix import catalog, ledger, privileges
 from flowfix.batches import retrying
 from flowfix.errors import FlowfixError
 from flowfix.evidence import Evidence
@@ -300,6 +300,7 @@ async def _link_with_ledger(
     async with session.begin():
         await ledger.require_ledger(session)
         await session.run_sync(catalog.require_full_visibility, "flowfix link")
+        await privileges.require(session, "link", "write", "link")
         await ledger.try_lock(session)
         result = await link_import(session, data_import_id=data_import_id, flow_id=flow_id, force=force)
         if not result.changes:

@@ -275,8 +275,10 @@ def next_step(report: Report) -> str:
     orphans = sum(report.check(f"{t}.orphaned").count + report.check(f"{t}.dangling").count for t in CHILD_TABLES)
     if orphans:
         return "flowfix backfill --dry-run, then flowfix backfill --window 2h, then flowfix validate"
-    if report.revision != head():
+    if report.revision == "fix_master_flow_fk":
         return "flowfix upgrade head (enforce discovery_flows.master_flow_id NOT NULL)"
+    if report.revision != head():
+        return "flowfix upgrade head"
     return (
         "nothing: run flowfix validate in CI to keep it that way"
         if report.ok

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from flowfix import privileges
 from flowfix import revision_helpers as helpers
 
 revision: str = "legacy"
@@ -201,6 +202,7 @@ def upgrade() -> None:
     # one transaction: a refusal in the DO block takes the bookkeeping table back with it
     helpers.execute(BOOKKEEPING)
     helpers.execute(_adopt_or_create_sql(bool(helpers.settings().create_tables)))
+    helpers.execute(privileges.REVOKE_DEFAULT_GRANTS)  # flowfix's tables: no grant from the schema's defaults
 
 
 def downgrade() -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flowfix import catalog
+from flowfix import catalog, privileges
 from flowfix import revision_helpers as helpers
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
@@ -526,6 +526,7 @@ def upgrade() -> None:
     helpers.execute(PREFLIGHT)
     for sql in CREATE_FLOWFIX_TABLES:
         helpers.execute(sql)
+    helpers.execute(privileges.REVOKE_DEFAULT_GRANTS)  # flowfix's tables: no grant from the schema's defaults
     helpers.commit()
 
     _ensure_unique_flow_id()

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from flowfix import catalog, ledger
+from flowfix import catalog, ledger, privileges
 from flowfix.backfill import steps
 from flowfix.backfill.model import Counts, Link, Options, Plan, Reporter, Result, Silent
 from flowfix.backfill.plan import make_plan
@@ -32,6 +32,10 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
         async with conn.begin():
             await ledger.require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "the backfill")
+            if not opts.dry_run:
+                await privileges.require(
+                    conn, "backfill", "write", *(("masters",) if opts.create_missing_masters else ())
+                )
             if opts.dry_run:
                 return Result(None, True, opts.window_seconds, await make_plan(conn, opts), None)
         async with ledger.run_lock(conn):
