@@ -29,7 +29,7 @@ def defaults(make_shape: Callable[..., Settings]) -> Iterator[tuple[Settings, st
     """A raw deployed shape whose schema's default privileges grant every new table and
     sequence to PUBLIC and SELECT on tables to an application role (as shops set them);
     and a role that the DBA grants to by hand (not through the defaults)."""
-    s = make_shape("deployed", adopted=False)
+    s = make_shape("deployed", revision=None)
     tag = uuid.uuid4().hex[:8]
     app_reader, granted = f"ff{tag}_reader", f"ff{tag}_granted"
     for statement in (
