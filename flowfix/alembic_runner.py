@@ -146,7 +146,12 @@ def _run(settings: Settings, fn: Any, *args: object, sql: bool = False, **kwargs
             except Exception:  # noqa: BLE001 - the server may be gone: the refusal is what matters
                 after = before
             if after != before:
-                message += f" The database is now at revision {after or '(none)'} (it was at {before or '(none)'})."
+                # the revisions before the refused one were applied (one transaction each) and stay:
+                # say so first, so "this revision changed nothing" reads as the last one's
+                message = (
+                    f"upgrade applied revisions up to {after or '(none)'} (from {before or '(none)'}); the database"
+                    f" is now at revision {after or '(none)'}, where they stay. The next revision refused: {message}"
+                )
             try:
                 unfinished = part_done(settings)
             except Exception:  # noqa: BLE001 - the server may be gone

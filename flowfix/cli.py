@@ -53,6 +53,18 @@ def _where() -> str:
         return "the database"
 
 
+def _session_timeouts() -> str | None:
+    """The idle timeouts set for flowfix's role, after a lost connection (flowfix.db)."""
+    from flowfix.config import Settings
+    from flowfix.db import session_timeouts
+
+    try:
+        settings = Settings.from_env()
+    except FlowfixError:
+        return None
+    return session_timeouts(settings) if settings.url is not None else None
+
+
 def error_line(exc: BaseException) -> tuple[str, Exit]:
     """The one line and the exit code for anything a command raised."""
     if isinstance(exc, typer.TyperException):  # click's usage errors: bad option, missing argument ...
@@ -73,6 +85,8 @@ def error_line(exc: BaseException) -> tuple[str, Exit]:
         code = Exit.BUG
     else:
         message, code = str(translated).removeprefix("flowfix: "), Exit.USAGE
+        if message.startswith("lost the connection") and (hint := _session_timeouts()):
+            message = f"{message}; {hint}"
     if cause is not exc:
         message = f"{message}; {str(exc).removeprefix('flowfix: ')}"
     return " ".join(message.split()), code

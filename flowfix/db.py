@@ -168,3 +168,46 @@ def run_with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[
             await engine.dispose()
 
     return asyncio.run(go())
+
+
+#: The server settings that end a session flowfix holds, as a lost connection's likely cause.
+SESSION_TIMEOUTS_SQL = """
+SELECT current_user::text AS role,
+       current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction,
+       current_setting('idle_session_timeout') AS idle_session
+"""
+
+
+def session_timeouts(settings: Settings) -> str | None:
+    """After a lost connection: the timeouts set for flowfix's role or database that may
+    have ended the session (the server's reason is not always delivered before it closes
+    the socket), as words for the operator; None when none is set or the server cannot
+    be asked (best effort, a few seconds at most)."""
+    import asyncpg
+
+    async def ask() -> str | None:
+        args = connect_args(settings.require_url(), settings.schema).kwargs()
+        args["timeout"] = min(float(args["timeout"]), 3.0)
+        conn = await asyncpg.connect(**args)
+        try:
+            row = await asyncio.wait_for(conn.fetchrow(SESSION_TIMEOUTS_SQL), 3.0)
+        finally:
+            await conn.close()
+        set_ = [
+            (name, value)
+            for name, value in (
+                ("idle_in_transaction_session_timeout", row["idle_in_transaction"]),
+                ("idle_session_timeout", row["idle_session"]),
+            )
+            if value not in ("0", "0ms")
+        ]
+        if not set_:
+            return None
+        which = " and ".join(f"{name} is {value}" for name, value in set_)
+        fix = "; ".join(f"ALTER ROLE {row['role']} SET {name} = '10min'" for name, _ in set_)
+        return f"{which} for role {row['role']}: if that ended the session, raise it ({fix}) and rerun"
+
+    try:
+        return asyncio.run(ask())
+    except Exception:  # noqa: BLE001 - a hint only: the error line stands without it
+        return None

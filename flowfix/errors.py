@@ -62,15 +62,61 @@ SQLSTATE_MESSAGES: dict[str, str] = {
     LOCK_NOT_AVAILABLE: "gave up waiting for a lock ({detail}): a long transaction holds it (see"
     " pg_stat_activity); run the command again later, or raise FLOWFIX_LOCK_TIMEOUT",
     DEADLOCK_DETECTED: "a deadlock with another session was broken by the server ({detail}): run the command again",
+    "40001": "a serialization failure with a concurrent transaction ({detail}): run the command again",
     "57014": "the server cancelled a statement ({detail}): statement_timeout (set for this role or database)"
-    " is shorter than the step needs, or someone cancelled it; raise it for flowfix's role and rerun",
-    "25P03": "the server closed an idle transaction ({detail}): idle_in_transaction_session_timeout; rerun",
-    "57P01": "the server ended flowfix's session ({detail}: pg_terminate_backend or a shutdown); rerun when it is back",
-    "57P02": "the server crashed and ended flowfix's session ({detail}); rerun when it is back",
-    "57P03": "the server is not accepting connections yet ({detail}); rerun when it is up",
-    "53": "the server is out of a resource ({detail}); rerun when it has recovered",
+    " is shorter than the step needs, or someone cancelled it; raise it for flowfix's role"
+    " (ALTER ROLE <role> SET statement_timeout = '10min') and rerun: what was committed stays",
+    "25P03": "the server ended flowfix's session because a transaction stayed idle ({detail}):"
+    " idle_in_transaction_session_timeout (set for this role or database) is shorter than flowfix's pauses"
+    " inside a transaction; raise it for flowfix's role (ALTER ROLE <role> SET"
+    " idle_in_transaction_session_timeout = '1min') and rerun: what was committed stays and the rerun resumes",
+    "57P05": "the server ended flowfix's idle session ({detail}): idle_session_timeout (set for this role or"
+    " database) is shorter than flowfix's pauses between transactions; raise it for flowfix's role (ALTER ROLE"
+    " <role> SET idle_session_timeout = '10min') and rerun: what was committed stays and the rerun resumes",
+    "57P01": "the server ended flowfix's session ({detail}: a restart, a fast shutdown or pg_terminate_backend);"
+    " what was committed stays: rerun when the server is back, the rerun resumes",
+    "57P02": "the server crashed and ended every session ({detail}); what was committed stays: rerun when it is"
+    " back, the rerun resumes",
+    "57P03": "the server is not accepting connections yet ({detail}: starting up, shutting down or in recovery);"
+    " rerun when it is up",
+    "57P04": "the database was dropped while flowfix was connected ({detail}); check DATABASE_URL",
+    "53100": "the server's disk is full ({detail}): free space on the server (data or WAL volume), then rerun:"
+    " what was committed stays",
+    "53200": "the server is out of memory ({detail}): check its log and memory settings, or lower --batch-size,"
+    " then rerun: what was committed stays",
+    "53300": "the server has too many connections ({detail}): max_connections or the role's connection limit"
+    " is reached; close idle sessions or lower --jobs, then rerun",
+    "53400": "the server hit a configuration limit ({detail}, e.g. max_locks_per_transaction): raise it on the"
+    " server or lower --batch-size, then rerun",
+    "53": "the server is out of a resource ({detail}): free it on the server, then rerun: what was committed stays",
+    "58030": "the server hit an I/O error ({detail}): check its disk and log before anything else; rerun once"
+    " it is healthy",
+    "58P01": "a file the server needs is missing ({detail}): check the server's installation and log; rerun"
+    " once it is healthy",
+    "58": "the server reported a system error ({detail}): check its log; rerun once it is healthy",
+    "XX001": "the server found corrupt data ({detail}): stop, and check the database (amcheck, the server log)"
+    " before running anything else",
+    "XX002": "the server found a corrupt index ({detail}): REINDEX the index its log names, then rerun",
+    "XX": "the server reported an internal error ({detail}): a problem of the server, not of flowfix; check"
+    " its log, then rerun",
     "08": "the connection to the server failed ({detail}); check that it is up and reachable",
 }
+
+
+#: Integrity errors a live application can cause while flowfix writes its tables (a master
+#: created or deleted between flowfix's check and its write); in flowfix's own tables they
+#: are bugs.
+RACE_SQLSTATES = ("23505", "23503")
+APPLICATION_TABLES = ("crewai_flow_state_extensions", "data_imports", "raw_import_records", "discovery_flows")
+
+
+def _table(exc: BaseException) -> str | None:
+    """The table a server error names (asyncpg keeps the server's table_name field)."""
+    for cur in _chain(exc):
+        table = getattr(cur, "table_name", None)
+        if isinstance(table, str):
+            return table
+    return None
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -153,7 +199,7 @@ def is_connect_failure(exc: BaseException) -> bool:
 
     code = sqlstate(exc)
     if code is not None:
-        return code[:2] in ("08", "28") or code in ("3D000", "57P01", "57P02", "57P03")
+        return code[:2] in ("08", "28") or code in ("3D000", "57P01", "57P02", "57P03", "57P05", "25P03")
     return any(
         isinstance(
             cur,
@@ -180,21 +226,28 @@ def translate(exc: BaseException, where: str = "") -> FlowfixError | None:
 
     code = sqlstate(exc)
     detail = _detail(exc)
+    template = (SQLSTATE_MESSAGES.get(code) or SQLSTATE_MESSAGES.get(code[:2])) if code is not None else None
     lost = (ConnectionResetError, BrokenPipeError, asyncpg.ConnectionDoesNotExistError)
-    if any(isinstance(cur, lost) or "connection is closed" in str(cur) for cur in _chain(exc)):
+    was_lost = any(isinstance(cur, lost) or "connection is closed" in str(cur) for cur in _chain(exc))
+    if code is not None and template is not None and not (was_lost and code[:2] == "08"):
+        # the server said why: that first (a connection that existed and went away is "lost", below)
+        message = template.format(detail=detail, denied=denied(exc, detail) if code == "42501" else "")
+        if code[:2] in ("08", "28") or code == "3D000":
+            return DatabaseUnavailable(f"cannot connect to {where or 'the database'}: {message}")
+        if code[:2] in ("57", "53", "58", "XX") or code == "25P03":
+            return DatabaseUnavailable(message)
+        return DatabaseRefused(message)
+    if was_lost:
         return DatabaseUnavailable(
             f"lost the connection to {where or 'the database'} ({detail}); what was"
-            " committed stays: rerun when the server is back"
+            " committed stays: rerun when the server is back, the rerun resumes"
         )
     if code is not None:
-        template = SQLSTATE_MESSAGES.get(code) or SQLSTATE_MESSAGES.get(code[:2])
-        if template is not None:
-            message = template.format(detail=detail, denied=denied(exc, detail) if code == "42501" else "")
-            if code[:2] in ("08", "28") or code == "3D000":
-                return DatabaseUnavailable(f"cannot connect to {where or 'the database'}: {message}")
-            if code[:2] == "57" or code[:2] == "53":
-                return DatabaseUnavailable(message)
-            return DatabaseRefused(message)
+        if code in RACE_SQLSTATES and (table := _table(exc)) in APPLICATION_TABLES:
+            return DatabaseRefused(
+                f"the application changed {table} at the same moment as flowfix ({detail}); the statement was"
+                " rolled back and what was committed stays: rerun, the rerun plans from the rows as they are now"
+            )
         if code[:2] in ("22", "54"):
             return DatabaseRefused(f"the server refused a value ({detail}); check the options given")
         if code[:2] in ("42", "0A", "23", "P0"):

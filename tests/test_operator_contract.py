@@ -189,8 +189,15 @@ def test_upgrade_head_refused_at_its_last_revision_says_where_the_database_is(sh
     result = runner.invoke(app, ["upgrade", "head"], env=cli_env(shaped))
     assert result.exit_code == Exit.USAGE
     line = one_line(result)
-    assert "1 discovery_flows rows still have master_flow_id NULL; this revision changed nothing" in line
-    assert line.endswith("The database is now at revision fix_master_flow_fk (it was at legacy).")
+    assert line.startswith(
+        "flowfix: error: upgrade applied revisions up to fix_master_flow_fk (from legacy); the database is now at"
+        " revision fix_master_flow_fk, where they stay. The next revision refused:"
+    ), line
+    assert (
+        "1 discovery_flows rows still have master_flow_id NULL; revision enforce_master_flow_not_null changed nothing"
+        in line
+    )
+    assert line.endswith("then `flowfix upgrade head` again.")
 
 
 def test_an_unwritable_report_is_refused_before_the_database_is_touched(fixed: Settings, tmp_path) -> None:

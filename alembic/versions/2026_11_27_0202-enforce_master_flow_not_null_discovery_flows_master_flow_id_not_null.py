@@ -34,7 +34,7 @@ DECLARE orphans bigint;
 BEGIN
   SELECT count(*) INTO orphans FROM discovery_flows WHERE master_flow_id IS NULL;
   IF orphans > 0 THEN
-    RAISE EXCEPTION 'flowfix: % discovery_flows rows still have master_flow_id NULL; this revision changed nothing. Run `flowfix backfill` (then `flowfix validate`), and `alembic upgrade head` again.', orphans USING ERRCODE = 'FF000';
+    RAISE EXCEPTION 'flowfix: % discovery_flows rows still have master_flow_id NULL; revision enforce_master_flow_not_null changed nothing. Next: `flowfix backfill` (then `flowfix validate`), then `flowfix upgrade head` again.', orphans USING ERRCODE = 'FF000';
   END IF;
   IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'discovery_flows'::regclass AND contype = 'f'
                  AND confrelid = 'crewai_flow_state_extensions'::regclass AND convalidated) THEN

@@ -56,7 +56,8 @@ changed AS (
 #: A master for each discovery flow of :ids that still has none, from the flow's own
 #: columns; flowfix supplies the id (the application's schema has no default for it).
 #: The planner's refusals are checked again, so a row changed since planning is skipped,
-#: never an error.
+#: never an error; a master the application creates meanwhile with the same flow_id wins
+#: (ON CONFLICT DO NOTHING: no unique violation, no master of flowfix's, nothing logged).
 CREATE_MASTERS = f"""
 WITH todo AS (SELECT * FROM unnest(CAST(:ids AS uuid[])) AS x(id)),
 created AS (
@@ -69,6 +70,7 @@ created AS (
     WHERE d.master_flow_id IS NULL
       AND (d.user_id IS NOT NULL OR NOT :need_user_id) AND (d.flow_name IS NOT NULL OR NOT :need_flow_name)
       AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions m WHERE m.flow_id = d.flow_id OR m.id = d.flow_id)
+    ON CONFLICT DO NOTHING
     RETURNING flow_id
 )
 {ledger.LOG_CREATED_MASTERS}
