@@ -32,12 +32,9 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
         async with conn.begin():
             await ledger.require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "the backfill")
-            if not opts.dry_run:
-                await privileges.require(
-                    conn, "backfill", "write", *(("masters",) if opts.create_missing_masters else ())
-                )
             if opts.dry_run:
                 return Result(None, True, opts.window_seconds, await make_plan(conn, opts), None)
+            await privileges.require(conn, "backfill", "write", *(("masters",) if opts.create_missing_masters else ()))
         async with ledger.run_lock(conn):
             started = time.perf_counter()
             async with conn.begin():
