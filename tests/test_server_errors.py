@@ -113,12 +113,14 @@ def test_an_error_in_flowfix_own_sql_is_still_a_bug(settings: Settings, code: st
 @pytest.fixture
 def timeouts_on_the_database(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """The test database with short idle timeouts for every session (as a shop sets them
-    on the role or database), and DATABASE_URL pointing at it, as for the CLI."""
+    on the role or database), and DATABASE_URL pointing at it, as for the CLI. Short,
+    but long enough that connecting (several statements) never trips them on a loaded
+    machine: the tests then wait well past them."""
     db = settings.require_url().database
     script(
         settings,
-        f"ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '20ms'",
-        f"ALTER DATABASE {db} SET idle_session_timeout = '20ms'",
+        f"ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '250ms'",
+        f"ALTER DATABASE {db} SET idle_session_timeout = '250ms'",
     )
     for key, value in cli_env(settings).items():
         monkeypatch.setenv(key, value)
@@ -138,12 +140,12 @@ def test_idle_in_transaction_timeout_names_the_setting_and_its_value(timeouts_on
 
     async def work(conn: AsyncConnection) -> None:
         await conn.execute(text("SELECT 1"))  # a transaction is open now (autobegin)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
         await conn.execute(text("SELECT 1"))
 
     line, exit_code = line_and_code(caught(timeouts_on_the_database, work))
     assert exit_code == Exit.USAGE, line
-    assert "idle_in_transaction_session_timeout" in line and "20ms" in line and "ALTER ROLE" in line, line
+    assert "idle_in_transaction_session_timeout" in line and "250ms" in line and "ALTER ROLE" in line, line
     assert "rerun" in line and "bug in flowfix" not in line
 
 
@@ -151,12 +153,12 @@ def test_idle_session_timeout_names_the_setting(timeouts_on_the_database: Settin
     async def work(conn: AsyncConnection) -> None:
         await conn.execute(text("SELECT 1"))
         await conn.commit()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
         await conn.execute(text("SELECT 1"))
 
     line, exit_code = line_and_code(caught(timeouts_on_the_database, work))
     assert exit_code == Exit.USAGE, line
-    assert "idle_session_timeout is 20ms" in line and "ALTER ROLE" in line, line
+    assert "idle_session_timeout is 250ms" in line and "ALTER ROLE" in line, line
     assert "rerun" in line and "bug in flowfix" not in line
 
 
