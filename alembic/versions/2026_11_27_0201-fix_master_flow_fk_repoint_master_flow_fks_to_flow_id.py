@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flowfix import catalog
+from flowfix import catalog, ledger
 from flowfix import revision_helpers as helpers
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
@@ -96,6 +96,7 @@ CREATE_FLOWFIX_TABLES = (
     CONSTRAINT fk_flowfix_changes_run_id FOREIGN KEY (run_id) REFERENCES flowfix_runs (id) ON DELETE CASCADE
 )""",
     "CREATE INDEX IF NOT EXISTS ix_flowfix_changes_run_id ON flowfix_changes (run_id)",
+    *ledger.CREATE_WALK_RANGES,
 )
 
 #: A single-column FK on ``{t}.master_flow_id`` (``{t}`` a SQL expression for the table
@@ -689,9 +690,10 @@ BEGIN
     RAISE NOTICE 'flowfix: flowfix_quarantine kept: it holds values whose rows were relinked since';
   END IF;
   IF NOT EXISTS (SELECT 1 FROM flowfix_runs) THEN
+    DROP TABLE IF EXISTS flowfix_walk_ranges;
     DROP TABLE flowfix_changes, flowfix_runs;
   ELSE
-    RAISE NOTICE 'flowfix: ledger tables flowfix_runs/flowfix_changes kept: they hold run history';
+    RAISE NOTICE 'flowfix: ledger tables flowfix_runs/flowfix_changes/flowfix_walk_ranges kept: they hold run history';
   END IF;
 END $drop$""")
     helpers.execute("DELETE FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'")
