@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from flowfix import alembic_runner
 from flowfix.cli import app
 from flowfix.config import Settings
 from tests.helpers import revision
@@ -111,7 +112,7 @@ def test_alembic_itself_runs_the_revisions_from_the_checkout(database_url: str, 
         text=True,
     )
     assert ok.returncode == 0, ok.stderr
-    assert revision(settings) == "enforce_master_flow_not_null"
+    assert revision(settings) == alembic_runner.head()
     bad = subprocess.run(
         [sys.executable, "-m", "alembic", "downgrade", "nope"], cwd=ROOT, env=env, capture_output=True, text=True
     )

@@ -10,7 +10,7 @@ from xml.etree import ElementTree as ET
 import pytest
 from typer.testing import CliRunner
 
-from flowfix import catalog
+from flowfix import alembic_runner, catalog
 from flowfix import validate as v
 from flowfix.cli import app
 from flowfix.config import Settings, normalize_url
@@ -63,7 +63,7 @@ def test_a_clean_database_at_head_passes_every_check(settings: Settings) -> None
     report = run_validate(settings)
     assert set(statuses(report).values()) == {"pass"}
     assert [c.name for c in report.checks] == list(v.CHECK_ORDER)
-    assert report.ok and report.revision == "enforce_master_flow_not_null"
+    assert report.ok and report.revision == alembic_runner.head()
 
 
 def test_orphans_are_counted_per_table_and_sampled_in_id_order(settings: Settings) -> None:
@@ -222,7 +222,7 @@ def test_a_select_only_role_can_validate_and_rls_is_detected(settings: Settings)
             assert run_validate(settings).check("rls_visibility").status == "pass"
             return
         report = run_validate(reader)
-        assert report.ok and report.revision == "enforce_master_flow_not_null"
+        assert report.ok and report.revision == alembic_runner.head()
         with pytest.raises(Exception, match="permission denied"):
             sql(reader, "DELETE FROM data_imports")
 
@@ -266,7 +266,7 @@ def test_cli_exit_codes_json_and_junit(settings: Settings, tmp_path) -> None:
     ok = runner.invoke(app, ["validate", "--format", "json"], env=cli_env(settings))
     assert ok.exit_code == 0, ok.output
     body = json.loads(ok.stdout)
-    assert body["ok"] is True and body["revision"] == "enforce_master_flow_not_null"
+    assert body["ok"] is True and body["revision"] == alembic_runner.head()
     assert set(body["checks"][0]) == {"name", "status", "count", "samples", "message"}
 
     a = linked_flow(settings)

@@ -15,9 +15,11 @@ or a crash resumes where the last attempt stopped):
    names), and add ``fk_<table>_master_flow_id`` NOT VALID with the delete rule and
    DEFERRABLE of the FK it replaces (a plain FK where there was none). A table whose FK
    already references ``flow_id`` keeps it exactly as it is (name, rule, validation);
-4. per table, in batches of 10,000 rows (one transaction each): translate values that
-   hold a master's ``id`` into its ``flow_id`` (logged in ``flowfix_translations``);
-   values matching no master go to ``flowfix_quarantine`` and become NULL;
+4. per table, one walk (:mod:`flowfix.walk`: page ranges, or keys, one transaction per
+   batch, then a closing pass for rows the application moved meanwhile): translate
+   values that hold a master's ``id`` into its ``flow_id`` (logged in
+   ``flowfix_translations``); values matching no master go to ``flowfix_quarantine``
+   and become NULL;
 5. indexes on ``master_flow_id`` (CONCURRENTLY) where none exists;
 6. ANALYZE, then VALIDATE each FK this revision added, in its own transaction.
 
@@ -38,6 +40,7 @@ from collections.abc import Sequence
 from flowfix import catalog, ledger
 from flowfix import revision_helpers as helpers
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
+from flowfix.walk import Walk
 
 revision: str = "fix_master_flow_fk"
 down_revision: str | Sequence[str] | None = "legacy"
@@ -268,18 +271,19 @@ def _swap_fk(table: str) -> None:
     helpers.commit()
 
 
-#: One batch of step 4. ``{batch}``/``{into}`` are filled by helpers.in_batches.
-#: Values already holding a flow_id are logged as kept (old = new) so the downgrade can
-#: tell them from links written after the upgrade; ON CONFLICT keeps the first entry, so
-#: a retried batch never overwrites what an earlier attempt translated.
+#: Step 4 as one walk (flowfix.walk) per table ``{name}``: ``{table}`` is the relation a
+#: batch reads (a leaf, walking pages), ``{slice}`` its rows. Values already holding a
+#: flow_id are logged as kept (old = new) so the downgrade can tell them from links
+#: written after the upgrade; ON CONFLICT keeps the first entry, so a retried batch never
+#: overwrites what an earlier attempt translated. The closing pass translates the rows
+#: that still hold a value that is no flow_id, wherever the application moved them.
 TRANSLATE_TO_FLOW_ID = """WITH batch AS (
-    {batch}
+    SELECT r.id, r.master_flow_id FROM {table} r WHERE {slice} AND r.master_flow_id IS NOT NULL
 ), todo AS (
     SELECT b.id, b.master_flow_id AS old_value, m.flow_id AS new_value
     FROM batch b
     LEFT JOIN crewai_flow_state_extensions m ON m.id = b.master_flow_id
-    WHERE b.master_flow_id IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions f WHERE f.flow_id = b.master_flow_id)
+    WHERE NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions f WHERE f.flow_id = b.master_flow_id)
 ), changed AS (
     UPDATE {table} t SET master_flow_id = todo.new_value
     FROM todo
@@ -287,46 +291,74 @@ TRANSLATE_TO_FLOW_ID = """WITH batch AS (
     RETURNING t.id, todo.old_value, todo.new_value
 ), logged AS (
     INSERT INTO flowfix_translations (table_name, row_id, column_name, old_value, new_value)
-    SELECT '{table}', id, 'master_flow_id', old_value, new_value FROM changed WHERE new_value IS NOT NULL
+    SELECT '{name}', id, 'master_flow_id', old_value, new_value FROM changed WHERE new_value IS NOT NULL
     UNION ALL
-    SELECT '{table}', b.id, 'master_flow_id', b.master_flow_id, b.master_flow_id
+    SELECT '{name}', b.id, 'master_flow_id', b.master_flow_id, b.master_flow_id
     FROM batch b JOIN crewai_flow_state_extensions f ON f.flow_id = b.master_flow_id
     ON CONFLICT (table_name, row_id, column_name) DO NOTHING
 ), quarantined AS (
     INSERT INTO flowfix_quarantine (table_name, row_id, column_name, old_value)
-    SELECT '{table}', id, 'master_flow_id', old_value FROM changed WHERE new_value IS NULL
+    SELECT '{name}', id, 'master_flow_id', old_value FROM changed WHERE new_value IS NULL
     ON CONFLICT (table_name, row_id, column_name)
     DO UPDATE SET old_value = EXCLUDED.old_value, quarantined_at = now()
 )
-SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
-       (SELECT count(*) FROM changed) AS changed {into}"""
+SELECT count(*) FROM changed"""
 
-#: One batch of the downgrade: a value the upgrade translated goes back to what it was
-#: (if nobody changed it since); in a table whose original FK referenced ``id``, a
-#: flow_id written after the upgrade becomes that master's id, so the FK holds again.
-TRANSLATE_BACK = """WITH batch AS (
-    {batch}
-), todo AS (
-    SELECT b.id, b.master_flow_id AS old_value, COALESCE(tr.old_value, m.id) AS new_value
-    FROM batch b
+NOT_A_FLOW_ID = """r.master_flow_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions f WHERE f.flow_id = r.master_flow_id)"""
+
+
+def _translate_walk(table: str) -> Walk:
+    return Walk(
+        table, TRANSLATE_TO_FLOW_ID.replace("{name}", table), NOT_A_FLOW_ID, busy="r.master_flow_id IS NOT NULL"
+    )
+
+
+#: The downgrade, per row ``b`` holding a value: what it goes back to (NULL: it stays).
+#: A value the upgrade translated (and nobody changed since) goes back to what it was. A
+#: flow_id in a table whose replaced FK referenced ``id`` becomes that master's id, so the
+#: restored FK holds: written after the upgrade, or written the new way *during* it (the
+#: walk then logged it as kept, old = new; if the replaced FK was VALID no row could hold
+#: a flow_id before, so such an entry is the application's, and is translated too).
+BACK_TODO = """SELECT b.id, b.master_flow_id AS old_value,
+           CASE WHEN tr.old_value <> tr.new_value THEN tr.old_value ELSE m.id END AS new_value
+    FROM {source} b
     LEFT JOIN flowfix_translations tr
-      ON tr.table_name = '{table}' AND tr.column_name = 'master_flow_id' AND tr.row_id = b.id
+      ON tr.table_name = '{name}' AND tr.column_name = 'master_flow_id' AND tr.row_id = b.id
+     AND tr.new_value = b.master_flow_id
     LEFT JOIN crewai_flow_state_extensions m
-      ON m.flow_id = b.master_flow_id AND tr.row_id IS NULL
+      ON m.flow_id = b.master_flow_id AND m.id <> b.master_flow_id AND (tr.row_id IS NULL OR tr.old_value = tr.new_value)
      AND EXISTS (SELECT 1 FROM flowfix_schema_changes sc
                  WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced'
-                   AND sc.table_name = '{table}'
-                   AND sc.definition ~ 'REFERENCES ([a-z0-9_]+[.])?crewai_flow_state_extensions[(]id[)]')
-    WHERE b.master_flow_id IS NOT NULL AND (tr.row_id IS NULL OR tr.new_value = b.master_flow_id)
+                   AND sc.table_name = '{name}' AND (tr.row_id IS NULL OR sc.validated)
+                   AND sc.definition ~ 'REFERENCES ([a-z0-9_]+[.])?crewai_flow_state_extensions[(]id[)]')"""
+
+TRANSLATE_BACK = f"""WITH batch AS (
+    SELECT r.id, r.master_flow_id FROM {{table}} r WHERE {{slice}} AND r.master_flow_id IS NOT NULL
+), todo AS (
+    {BACK_TODO.replace("{source}", "batch")}
 ), changed AS (
-    UPDATE {table} t SET master_flow_id = todo.new_value
+    UPDATE {{table}} t SET master_flow_id = todo.new_value
     FROM todo
     WHERE t.id = todo.id AND t.master_flow_id = todo.old_value
       AND todo.new_value IS NOT NULL AND todo.new_value <> todo.old_value
     RETURNING t.id
 )
-SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
-       (SELECT count(*) FROM changed) AS changed {into}"""
+SELECT count(*) FROM changed"""
+
+#: The downgrade's closing pass: rows whose value :data:`BACK_TODO` would still change.
+BACK_NEEDS = f"""r.master_flow_id IS NOT NULL AND EXISTS (
+    SELECT 1 FROM ({BACK_TODO.replace("{source}", "(SELECT r.id, r.master_flow_id)")}) x
+    WHERE x.new_value IS NOT NULL AND x.new_value <> x.old_value)"""
+
+
+def _back_walk(table: str) -> Walk:
+    return Walk(
+        table,
+        TRANSLATE_BACK.replace("{name}", table),
+        BACK_NEEDS.replace("{name}", table),
+        busy="r.master_flow_id IS NOT NULL",
+    )
 
 
 def _build_index(
@@ -495,9 +527,7 @@ def upgrade() -> None:
         _swap_fk(table)
 
     for table in CHILD_TABLES:
-        helpers.in_batches(
-            f"step 4: {table}: translate master ids to flow_ids, quarantine the rest", table, TRANSLATE_TO_FLOW_ID
-        )
+        helpers.walk(f"step 4: {table}: translate master ids to flow_ids, quarantine the rest", _translate_walk(table))
 
     for table in CHILD_TABLES:
         helpers.note(f"step 5: {table}: index master_flow_id")
@@ -653,7 +683,7 @@ def downgrade() -> None:
         helpers.execute(_drop_created_fks(table))
         helpers.commit()
     for table in CHILD_TABLES:
-        helpers.in_batches(f"{table}: translate values back", table, TRANSLATE_BACK)
+        helpers.walk(f"{table}: translate values back", _back_walk(table))
     for table in CHILD_TABLES:
         helpers.note(f"{table}: restore quarantined values (rows still NULL only)")
         helpers.execute(RESTORE_QUARANTINE.format(table=table))

@@ -1,0 +1,128 @@
+"""The one walker (flowfix/walk.py) on the revisions' translation (issue 19, item 4): an
+application UPDATE of any column moves a row past the walk's planned end mid-walk; the
+closing pass translates it, online and in the ``--sql`` DO block, on every runbook shape.
+The move is made deterministic by a statement trigger that fires once, after the walk's
+first batch, and moves one row that the walk has not reached yet."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from flowfix import revision_helpers
+from flowfix.cli import app
+from flowfix.config import Settings
+from tests.conftest import upgrade
+from tests.helpers import add_import, add_master, add_record, cli_env, plain_url, position_column, revision, script, sql
+
+C, E = uuid.uuid4(), uuid.uuid4()
+
+#: After the first UPDATE statement on raw_import_records (the walk's first batch), once:
+#: an application's UPDATE of a column other than master_flow_id moves the target row
+#: (its page is full, so the new version goes where this session last wrote: past the end).
+MOVE_ONCE = """
+CREATE TABLE walk_test_moved (id uuid, page bigint)
+
+CREATE FUNCTION walk_test_move_once() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM walk_test_moved) THEN
+    INSERT INTO walk_test_moved VALUES ('{target}', NULL);
+    UPDATE raw_import_records SET {position} = {position} WHERE id = '{target}';
+    UPDATE walk_test_moved SET page = (SELECT (ctid::text::point)[0] FROM raw_import_records WHERE id = '{target}');
+  END IF;
+  RETURN NULL;
+END $f$
+
+CREATE TRIGGER walk_test_move_once AFTER UPDATE ON raw_import_records
+  FOR EACH STATEMENT EXECUTE FUNCTION walk_test_move_once();
+"""
+
+
+def planted(s: Settings, records: int = 600) -> tuple[uuid.UUID, uuid.UUID, int]:
+    """At legacy: ``records`` records linked the old way (the master's id) over many full
+    pages, and the trigger armed on a row of the next-to-last page. Returns the master's
+    id and flow_id, and the table's pages when the walk begins."""
+    upgrade(s, "legacy")
+    master, flow = add_master(s, client=C, engagement=E)
+    imp = add_import(s, master=None, client=C, engagement=E)
+    add_record(s, data_import=imp, master=master)
+    position = position_column(s)
+    sql(s, "ALTER TABLE raw_import_records SET (autovacuum_enabled = false)")
+    sql(
+        s,
+        "INSERT INTO raw_import_records SELECT (jsonb_populate_record(NULL::raw_import_records, to_jsonb(r)"
+        f" || jsonb_build_object('id', gen_random_uuid(), '{position}', g))).*"
+        " FROM generate_series(1, :n) g CROSS JOIN LATERAL (SELECT * FROM raw_import_records LIMIT 1) r",
+        {"n": records - 1},
+    )
+    pages = int(sql(s, "SELECT pg_relation_size('raw_import_records') / 8192 AS n")[0]["n"])
+    assert pages >= 8  # many batches of 2 pages
+    target = sql(
+        s,
+        "SELECT id FROM raw_import_records WHERE (ctid::text::point)[0] = :p ORDER BY ctid DESC LIMIT 1",
+        {"p": pages - 2},
+    )[0]["id"]
+    script(s, *MOVE_ONCE.format(target=target, position=position).split("\n\n"))
+    return master, flow, pages
+
+
+def assert_moved_past_the_end_and_translated(s: Settings, flow: uuid.UUID, pages: int) -> None:
+    moved = sql(s, "SELECT id, page FROM walk_test_moved")
+    assert len(moved) == 1 and moved[0]["page"] is not None
+    assert moved[0]["page"] >= pages  # the precondition: a page the walk planned never to read
+    values = {r["master_flow_id"] for r in sql(s, "SELECT master_flow_id FROM raw_import_records")}
+    assert values == {flow}
+    logged = sql(
+        s,
+        "SELECT new_value FROM flowfix_translations WHERE table_name = 'raw_import_records' AND row_id = :id",
+        {"id": moved[0]["id"]},
+    )
+    assert [r["new_value"] for r in logged] == [flow]
+    fks = sql(
+        s,
+        "SELECT convalidated FROM pg_constraint WHERE conrelid = to_regclass('raw_import_records') AND contype = 'f'"
+        " AND conname = 'fk_raw_import_records_master_flow_id'",
+    )
+    assert fks == [{"convalidated": True}]
+
+
+#: The runbook shapes whose records FK references the master's id at legacy (app_head's
+#: references flow_id already: no record there can hold a value to translate).
+TRANSLATED_SHAPES = ("friendly", "deployed", "between")
+
+
+@pytest.mark.parametrize("shape", TRANSLATED_SHAPES)
+def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_online(
+    make_shape: Callable[..., Settings], shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = make_shape(shape)
+    monkeypatch.setattr(revision_helpers, "BATCH_PAGES", 2)
+    _, flow, pages = planted(s)
+    upgrade(s, "fix_master_flow_fk")
+    assert revision(s) == "fix_master_flow_fk"
+    assert_moved_past_the_end_and_translated(s, flow, pages)
+
+
+@pytest.mark.parametrize("shape", TRANSLATED_SHAPES)
+def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_in_the_sql_do_block(
+    make_shape: Callable[..., Settings], shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = make_shape(shape)
+    monkeypatch.setattr(revision_helpers, "BATCH_PAGES", 2)
+    _, flow, pages = planted(s)
+    printed = CliRunner().invoke(app, ["upgrade", "legacy:fix_master_flow_fk", "--sql"], env=cli_env(s))
+    assert printed.exit_code == 0, printed.output
+    ran = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", plain_url(s)],
+        input=printed.output,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert revision(s) == "fix_master_flow_fk"
+    assert_moved_past_the_end_and_translated(s, flow, pages)
