@@ -494,22 +494,41 @@ def _created_fks(table: str) -> list[str]:
     )
 
 
+#: Why VALIDATE of a new FK can fail after the walk and its closing pass: a row written
+#: since by a session that bypassed the NOT VALID FK (session_replication_role = replica,
+#: a trigger disabled). Nothing is lost: rerunning the revision walks again.
+CHANGED_DURING_WALK = (
+    "flowfix: VALIDATE of {fk} on {table} found rows whose master_flow_id names no master's flow_id: rows"
+    " changed after this revision's walk (by a session that bypassed the new foreign key, e.g."
+    " session_replication_role = replica). Nothing is lost: run `flowfix upgrade fix_master_flow_fk` again;"
+    " its walk translates or quarantines them, then validates."
+)
+
+
 def _validate(table: str) -> None:
     if helpers.offline():
         # the DO block below validates the FK only where step 3 added it
+        message = CHANGED_DURING_WALK.format(fk=f"fk_{table}_master_flow_id", table=table).replace("'", "''")
         helpers.execute(f"""DO $validate$
 BEGIN
   IF EXISTS (SELECT 1 FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'
              AND kind = 'constraint_created' AND table_name = '{table}') THEN
     ALTER TABLE {table} VALIDATE CONSTRAINT fk_{table}_master_flow_id;
   END IF;
+EXCEPTION WHEN foreign_key_violation THEN
+  RAISE EXCEPTION '{message}' USING ERRCODE = '{helpers.REFUSAL_SQLSTATE}';
 END $validate$""")
         helpers.commit()
         return
     invalid = {fk.name for fk in catalog.foreign_keys(helpers.bind(), table, "master_flow_id") if not fk.validated}
     for name in _created_fks(table):
         if name in invalid:
-            helpers.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {helpers.quote(name)}")
+            try:
+                helpers.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {helpers.quote(name)}")
+            except Exception as exc:
+                if helpers.sqlstate(exc) == "23503":
+                    raise helpers.MigrationError(CHANGED_DURING_WALK.format(fk=name, table=table)) from None
+                raise
             helpers.commit()
 
 
