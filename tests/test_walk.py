@@ -168,3 +168,47 @@ def test_a_validate_that_finds_rows_changed_after_the_walk_says_so_exits_2_and_a
     quarantined = sql(s, "SELECT row_id FROM flowfix_quarantine WHERE table_name = 'raw_import_records'")
     assert [r["row_id"] for r in quarantined] == [broken]
     assert {r["master_flow_id"] for r in sql(s, "SELECT master_flow_id FROM raw_import_records")} == {flow, None}
+
+
+#: In step 3's transaction for raw_import_records, between dropping the FK to id and
+#: adding the one to flow_id, once: the application links a record the new way (its
+#: master's flow_id). Step 4 then finds a flow_id there and logs it as kept.
+LINK_THE_NEW_WAY = [
+    "CREATE TABLE walk_test_linked (id uuid)",
+    """CREATE FUNCTION walk_test_link() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+  IF NEW.kind = 'constraint_created' AND NEW.table_name = 'raw_import_records'
+     AND NOT EXISTS (SELECT 1 FROM walk_test_linked) THEN
+    INSERT INTO walk_test_linked SELECT id FROM raw_import_records WHERE master_flow_id IS NULL LIMIT 1;
+    UPDATE raw_import_records r SET master_flow_id = (SELECT flow_id FROM crewai_flow_state_extensions LIMIT 1)
+    WHERE r.id = (SELECT id FROM walk_test_linked);
+  END IF;
+  RETURN NULL;
+END $f$""",
+    "CREATE TRIGGER walk_test_link AFTER INSERT ON flowfix_schema_changes FOR EACH ROW EXECUTE FUNCTION walk_test_link()",
+]
+
+
+@pytest.mark.parametrize("shape", TRANSLATED_SHAPES)
+def test_the_downgrade_translates_a_value_the_application_wrote_the_new_way_during_the_upgrade(
+    make_shape: Callable[..., Settings], shape: str
+) -> None:
+    s = make_shape(shape)
+    master, _, _ = planted(s, records=20)
+    imp = sql(s, "SELECT data_import_id AS i FROM raw_import_records LIMIT 1")[0]["i"]
+    add_record(s, data_import=imp, master=None, row=10_000)
+    fks = "SELECT conname, convalidated FROM pg_constraint WHERE conrelid = to_regclass('raw_import_records') AND contype = 'f' AND conkey = ARRAY[(SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass('raw_import_records') AND attname = 'master_flow_id')]::int2[] ORDER BY 1"
+    before = sql(s, fks)
+    assert before and all(fk["convalidated"] for fk in before)
+    script(s, *LINK_THE_NEW_WAY)
+    upgrade(s, "fix_master_flow_fk")
+    linked = sql(s, "SELECT id FROM walk_test_linked")[0]["id"]
+    kept = sql(s, "SELECT old_value = new_value AS kept FROM flowfix_translations WHERE row_id = :id", {"id": linked})
+    assert kept == [{"kept": True}]  # the precondition: step 4 took it for a value from before
+    down = CliRunner().invoke(app, ["downgrade", "legacy"], env=cli_env(s))
+    assert down.exit_code == 0, down.output
+    assert revision(s) == "legacy" and "stays NOT VALID" not in down.output
+    assert sql(s, "SELECT master_flow_id FROM raw_import_records WHERE id = :id", {"id": linked}) == [
+        {"master_flow_id": master}
+    ]
+    assert sql(s, fks) == before  # every FK back, VALID as it was
