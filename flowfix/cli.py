@@ -332,9 +332,7 @@ def status() -> None:
     rls = report.check("rls_visibility")
     if rls.status != "pass":
         typer.echo(f"WARNING: {rls.message}: the counts above may be partial")
-    typer.echo(
-        f"next step: {validation.next_step(report) if unfinished is None else f'flowfix upgrade {unfinished.revision}'}"
-    )
+    typer.echo(f"next step: {validation.next_step(report) if unfinished is None else unfinished.next_step()}")
 
 
 @app.command()

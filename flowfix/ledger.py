@@ -349,6 +349,7 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
         async with conn.begin():
             await require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "undo")
+            await conn.run_sync(catalog.require_not_part_done, "undo")
         async with run_lock(conn):
             async with conn.begin():
                 undo = await _begin_undo(conn, run_id)

@@ -145,8 +145,8 @@ def as_command_error(exc: BaseException, settings: Settings | None = None) -> Ba
         attempts = f"{settings.lock_retries + 1} attempt{'s' if settings.lock_retries else ''}"
         return CommandError(
             f"gave up waiting for a table lock ({attempts} of {settings.lock_timeout}): a long-running transaction"
-            " holds it (see pg_stat_activity). Steps finished before are kept; run the upgrade again later to"
-            " resume, or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES."
+            " holds it (see pg_stat_activity). Steps finished before are kept; run the same command again later"
+            " to finish (see `flowfix status`), or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES."
         )
     translated = translate(exc, mask_url(settings.url) if settings is not None else "")
     if translated is not None:

@@ -32,6 +32,7 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
         async with conn.begin():
             await ledger.require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "the backfill")
+            await conn.run_sync(catalog.require_not_part_done, "the backfill")
             if opts.dry_run:
                 return Result(None, True, opts.window_seconds, await make_plan(conn, opts), None)
         async with ledger.run_lock(conn):
