@@ -258,6 +258,23 @@ LOG_CREATED_MASTERS = f"""INSERT INTO flowfix_changes (run_id, table_name, row_i
     FROM created c RETURNING row_id"""
 
 
+#: What a run has applied, per table, whichever process applied it: a records change
+#: stands for the records in its row_ids.
+RUN_TOTALS = f"""
+SELECT table_name, COALESCE(sum(COALESCE(cardinality(row_ids), 1)), 0)::bigint AS n
+FROM flowfix_changes WHERE run_id = :run AND applied_at IS NOT NULL
+  AND (column_name = 'master_flow_id' OR (table_name = '{MASTER_TABLE}' AND column_name = '{CREATED_ROW}'))
+GROUP BY table_name
+"""
+
+
+async def run_totals(conn: Executor, run_id: uuid.UUID) -> dict[str, int]:
+    """Rows the run linked per table (the master table: masters it created), summed over
+    every process that worked on it: a resumed run reports the whole run's work."""
+    rows = await conn.execute(text(RUN_TOTALS), {"run": run_id})
+    return {row.table_name: int(row.n) for row in rows}
+
+
 async def record(conn: Executor, run_id: uuid.UUID, changes: list[Change]) -> None:
     if not changes:
         return
@@ -357,8 +374,10 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
                 return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
             report = UndoReport(run_id=run_id, undo_run_id=undo)
             for table in UNDO_ORDER:
-                await _undo_table(conn, run_id, table, report, lock_retries)
+                await _undo_table(conn, run_id, table, report, lock_retries, undo)
             await _undo_created_masters(conn, run_id, report, lock_retries)
+            async with conn.begin():  # the whole undo's work, every process that worked on it
+                report.reverted = await _reverted_so_far(conn, undo)
             counts = {
                 "reverted": report.reverted,
                 "skipped": len(report.skipped),
@@ -422,7 +441,22 @@ async def _begin_undo(conn: AsyncConnection, run_id: uuid.UUID) -> uuid.UUID | N
     return await start_run(conn, "undo", {"run_id": str(run_id)})
 
 
-async def _undo_table(conn: AsyncConnection, run_id: uuid.UUID, table: str, report: UndoReport, retries: int) -> None:
+#: Add a batch's reverted values to the undo run's count, in that batch's transaction: an
+#: undo finished by a second process reports what both reverted.
+ADD_REVERTED = """UPDATE flowfix_runs SET counts = jsonb_set(counts, '{reverted}',
+    to_jsonb(COALESCE((counts->>'reverted')::bigint, 0) + :n)) WHERE id = :undo"""
+
+
+async def _reverted_so_far(conn: Executor, undo: uuid.UUID) -> int:
+    found = (
+        await conn.execute(text("SELECT (counts->>'reverted')::bigint FROM flowfix_runs WHERE id = :id"), {"id": undo})
+    ).scalar_one()
+    return int(found or 0)
+
+
+async def _undo_table(
+    conn: AsyncConnection, run_id: uuid.UUID, table: str, report: UndoReport, retries: int, undo: uuid.UUID
+) -> None:
     assert (table, "master_flow_id") in UNDOABLE_COLUMNS  # the only names that reach the SQL
     sql = text(UNDO_BATCH.format(table=table))
     sizer = BatchSizer(5000, start=100)
@@ -431,7 +465,9 @@ async def _undo_table(conn: AsyncConnection, run_id: uuid.UUID, table: str, repo
         limit = sizer.size
 
         async def batch(c: AsyncConnection, after: int | None = after, limit: int = limit) -> list[Any]:
-            return list(await c.execute(sql, {"run": run_id, "table_name": table, "after": after, "limit": limit}))
+            rows = list(await c.execute(sql, {"run": run_id, "table_name": table, "after": after, "limit": limit}))
+            await c.execute(text(ADD_REVERTED), {"undo": undo, "n": sum(row.reverted for row in rows)})
+            return rows
 
         rows = await timed(conn, sizer, retries, batch, limit)
         if not rows:
@@ -743,11 +779,11 @@ SELECT step,
        COALESCE(min(walk) FILTER (WHERE walk <> 'closing'), '') AS walk,
        count(*) FILTER (WHERE walk <> 'closing') AS ranges,
        count(*) FILTER (WHERE walk <> 'closing' AND status = 'done') AS done,
-       COALESCE(sum(rows_changed), 0) AS rows_changed,
-       COALESCE(sum(rows_changed) FILTER (WHERE walk = 'closing'), 0) AS closing_rows,
-       COALESCE(sum(batches), 0) AS batches,
-       COALESCE(sum(attempts), 0) AS attempts,
-       COALESCE(sum(seconds), 0) AS seconds,
+       COALESCE(sum(rows_changed), 0)::bigint AS rows_changed,
+       COALESCE(sum(rows_changed) FILTER (WHERE walk = 'closing'), 0)::bigint AS closing_rows,
+       COALESCE(sum(batches), 0)::bigint AS batches,
+       COALESCE(sum(attempts), 0)::bigint AS attempts,
+       COALESCE(sum(seconds), 0)::float8 AS seconds,
        (array_agg(last_error ORDER BY updated_at DESC) FILTER (WHERE last_error IS NOT NULL))[1] AS last_error,
        min(started_at) AS started_at,
        max(updated_at) AS updated_at

@@ -23,6 +23,7 @@ from flowfix.batches import ReplicaThrottle
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import RunInterrupted
+from flowfix.models import MASTER_TABLE
 
 
 async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: Reporter | None = None) -> Result:
@@ -101,7 +102,17 @@ async def _apply(
     counts.replica_pauses = throttle.pauses
     counts.replica_paused_seconds = round(throttle.paused_seconds, 3)
     async with conn.begin():  # commits synchronously: every batch before it is durable too
+        _whole_run(counts, await ledger.run_totals(conn, run_.id))
         await ledger.finish_run(conn, run_.id, "finished", {**plan.summary(), **asdict(counts)})
+
+
+def _whole_run(counts: Counts, totals: dict[str, int]) -> None:
+    """What the run linked, from the ledger: every process that worked on it (a resumed
+    run's own process may have done only the last part)."""
+    counts.discovery_flows = totals.get("discovery_flows", 0)
+    counts.data_imports = totals.get("data_imports", 0)
+    counts.raw_import_records = totals.get("raw_import_records", 0)
+    counts.masters_created = totals.get(MASTER_TABLE, 0)
 
 
 @contextmanager
