@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from flowfix import ledger
+from flowfix import catalog, ledger
 from flowfix.batches import BatchSizer, ReplicaThrottle, timed
 
 log = logging.getLogger("flowfix.walk")
@@ -163,12 +163,6 @@ class Range:
     id: int | None = None
 
 
-@dataclass(frozen=True)
-class Leaf:
-    name: str
-    pages: int
-
-
 def choose(forced: str, server_version: int) -> str:
     """``ctid`` (physical ranges) where the server has TID Range Scans, else ``key``;
     ``forced`` ("ctid", "key") wins."""
@@ -177,7 +171,7 @@ def choose(forced: str, server_version: int) -> str:
     return "ctid" if server_version >= TID_RANGE_SCAN_VERSION else "key"
 
 
-def plan_ranges(walk: str, table: str, leaves: list[Leaf], jobs: int) -> list[Range]:
+def plan_ranges(walk: str, table: str, leaves: list[catalog.Leaf], jobs: int) -> list[Range]:
     """The ranges of a new walk: each leaf's pages as they are now (pages added later are
     the closing pass's), cut into at least ``jobs`` ranges of at most RANGE_PAGES; or
     the key space cut into ``jobs`` ranges."""
@@ -206,11 +200,9 @@ def walk_sync(conn: Connection, spec: Walk, *, forced: str = "auto", pages: int 
     if not conn.execute(text(spec.any_busy())).scalar_one():
         log.info("%s: no row to walk (%.1fs)", spec.table, time.monotonic() - started)
         return 0
-    version = int(conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar_one())
-    leaves = _leaves_sync(conn, spec.table)
-    walk = choose(forced, version)
+    walk = choose(forced, catalog.server_version(conn))
     total = batches = 0
-    for part in plan_ranges(walk, spec.table, leaves, 1):
+    for part in plan_ranges(walk, spec.table, catalog.leaves(conn, spec.table), 1):
         if part.walk == "ctid":
             stmt = text(spec.pages(part.relation))
             assert part.lo_page is not None and part.hi_page is not None
@@ -229,22 +221,9 @@ def walk_sync(conn: Connection, spec: Walk, *, forced: str = "auto", pages: int 
     left = list(conn.execute(text(spec.left())).scalars())
     for at in range(0, len(left), rows):
         closing += conn.execute(text(spec.ids()), {"ids": left[at : at + rows]}).scalar_one()
-    log.info(
-        "%s: %d rows changed in %d batches by %s, %d by the closing pass, %.1fs",
-        spec.table,
-        total + closing,
-        batches,
-        "pages" if walk == "ctid" else "key",
-        closing,
-        time.monotonic() - started,
-    )
+    log.info("%s: %d rows changed in %d batches by %s, %d by the closing pass, %.1fs",
+             spec.table, total + closing, batches, walk, closing, time.monotonic() - started)  # fmt: skip
     return total + closing
-
-
-def _leaves_sync(conn: Connection, table: str) -> list[Leaf]:
-    from flowfix import catalog
-
-    return [Leaf(leaf.name, leaf.pages) for leaf in catalog.leaves(conn, table)]
 
 
 # --- the backfill's driver (asynchronous, --jobs connections, progress rows) --------------
@@ -275,12 +254,8 @@ async def walk_async(d: Driver, spec: Walk, *, skip: bool = False) -> None:
     ``FOR UPDATE SKIP LOCKED`` and walked in sized batches that advance the range in the
     batch's own transaction; then the closing pass. ``skip``: no row can need the work
     by the plan, so only the closing pass runs."""
-    from flowfix import catalog
-
     async with d.conn.begin():
-        found = await d.conn.run_sync(catalog.leaves, spec.table)
-        leaves = [Leaf(x.name, x.pages) for x in found]
-        rows_per_page = max((x.rows_per_page for x in found), default=0.0)
+        leaves = await d.conn.run_sync(catalog.leaves, spec.table)
         stored = await ledger.resume_ranges(d.conn, d.run_id, d.step, spec.table, leaves)
         if stored is None and not skip:
             walk = choose(d.walk, await d.conn.run_sync(catalog.server_version))
@@ -290,7 +265,7 @@ async def walk_async(d: Driver, spec: Walk, *, skip: bool = False) -> None:
     todo = len(ranges)
     jobs = max(1, min(d.jobs, todo))
     d.stats["jobs"] = jobs
-    sizer = _sizer(d, ranges, rows_per_page)
+    sizer = _sizer(d, ranges, max((x.rows_per_page for x in leaves), default=0.0))
     by_page = {x.name: x.pages for x in leaves}
 
     async def worker(conn: AsyncConnection) -> None:
