@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from typer.testing import CliRunner
 
-from flowfix import revision_helpers
+from flowfix import revision_helpers, walk
 from flowfix.cli import app
 from flowfix.config import Settings
 from tests.conftest import upgrade
@@ -96,11 +96,15 @@ TRANSLATED_SHAPES = ("friendly", "deployed", "between")
 
 
 @pytest.mark.parametrize("shape", TRANSLATED_SHAPES)
+@pytest.mark.parametrize("by", ["pages", "key"])
 def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_online(
-    make_shape: Callable[..., Settings], shape: str, monkeypatch: pytest.MonkeyPatch
+    make_shape: Callable[..., Settings], shape: str, by: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = make_shape(shape)
     monkeypatch.setattr(revision_helpers, "BATCH_PAGES", 2)
+    monkeypatch.setattr(revision_helpers, "BATCH_ROWS", 50)
+    if by == "key":  # as on a server without TID Range Scans
+        monkeypatch.setattr(walk, "TID_RANGE_SCAN_VERSION", 10**9)
     _, flow, pages = planted(s)
     upgrade(s, "fix_master_flow_fk")
     assert revision(s) == "fix_master_flow_fk"
@@ -108,11 +112,15 @@ def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_
 
 
 @pytest.mark.parametrize("shape", TRANSLATED_SHAPES)
+@pytest.mark.parametrize("by", ["pages", "key"])
 def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_in_the_sql_do_block(
-    make_shape: Callable[..., Settings], shape: str, monkeypatch: pytest.MonkeyPatch
+    make_shape: Callable[..., Settings], shape: str, by: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = make_shape(shape)
     monkeypatch.setattr(revision_helpers, "BATCH_PAGES", 2)
+    monkeypatch.setattr(revision_helpers, "BATCH_ROWS", 50)
+    if by == "key":  # as on a server without TID Range Scans
+        monkeypatch.setattr(walk, "TID_RANGE_SCAN_VERSION", 10**9)
     _, flow, pages = planted(s)
     printed = CliRunner().invoke(app, ["upgrade", "legacy:fix_master_flow_fk", "--sql"], env=cli_env(s))
     assert printed.exit_code == 0, printed.output
