@@ -76,16 +76,16 @@ class Walk:
     def statement(self, relation: str, slice_: str) -> str:
         return self.work.replace("{table}", relation).replace("{slice}", slice_)
 
-    def pages(self, relation: str) -> str:
+    def by_pages(self, relation: str) -> str:
         return self.statement(relation, PAGES_SLICE)
 
-    def keys(self) -> str:
+    def by_keys(self) -> str:
         return self.statement(self.table, KEYS_SLICE)
 
     def upto(self) -> str:
         return UPTO.format(table=self.table)
 
-    def ids(self) -> str:
+    def by_ids(self) -> str:
         return self.statement(self.table, IDS_SLICE)
 
     def left(self) -> str:
@@ -204,7 +204,7 @@ def walk_sync(conn: Connection, spec: Walk, *, forced: str = "auto", pages: int 
     total = batches = 0
     for part in plan_ranges(walk, spec.table, catalog.leaves(conn, spec.table), 1):
         if part.walk == "ctid":
-            stmt = text(spec.pages(part.relation))
+            stmt = text(spec.by_pages(part.relation))
             assert part.lo_page is not None and part.hi_page is not None
             for lo in range(part.lo_page, part.hi_page, pages):
                 total += conn.execute(stmt, {"lo": (lo, 0), "hi": (min(lo + pages, part.hi_page), 0)}).scalar_one()
@@ -215,12 +215,12 @@ def walk_sync(conn: Connection, spec: Walk, *, forced: str = "auto", pages: int 
                 upto = conn.execute(text(spec.upto()), {"after": after, "hi": part.hi_key, "limit": rows}).scalar()
                 if upto is None:
                     break
-                total += conn.execute(text(spec.keys()), {"after": after, "upto": upto}).scalar_one()
+                total += conn.execute(text(spec.by_keys()), {"after": after, "upto": upto}).scalar_one()
                 after, batches = upto, batches + 1
     closing = 0
     left = list(conn.execute(text(spec.left())).scalars())
     for at in range(0, len(left), rows):
-        closing += conn.execute(text(spec.ids()), {"ids": left[at : at + rows]}).scalar_one()
+        closing += conn.execute(text(spec.by_ids()), {"ids": left[at : at + rows]}).scalar_one()
     log.info("%s: %d rows changed in %d batches by %s, %d by the closing pass, %.1fs",
              spec.table, total + closing, batches, walk, closing, time.monotonic() - started)  # fmt: skip
     return total + closing
@@ -317,7 +317,7 @@ async def _walk_pages(
 ) -> None:
     """Pages [next, hi) of the range; pages beyond the leaf's end now (VACUUM truncated
     it) hold no row: the range ends there."""
-    sql = text(spec.pages(part.relation))  # a leaf's name, checked against the catalog
+    sql = text(spec.by_pages(part.relation))  # a leaf's name, checked against the catalog
     assert part.next_page is not None and part.hi_page is not None
     end = min(part.hi_page, pages_now)
     if part.next_page >= end:
@@ -351,7 +351,7 @@ async def _walk_keys(d: Driver, conn: AsyncConnection, spec: Walk, sizer: BatchS
             changed = 0
             if upto is not None:
                 changed = int(
-                    (await c.execute(text(spec.keys()), {**d.params, "after": after, "upto": upto})).scalar_one()
+                    (await c.execute(text(spec.by_keys()), {**d.params, "after": after, "upto": upto})).scalar_one()
                 )
             await ledger.advance_range(
                 c, part, upto or part.hi_key, changed, time.perf_counter() - started, done=upto is None
@@ -379,7 +379,7 @@ async def _closing_pass(d: Driver, spec: Walk) -> None:
 
         async def batch(c: AsyncConnection, ids: list[Any] = ids, last: bool = last) -> int:
             started = time.perf_counter()
-            changed = int((await c.execute(text(spec.ids()), {**d.params, "ids": ids})).scalar_one()) if ids else 0
+            changed = int((await c.execute(text(spec.by_ids()), {**d.params, "ids": ids})).scalar_one()) if ids else 0
             await ledger.advance_range(c, part, None, changed, time.perf_counter() - started, done=last)
             return changed
 

@@ -50,6 +50,8 @@ def test_a_resumed_backfill_reports_the_whole_runs_work_in_its_summary_and_in_ru
     assert step["rows_changed"] == records
     assert step["attempts"] > step["ranges"]  # the range the crash stopped was claimed again
     assert step["started_at"] and step["updated_at"]
+    listed = CliRunner().invoke(app, ["runs", "--format", "json"], env=cli_env(s))
+    assert listed.exit_code == 0 and [r["id"] for r in json.loads(listed.output)] == [str(resumed.run_id)]
     text = CliRunner().invoke(app, ["runs", str(resumed.run_id)], env=cli_env(s))
     assert text.exit_code == 0 and f"{step['done']}/{step['ranges']} page ranges done" in text.output, text.output
 

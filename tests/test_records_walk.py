@@ -117,7 +117,7 @@ def test_the_physical_walk_reads_a_slice_by_tid_range_not_the_whole_table(s: Set
     joined to their imports by primary key (PostgreSQL 14+)."""
     dataset(s, imports=3, records=200)
     sql(s, "ANALYZE")
-    statement = steps.RECORDS_WALK.pages("raw_import_records")
+    statement = steps.RECORDS_WALK.by_pages("raw_import_records")
     plan = sql(
         s,
         "EXPLAIN " + statement.replace("CAST(:lo AS tid)", "'(2,0)'::tid").replace("CAST(:hi AS tid)", "'(4,0)'::tid"),
