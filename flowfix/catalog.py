@@ -327,17 +327,61 @@ _KIND_WORDS = {
 @dataclass(frozen=True)
 class PartDone:
     """A revision that stopped part-way: the database is still at ``at`` (each revision
-    is recorded only when it finishes), but ``steps`` of ``revision`` are in place."""
+    is recorded only when it finishes), but ``steps`` of ``revision`` are in place; or,
+    ``downgrade``, the downgrade of ``revision`` (the current one) stopped part-way,
+    having done ``steps``; ``back_to``: the revision that downgrade goes to."""
 
     revision: str
     at: str | None
     steps: list[str]
+    downgrade: bool = False
+    back_to: str | None = None
 
     def message(self) -> str:
+        if self.downgrade:
+            return (
+                f"the downgrade of revision {self.revision} is part-done ({'; '.join(self.steps)}):"
+                f" `{self.next_step()}` finishes it"
+            )
         return (
             f"revision {self.revision} is part-done ({'; '.join(self.steps)}): `flowfix upgrade {self.revision}`"
             f" finishes it, `flowfix downgrade {self.at or 'base'}` takes it back"
         )
+
+    def next_step(self) -> str:
+        if self.downgrade:
+            return f"flowfix downgrade {self.back_to or 'base'}"
+        return f"flowfix upgrade {self.revision}"
+
+
+def require_not_part_done(conn: SyncExecutor, what: str) -> None:
+    """Refuse ``what`` (backfill, link, undo) while a revision or its downgrade stopped
+    part-way: the FKs it would write under may be missing or half restored."""
+    from flowfix.errors import MigrationError
+
+    unfinished = part_done(conn)
+    if unfinished is not None:
+        raise MigrationError(f"{what} refused: {unfinished.message()}; run `{unfinished.next_step()}` first")
+
+
+#: At fix_master_flow_fk: what its downgrade has done, if it stopped part-way: a
+#: constraint the upgrade added that is gone, or an FK the upgrade replaced that is back.
+DOWNGRADE_DONE_SQL = """
+SELECT sc.kind, sc.table_name, sc.object_name FROM flowfix_schema_changes sc
+WHERE sc.revision = 'fix_master_flow_fk'
+  AND ((sc.kind = 'constraint_created'
+        AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                        WHERE c.conrelid = to_regclass(sc.table_name) AND c.conname = sc.object_name))
+    OR (sc.kind = 'foreign_key_replaced'
+        AND EXISTS (SELECT 1 FROM pg_constraint c
+                    WHERE c.conrelid = to_regclass(sc.table_name) AND c.conname = sc.object_name)))
+ORDER BY sc.id
+"""
+
+_UNDONE_WORDS = {
+    "constraint_created": "dropped {object} on {table}",
+    "foreign_key_replaced": "restored {object} on {table}",
+}
 
 
 def part_done(conn: SyncExecutor) -> PartDone | None:
@@ -356,6 +400,10 @@ def part_done(conn: SyncExecutor) -> PartDone | None:
             ]
             return PartDone("fix_master_flow_fk", revision, steps)
     if revision == "fix_master_flow_fk":
+        undone = conn.execute(text(DOWNGRADE_DONE_SQL)).all()
+        if undone:
+            steps = [_UNDONE_WORDS[r.kind].format(object=r.object_name, table=r.table_name) for r in undone]
+            return PartDone("fix_master_flow_fk", revision, steps, downgrade=True, back_to="legacy")
         present = conn.execute(
             text("SELECT count(*) FROM pg_constraint WHERE conrelid = to_regclass('discovery_flows') AND conname = :c"),
             {"c": ENFORCE_CHECK},

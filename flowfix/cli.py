@@ -346,9 +346,7 @@ def status() -> None:
     rls = report.check("rls_visibility")
     if rls.status != "pass":
         typer.echo(f"WARNING: {rls.message}: the counts above may be partial")
-    typer.echo(
-        f"next step: {validation.next_step(report) if unfinished is None else f'flowfix upgrade {unfinished.revision}'}"
-    )
+    typer.echo(f"next step: {validation.next_step(report) if unfinished is None else unfinished.next_step()}")
 
 
 @app.command()
@@ -510,17 +508,40 @@ def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert
 
 
 @app.command()
-def runs(limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs, newest first.")] = 20) -> None:
-    """List the ledger's runs (backfill, link, undo), newest first."""
+def runs(
+    run_id: Annotated[
+        str | None, typer.Argument(help="A run's id: its steps, ranges and batches (from the progress rows).")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs, newest first.")] = 20,
+    format: Annotated[str, typer.Option("--format", help="text or json (on stdout).")] = "text",
+) -> None:
+    """List the ledger's runs (backfill, link, undo), newest first; or, given RUN_ID, that
+    run's steps: ranges done/total, rows changed, batches, attempts, last error."""
     check_bound(limit, "--limit", MAX_LIMIT)
+    fmt = parse_choice(format, "--format", ("text", "json"))
+    target = parse_uuid(run_id, "RUN_ID")
     settings = load_settings()
     from flowfix import ledger, render
+
+    if target is not None:
+
+        async def one(engine):  # type: ignore[no-untyped-def]
+            async with engine.connect() as conn:
+                return await ledger.run_progress(conn, target)
+
+        progress = run_async(settings, one)
+        typer.echo(render.run_progress_json(progress) if fmt == "json" else render.run_progress_text(progress))
+        return
 
     async def work(engine):  # type: ignore[no-untyped-def]
         async with engine.connect() as conn:
             return await ledger.list_runs(conn, limit)
 
-    for run in run_async(settings, work):
+    found = run_async(settings, work)
+    if fmt == "json":
+        typer.echo(render.to_json([render.run_dict(run) for run in found]))
+        return
+    for run in found:
         typer.echo(render.run_line(run))
 
 

@@ -3,7 +3,7 @@ changed, so that ``flowfix undo RUN_ID`` can put them back.
 
 Tables (created by revision fix_master_flow_fk): ``flowfix_runs`` and ``flowfix_changes``.
 Every statement on them is here: starting and finishing runs, the stored plan of a
-backfill and its walk's progress (for resuming), the fragments other statements use to
+backfill and its walks' progress as rows (``flowfix_walk_ranges``, for resuming), the fragments other statements use to
 log what they changed in the same statement, and undo. Undo reverts a change only where
 the row still holds the value the run wrote: a later edit by anyone else is never
 clobbered, it is reported instead.
@@ -259,38 +259,21 @@ LOG_CREATED_MASTERS = f"""INSERT INTO flowfix_changes (run_id, table_name, row_i
     FROM created c RETURNING row_id"""
 
 
-async def walk_progress(conn: Executor, run_id: uuid.UUID) -> list[dict[str, Any]] | None:
-    """The stored ranges of a run's records walk and how far each got (None: not begun)."""
-    stored = (
-        await conn.execute(text("SELECT counts->'walk' FROM flowfix_runs WHERE id = :run"), {"run": run_id})
-    ).scalar_one()
-    return None if stored is None else list(stored)
+#: What a run has applied, per table, whichever process applied it: a records change
+#: stands for the records in its row_ids.
+RUN_TOTALS = f"""
+SELECT table_name, COALESCE(sum(COALESCE(cardinality(row_ids), 1)), 0)::bigint AS n
+FROM flowfix_changes WHERE run_id = :run AND applied_at IS NOT NULL
+  AND (column_name = 'master_flow_id' OR (table_name = '{MASTER_TABLE}' AND column_name = '{CREATED_ROW}'))
+GROUP BY table_name
+"""
 
 
-async def start_walk(conn: Executor, run_id: uuid.UUID, ranges: list[dict[str, Any]]) -> None:
-    """Store the ranges the records walk will cover, before the first is walked."""
-    await conn.execute(
-        text("UPDATE flowfix_runs SET counts = jsonb_set(counts, '{walk}', CAST(:ranges AS jsonb)) WHERE id = :run"),
-        {"run": run_id, "ranges": json.dumps(ranges)},
-    )
-
-
-async def advance_walk(conn: Executor, run_id: uuid.UUID, index: int, position: Any, *, done: bool = False) -> None:
-    """Range ``index`` of the walk is done up to ``position`` (or, ``done``, whole): in the
-    transaction of the batch that got there, so a resumed walk neither redoes nor skips."""
-    await conn.execute(
-        text(
-            "UPDATE flowfix_runs SET counts = jsonb_set(jsonb_set(counts, CAST(:at_path AS text[]), CAST(:at AS jsonb)),"
-            " CAST(:done_path AS text[]), CAST(:done AS jsonb)) WHERE id = :run"
-        ),
-        {
-            "run": run_id,
-            "at_path": ["walk", str(index), "next"],
-            "at": json.dumps(position),
-            "done_path": ["walk", str(index), "done"],
-            "done": json.dumps(done),
-        },
-    )
+async def run_totals(conn: Executor, run_id: uuid.UUID) -> dict[str, int]:
+    """Rows the run linked per table (the master table: masters it created), summed over
+    every process that worked on it: a resumed run reports the whole run's work."""
+    rows = await conn.execute(text(RUN_TOTALS), {"run": run_id})
+    return {row.table_name: int(row.n) for row in rows}
 
 
 async def record(conn: Executor, run_id: uuid.UUID, changes: list[Change]) -> None:
@@ -385,6 +368,7 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
             await require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "undo")
             await _require_undo_privileges(conn, run_id)
+            await conn.run_sync(catalog.require_not_part_done, "undo")
         async with run_lock(conn):
             async with conn.begin():
                 undo = await _begin_undo(conn, run_id)
@@ -392,8 +376,10 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
                 return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
             report = UndoReport(run_id=run_id, undo_run_id=undo)
             for table in UNDO_ORDER:
-                await _undo_table(conn, run_id, table, report, lock_retries)
+                await _undo_table(conn, run_id, table, report, lock_retries, undo)
             await _undo_created_masters(conn, run_id, report, lock_retries)
+            async with conn.begin():  # the whole undo's work, every process that worked on it
+                report.reverted = await _reverted_so_far(conn, undo)
             counts = {
                 "reverted": report.reverted,
                 "skipped": len(report.skipped),
@@ -474,7 +460,22 @@ async def _begin_undo(conn: AsyncConnection, run_id: uuid.UUID) -> uuid.UUID | N
     return await start_run(conn, "undo", {"run_id": str(run_id)})
 
 
-async def _undo_table(conn: AsyncConnection, run_id: uuid.UUID, table: str, report: UndoReport, retries: int) -> None:
+#: Add a batch's reverted values to the undo run's count, in that batch's transaction: an
+#: undo finished by a second process reports what both reverted.
+ADD_REVERTED = """UPDATE flowfix_runs SET counts = jsonb_set(counts, '{reverted}',
+    to_jsonb(COALESCE((counts->>'reverted')::bigint, 0) + :n)) WHERE id = :undo"""
+
+
+async def _reverted_so_far(conn: Executor, undo: uuid.UUID) -> int:
+    found = (
+        await conn.execute(text("SELECT (counts->>'reverted')::bigint FROM flowfix_runs WHERE id = :id"), {"id": undo})
+    ).scalar_one()
+    return int(found or 0)
+
+
+async def _undo_table(
+    conn: AsyncConnection, run_id: uuid.UUID, table: str, report: UndoReport, retries: int, undo: uuid.UUID
+) -> None:
     assert (table, "master_flow_id") in UNDOABLE_COLUMNS  # the only names that reach the SQL
     sql = text(UNDO_BATCH.format(table=quote_ident(table)))
     sizer = BatchSizer(5000, start=100)
@@ -483,7 +484,9 @@ async def _undo_table(conn: AsyncConnection, run_id: uuid.UUID, table: str, repo
         limit = sizer.size
 
         async def batch(c: AsyncConnection, after: int | None = after, limit: int = limit) -> list[Any]:
-            return list(await c.execute(sql, {"run": run_id, "table_name": table, "after": after, "limit": limit}))
+            rows = list(await c.execute(sql, {"run": run_id, "table_name": table, "after": after, "limit": limit}))
+            await c.execute(text(ADD_REVERTED), {"undo": undo, "n": sum(row.reverted for row in rows)})
+            return rows
 
         rows = await timed(conn, sizer, retries, batch, limit)
         if not rows:
@@ -548,3 +551,288 @@ async def _unreferenced_masters_sql(conn: Executor) -> str:
         for ref in refs
     )
     return f"DELETE FROM {MASTER_TABLE} m WHERE m.flow_id = ANY(CAST(:flows AS uuid[])){guards} RETURNING m.flow_id"
+
+
+# --- progress as rows: the ranges of a run's walks -----------------------------------------
+
+#: One row per range of a walk (and one ``closing`` row per step for its closing pass),
+#: after GitLab's batched_background_migration_jobs: bounds, status, attempts, rows
+#: changed, time spent and the last error, each written in the transaction of the batch
+#: it describes. Workers claim ranges with FOR UPDATE SKIP LOCKED; a resume walks the
+#: ranges not done; a run's counts are sums over them, whichever process did the work.
+#: Created by fix_master_flow_fk (new databases) and by ledger_progress_rows (databases
+#: that were past it already): the same statements, safe to run twice.
+CREATE_WALK_RANGES = (
+    """CREATE TABLE IF NOT EXISTS flowfix_walk_ranges (
+    id bigint GENERATED BY DEFAULT AS IDENTITY NOT NULL,
+    run_id uuid NOT NULL,
+    step text NOT NULL,
+    relation text NOT NULL,
+    walk text NOT NULL,
+    lo_page bigint,
+    hi_page bigint,
+    next_page bigint,
+    lo_key uuid,
+    hi_key uuid,
+    next_key uuid,
+    status text DEFAULT 'pending' NOT NULL,
+    attempts bigint DEFAULT 0 NOT NULL,
+    batches bigint DEFAULT 0 NOT NULL,
+    rows_changed bigint DEFAULT 0 NOT NULL,
+    seconds double precision DEFAULT 0 NOT NULL,
+    last_error text,
+    created_at timestamptz DEFAULT now() NOT NULL,
+    started_at timestamptz,
+    updated_at timestamptz,
+    finished_at timestamptz,
+    CONSTRAINT pk_flowfix_walk_ranges PRIMARY KEY (id),
+    CONSTRAINT fk_flowfix_walk_ranges_run_id FOREIGN KEY (run_id) REFERENCES flowfix_runs (id) ON DELETE CASCADE,
+    CONSTRAINT ck_flowfix_walk_ranges_walk CHECK (walk IN ('ctid', 'key', 'closing')),
+    CONSTRAINT ck_flowfix_walk_ranges_status CHECK (status IN ('pending', 'running', 'done', 'failed'))
+)""",
+    "CREATE INDEX IF NOT EXISTS ix_flowfix_walk_ranges_run_id ON flowfix_walk_ranges (run_id, step)",
+)
+
+
+class BadProgress(FlowfixError):
+    """A stored range that the catalog contradicts: resuming it could walk the wrong rows."""
+
+
+_RANGE_COLUMNS = "id, relation, walk, lo_page, hi_page, next_page, lo_key, hi_key, next_key"
+
+
+def _range(row: Any) -> Any:
+    from flowfix.walk import Range
+
+    return Range(
+        row.relation, row.walk, row.lo_page, row.hi_page, row.next_page, row.lo_key, row.hi_key, row.next_key, row.id
+    )
+
+
+async def resume_ranges(
+    conn: Executor, run_id: uuid.UUID, step: str, table: str, leaves: Sequence[Any]
+) -> list[Any] | None:
+    """The stored ranges of ``step`` not done yet, made claimable again (their process
+    died: the run lock says no other works on them), each checked against the catalog
+    first; None when the walk has not begun (no range stored)."""
+    rows = list(
+        await conn.execute(
+            text(
+                f"SELECT {_RANGE_COLUMNS}, status FROM flowfix_walk_ranges"
+                " WHERE run_id = :run AND step = :step AND walk <> 'closing' ORDER BY id"
+            ),
+            {"run": run_id, "step": step},
+        )
+    )
+    if not rows:
+        return None
+    names = {leaf.name for leaf in leaves}
+    for row in rows:
+        problem = _bad_range(row, table, names)
+        if problem:
+            raise BadProgress(
+                f"run {run_id}: stored range {row.id} of {step} {problem}; it was not written by flowfix:"
+                f" fix or delete that row of flowfix_walk_ranges (the closing pass covers its rows), then rerun"
+            )
+    await conn.execute(
+        text(
+            "UPDATE flowfix_walk_ranges SET status = 'pending', updated_at = now()"
+            " WHERE run_id = :run AND step = :step AND walk <> 'closing' AND status IN ('running', 'failed')"
+        ),
+        {"run": run_id, "step": step},
+    )
+    return [_range(row) for row in rows if row.status != "done"]
+
+
+def _bad_range(row: Any, table: str, leaves: set[str]) -> str | None:
+    """What is wrong with a stored range, or None."""
+    if row.walk == "ctid":
+        if row.relation not in leaves:
+            return f"names {row.relation!r}, which is not a table holding rows of {table}"
+        if None in (row.lo_page, row.hi_page, row.next_page):
+            return "has no page bounds"
+        if not 0 <= row.lo_page <= row.next_page <= row.hi_page:
+            return f"has page bounds out of order ({row.lo_page} <= {row.next_page} <= {row.hi_page} is false)"
+        return None
+    if row.walk == "key":
+        if row.relation != table:
+            return f"names {row.relation!r}, not {table}"
+        if None in (row.lo_key, row.hi_key, row.next_key) or not row.lo_key <= row.next_key <= row.hi_key:
+            return "has key bounds missing or out of order"
+        return None
+    return f"has an unknown walk {row.walk!r}"
+
+
+async def store_ranges(conn: Executor, run_id: uuid.UUID, step: str, ranges: Sequence[Any]) -> list[Any]:
+    """Store a new walk's ranges, before the first batch; returns them with their ids."""
+    out = []
+    for r in ranges:
+        row = (
+            await conn.execute(
+                text(
+                    "INSERT INTO flowfix_walk_ranges (run_id, step, relation, walk, lo_page, hi_page, next_page,"
+                    " lo_key, hi_key, next_key) VALUES (:run, :step, :relation, :walk, :lo_page, :hi_page,"
+                    f" :next_page, :lo_key, :hi_key, :next_key) RETURNING {_RANGE_COLUMNS}"
+                ),
+                {
+                    "run": run_id,
+                    "step": step,
+                    "relation": r.relation,
+                    "walk": r.walk,
+                    "lo_page": r.lo_page,
+                    "hi_page": r.hi_page,
+                    "next_page": r.next_page,
+                    "lo_key": r.lo_key,
+                    "hi_key": r.hi_key,
+                    "next_key": r.next_key,
+                },
+            )
+        ).one()
+        out.append(_range(row))
+    return out
+
+
+async def claim_range(conn: Executor, run_id: uuid.UUID, step: str) -> Any | None:
+    """The next pending range of ``step``, now running and one attempt more; a range
+    another worker is claiming is skipped (FOR UPDATE SKIP LOCKED), never waited for."""
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE flowfix_walk_ranges SET status = 'running', attempts = attempts + 1,"
+                " started_at = COALESCE(started_at, now()), updated_at = now()"
+                " WHERE id = (SELECT id FROM flowfix_walk_ranges WHERE run_id = :run AND step = :step"
+                " AND walk <> 'closing' AND status = 'pending' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {_RANGE_COLUMNS}"
+            ),
+            {"run": run_id, "step": step},
+        )
+    ).one_or_none()
+    return None if row is None else _range(row)
+
+
+async def advance_range(
+    conn: Executor, part: Any, position: Any, changed: int, seconds: float, *, done: bool = False
+) -> None:
+    """Range ``part`` is walked up to ``position`` (a page, a key, or None) by a batch
+    that changed ``changed`` rows: in that batch's transaction, so a resume neither
+    redoes nor skips, and the counts are exact."""
+    page = position if isinstance(position, int) else None
+    key = position if isinstance(position, uuid.UUID) else None
+    await conn.execute(
+        text(
+            "UPDATE flowfix_walk_ranges SET next_page = COALESCE(CAST(:page AS bigint), next_page),"
+            " next_key = COALESCE(CAST(:key AS uuid), next_key), rows_changed = rows_changed + :changed,"
+            " batches = batches + 1, seconds = seconds + :seconds, updated_at = now(),"
+            " status = CASE WHEN :done THEN 'done' ELSE status END,"
+            " finished_at = CASE WHEN :done THEN now() END WHERE id = :id"
+        ),
+        {"id": part.id, "page": page, "key": key, "changed": changed, "seconds": seconds, "done": done},
+    )
+
+
+async def fail_range(conn: AsyncConnection, part: Any, exc: BaseException) -> None:
+    """Note why a range stopped (best effort: the connection may be what failed)."""
+    try:
+        async with conn.begin():
+            await conn.execute(
+                text(
+                    "UPDATE flowfix_walk_ranges SET status = 'failed', updated_at = now(), last_error = :e"
+                    " WHERE id = :id"
+                ),
+                {"id": part.id, "e": (str(exc).splitlines() or [type(exc).__name__])[0][:500]},
+            )
+    except Exception:  # noqa: BLE001, S110 - the first error is the one reported
+        pass
+
+
+async def closing_range(conn: Executor, run_id: uuid.UUID, step: str, table: str) -> Any:
+    """The row of ``step``'s closing pass, running now (one attempt more on a resume)."""
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE flowfix_walk_ranges SET status = 'running', attempts = attempts + 1, updated_at = now(),"
+                " started_at = COALESCE(started_at, now())"
+                f" WHERE run_id = :run AND step = :step AND walk = 'closing' RETURNING {_RANGE_COLUMNS}"
+            ),
+            {"run": run_id, "step": step},
+        )
+    ).one_or_none()
+    if row is None:
+        row = (
+            await conn.execute(
+                text(
+                    "INSERT INTO flowfix_walk_ranges (run_id, step, relation, walk, status, attempts, started_at,"
+                    " updated_at) VALUES (:run, :step, :relation, 'closing', 'running', 1, now(), now())"
+                    f" RETURNING {_RANGE_COLUMNS}"
+                ),
+                {"run": run_id, "step": step, "relation": table},
+            )
+        ).one()
+    return _range(row)
+
+
+@dataclass
+class StepProgress:
+    """One step of a run, summed over its ranges (every process that worked on it)."""
+
+    step: str
+    walk: str
+    ranges: int
+    done: int
+    rows_changed: int
+    closing_rows: int
+    batches: int
+    attempts: int
+    seconds: float
+    last_error: str | None
+    started_at: datetime | None
+    updated_at: datetime | None
+
+
+@dataclass
+class RunProgress:
+    run: RunInfo
+    steps: list[StepProgress]
+
+
+#: Per step: ranges done/total, rows, attempts, the newest error (closing pass included).
+RUN_PROGRESS = """
+SELECT step,
+       COALESCE(min(walk) FILTER (WHERE walk <> 'closing'), '') AS walk,
+       count(*) FILTER (WHERE walk <> 'closing') AS ranges,
+       count(*) FILTER (WHERE walk <> 'closing' AND status = 'done') AS done,
+       COALESCE(sum(rows_changed), 0)::bigint AS rows_changed,
+       COALESCE(sum(rows_changed) FILTER (WHERE walk = 'closing'), 0)::bigint AS closing_rows,
+       COALESCE(sum(batches), 0)::bigint AS batches,
+       COALESCE(sum(attempts), 0)::bigint AS attempts,
+       COALESCE(sum(seconds), 0)::float8 AS seconds,
+       (array_agg(last_error ORDER BY updated_at DESC) FILTER (WHERE last_error IS NOT NULL))[1] AS last_error,
+       min(started_at) AS started_at,
+       max(updated_at) AS updated_at
+FROM flowfix_walk_ranges WHERE run_id = :run GROUP BY step ORDER BY min(id)
+"""
+
+
+async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
+    """``flowfix runs RUN``: the run and, per step, its ranges from the progress rows."""
+    await require_ledger(conn)
+    row = (
+        (
+            await conn.execute(
+                text(
+                    "SELECT id, command, status, arguments, counts, started_at, finished_at FROM flowfix_runs"
+                    " WHERE id = :run"
+                ),
+                {"run": run_id},
+            )
+        )
+        .mappings()
+        .one_or_none()
+    )
+    if row is None:
+        raise UnknownRun(f"no flowfix run with id {run_id} (see `flowfix runs`)")
+    present = (await conn.execute(text("SELECT to_regclass('flowfix_walk_ranges') IS NOT NULL"))).scalar_one()
+    steps: list[StepProgress] = []
+    if present:
+        steps = [StepProgress(**r) for r in (await conn.execute(text(RUN_PROGRESS), {"run": run_id})).mappings()]
+    return RunProgress(RunInfo(**row), steps)

@@ -301,6 +301,7 @@ async def _link_with_ledger(
         await ledger.require_ledger(session)
         await session.run_sync(catalog.require_full_visibility, "flowfix link")
         await privileges.require(session, "link", "write", "link")
+        await session.run_sync(catalog.require_not_part_done, "flowfix link")
         await ledger.try_lock(session)
         result = await link_import(session, data_import_id=data_import_id, flow_id=flow_id, force=force)
         if not result.changes:

@@ -34,6 +34,7 @@ FLOWFIX_TABLES = (
     "flowfix_translations",
     "flowfix_runs",
     "flowfix_changes",
+    "flowfix_walk_ranges",
 )
 
 #: Revoke every privilege on flowfix's tables (and the sequences of their identity
@@ -48,11 +49,13 @@ BEGIN
       SELECT c.oid FROM pg_class c
       WHERE c.oid = ANY (ARRAY[to_regclass('flowfix_alembic_version'), to_regclass('flowfix_schema_changes'),
                                to_regclass('flowfix_quarantine'), to_regclass('flowfix_translations'),
-                               to_regclass('flowfix_runs'), to_regclass('flowfix_changes')])
+                               to_regclass('flowfix_runs'), to_regclass('flowfix_changes'),
+                               to_regclass('flowfix_walk_ranges')])
       UNION
       SELECT d.objid FROM pg_depend d
       WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
-        AND d.refobjid = ANY (ARRAY[to_regclass('flowfix_schema_changes'), to_regclass('flowfix_changes')])
+        AND d.refobjid = ANY (ARRAY[to_regclass('flowfix_schema_changes'), to_regclass('flowfix_changes'),
+                                     to_regclass('flowfix_walk_ranges')])
     )
     SELECT DISTINCT CASE c.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind, c.oid::regclass AS object,
            CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.rolname) END AS grantee
@@ -96,7 +99,7 @@ def _needs(tables: tuple[str, ...], *privileges: str) -> tuple[Need, ...]:
 
 
 FOUR_TABLES = (MASTER_TABLE, *CHILD_TABLES)
-LEDGER = ("flowfix_runs", "flowfix_changes")
+LEDGER = ("flowfix_runs", "flowfix_changes", "flowfix_walk_ranges")
 
 #: What each command reads and writes (docs/roles-and-poolers.md turns these into GRANTs).
 NEEDS: dict[str, tuple[Need, ...]] = {

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # rendering never needs the database modules loaded
     from rich.console import Console
 
     from flowfix.backfill import Result
-    from flowfix.ledger import RunInfo, UndoReport
+    from flowfix.ledger import RunInfo, RunProgress, UndoReport
     from flowfix.validate import Report
 
 
@@ -166,6 +166,37 @@ def run_line(run: RunInfo) -> str:
         f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
         f"  {finished}  {json.dumps(counts, sort_keys=True)}"
     )
+
+
+def run_dict(run: RunInfo) -> dict[str, Any]:
+    return {**asdict(run), "counts": {k: v for k, v in run.counts.items() if k != "walk"}}
+
+
+def run_progress_dict(progress: RunProgress) -> dict[str, Any]:
+    """``flowfix runs RUN --format json``: the run, and per step its progress rows summed
+    (``ranges``/``done``, ``rows_changed``, ``started_at``/``updated_at`` for a rate)."""
+    return {"run": run_dict(progress.run), "steps": [asdict(step) for step in progress.steps]}
+
+
+def run_progress_json(progress: RunProgress) -> str:
+    return to_json(run_progress_dict(progress))
+
+
+def run_progress_text(progress: RunProgress) -> str:
+    lines = [run_line(progress.run)]
+    if not progress.steps:
+        lines.append("  no walk recorded for this run (no progress rows)")
+    for step in progress.steps:
+        walk = {"ctid": "page ranges", "key": "key ranges"}.get(step.walk, "closing pass only")
+        line = (
+            f"  {step.step}: {step.done}/{step.ranges} {walk} done, {step.rows_changed:,} rows changed"
+            f" ({step.closing_rows:,} by the closing pass), {step.batches:,} batches, {step.attempts} attempts,"
+            f" {step.seconds:.1f} s"
+        )
+        if step.last_error:
+            line += f"; last error: {step.last_error}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # --- the demo's narration -------------------------------------------------------------------

@@ -9,7 +9,6 @@ ends and which steps run outside one (CONCURRENTLY).
 from __future__ import annotations
 
 import logging
-import time
 
 from alembic import op
 from sqlalchemy import Connection, text
@@ -18,6 +17,7 @@ from flowfix.catalog import IndexFacts
 from flowfix.config import Settings
 from flowfix.errors import MigrationError, is_lock_timeout, sqlstate, translate
 from flowfix.sql import quote_ident, quote_literal
+from flowfix.walk import Walk, walk_sync
 
 log = logging.getLogger("flowfix.revision_helpers")
 
@@ -106,110 +106,22 @@ def outside_transaction(title: str, *statements: str) -> None:
             execute(sql)
 
 
-#: Pages per batch of a physical walk (about 10,000 rows of raw_import_records).
+#: Pages per batch of a physical walk (about 10,000 rows of raw_import_records), at most.
 BATCH_PAGES = 250
-#: TID Range Scans exist from PostgreSQL 14; before that a page range is a full scan, so
-#: the walk goes by primary key.
-TID_RANGE_SCAN_VERSION = 140000
-
-#: The batch of a walk by primary key: ``{after}`` is TRUE or ``id > <cursor>``.
-BY_KEY = "SELECT id, master_flow_id FROM {table} WHERE {after} ORDER BY id LIMIT {limit}"
-#: The batch of a physical walk: one page range, rows holding a value only.
-BY_PAGES = "SELECT id, master_flow_id FROM {table} WHERE ctid >= {lo} AND ctid < {hi} AND master_flow_id IS NOT NULL"
 
 
-def in_batches(title: str, table: str, template: str, *, rows: int = BATCH_ROWS, pages: int = BATCH_PAGES) -> int:
-    """Apply ``template`` to every row of ``table`` holding a value, one short
-    transaction per batch, doing work only where there is some: a table without a
-    non-NULL ``master_flow_id`` costs one read. Otherwise the walk goes in physical order,
-    ``pages`` pages a batch (TID Range Scan, PostgreSQL 14+), or by primary key,
-    ``rows`` a batch, on older servers and for a partitioned table (whose rows sit in
-    its partitions, each with its own pages). Rows added after the walk began are written by
-    the application under the new FK: they need no translation.
-
-    ``template``'s ``batch`` CTE is ``{batch}``; its final ``SELECT ... AS last_id, ...
-    AS changed {into}`` returns the batch's highest id (NULL when empty) and the number
-    of rows changed. Online, Python drives the loop and logs progress; ``--sql`` prints
-    a DO block that makes the same choices on the server and commits after each batch.
-    Returns the number of rows changed (0 offline).
-    """
-    by_key = BY_KEY.format(table=table, after="{after}", limit=rows)
-    if offline():
-        into = "INTO v_last, v_changed"
-        key_first = template.format(table=table, batch=by_key.format(after="TRUE"), into=into)
-        key_later = template.format(table=table, batch=by_key.format(after="id > v_after"), into=into)
-        by_pages = BY_PAGES.format(
-            table=table, lo="format('(%s,0)', v_lo)::tid", hi="format('(%s,0)', v_lo + " + str(pages) + ")::tid"
-        )
-        ranged = template.format(table=table, batch=by_pages, into=into)
-        with op.get_context().autocommit_block():
-            note(f"OUTSIDE A TRANSACTION (one COMMIT per batch, only where a value is set): {title}")
-            execute(
-                "DO $batches$\nDECLARE v_after uuid; v_last uuid; v_changed bigint; v_lo bigint := 0;\n"
-                f"  v_pages bigint := pg_relation_size('{table}') / current_setting('block_size')::int;\nBEGIN\n"
-                f"  IF NOT EXISTS (SELECT 1 FROM {table} WHERE master_flow_id IS NOT NULL) THEN\n"
-                "    RETURN;\n"
-                "  END IF;\n"
-                f"  IF current_setting('server_version_num')::int >= {TID_RANGE_SCAN_VERSION}"
-                f" AND (SELECT relkind FROM pg_class WHERE oid = '{table}'::regclass) <> 'p' THEN\n"
-                "    WHILE v_lo < v_pages LOOP\n"
-                f"      {ranged};\n"
-                f"      v_lo := v_lo + {pages};\n"
-                "      COMMIT;\n"
-                "    END LOOP;\n"
-                "    RETURN;\n"
-                "  END IF;\n"
-                "  LOOP\n"
-                "    IF v_after IS NULL THEN\n"
-                f"      {key_first};\n"
-                "    ELSE\n"
-                f"      {key_later};\n"
-                "    END IF;\n"
-                "    EXIT WHEN v_last IS NULL;\n"
-                "    v_after := v_last;\n"
-                "    COMMIT;\n"
-                "  END LOOP;\n"
-                "END $batches$"
-            )
-        return 0
-
-    conn = bind()
-    total = batches = 0
-    started = time.monotonic()
+def walk(title: str, spec: Walk) -> int:
+    """Walk ``spec`` (:mod:`flowfix.walk`) outside a transaction, one short transaction
+    per batch, then its closing pass: online by :func:`flowfix.walk.walk_sync`, with
+    ``--sql`` as the DO block generated from the same statements. Returns the rows
+    changed (0 offline). A lock timeout stops the revision; env.py retries it, and the
+    batches already done need nothing more (each is idempotent)."""
     with op.get_context().autocommit_block():
-        busy = conn.execute(text(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE master_flow_id IS NOT NULL)")).scalar()
-        if not busy:
-            log.info("%s: no row holds a value, nothing to do (%.1fs)", title, time.monotonic() - started)
+        note(f"OUTSIDE A TRANSACTION (one COMMIT per batch, then a closing pass): {title}")
+        if offline():
+            execute(spec.do_block(pages=BATCH_PAGES, rows=BATCH_ROWS))
             return 0
-        physical = conn.execute(
-            text(
-                f"SELECT current_setting('server_version_num')::int >= {TID_RANGE_SCAN_VERSION}"
-                f" AND relkind <> 'p' FROM pg_class WHERE oid = '{table}'::regclass"
-            )
-        ).scalar_one()
-        if physical:
-            size = conn.execute(
-                text(f"SELECT pg_relation_size('{table}') / current_setting('block_size')::int")
-            ).scalar_one()
-            stmt = text(template.format(table=table, batch=BY_PAGES.format(table=table, lo=":lo", hi=":hi"), into=""))
-            for lo in range(0, int(size), pages):
-                _, changed = conn.execute(stmt, {"lo": (lo, 0), "hi": (lo + pages, 0)}).one()
-                total += changed
-                batches += 1
-        else:
-            first_stmt = text(template.format(table=table, batch=by_key.format(after="TRUE"), into=""))
-            later_stmt = text(template.format(table=table, batch=by_key.format(after="id > :after"), into=""))
-            after = None
-            while True:
-                stmt = first_stmt if after is None else later_stmt
-                last_id, changed = conn.execute(stmt, {} if after is None else {"after": after}).one()
-                if last_id is None:
-                    break
-                after = last_id
-                total += changed
-                batches += 1
-    log.info("%s: %d rows changed in %d batches, %.1fs", title, total, batches, time.monotonic() - started)
-    return total
+        return walk_sync(bind(), spec, pages=BATCH_PAGES, rows=BATCH_ROWS)
 
 
 # --- errors and retries (used by alembic/env.py) ---------------------------------------
@@ -234,8 +146,8 @@ def as_command_error(exc: BaseException, settings: Settings | None = None) -> Ba
         attempts = f"{settings.lock_retries + 1} attempt{'s' if settings.lock_retries else ''}"
         return CommandError(
             f"gave up waiting for a table lock ({attempts} of {settings.lock_timeout}): a long-running transaction"
-            " holds it (see pg_stat_activity). Steps finished before are kept; run the upgrade again later to"
-            " resume, or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES."
+            " holds it (see pg_stat_activity). Steps finished before are kept; run the same command again later"
+            " to finish (see `flowfix status`), or raise FLOWFIX_LOCK_TIMEOUT / FLOWFIX_LOCK_RETRIES."
         )
     translated = translate(exc, mask_url(settings.url) if settings is not None else "")
     if translated is not None:

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from flowfix import backfill as bf
 from flowfix.backfill import steps
@@ -116,7 +115,7 @@ def test_the_physical_walk_reads_a_slice_by_tid_range_not_the_whole_table(s: Set
     joined to their imports by primary key (PostgreSQL 14+)."""
     dataset(s, imports=3, records=200)
     sql(s, "ANALYZE")
-    statement = steps.LINK_RECORDS_SLICE.replace("{relation}", "raw_import_records")
+    statement = steps.RECORDS_WALK.by_pages("raw_import_records")
     plan = sql(
         s,
         "EXPLAIN " + statement.replace("CAST(:lo AS tid)", "'(2,0)'::tid").replace("CAST(:hi AS tid)", "'(4,0)'::tid"),
@@ -157,8 +156,13 @@ def test_a_walk_that_dies_part_way_resumes_each_range_where_it_stopped(s: Settin
         run(s, Crash(after=3), walk=walk, jobs=jobs, batch_size=40)  # 2 pages a slice
     half = record_links(s)
     assert 0 < sum(v is not None for v in half.values()) < len(half)
-    progress = sql(s, "SELECT counts->'walk' AS walk FROM flowfix_runs WHERE status = 'running'")[0]["walk"]
-    assert any(r["next"] not in (r.get("start"), None) for r in progress)
+    progress = sql(
+        s,
+        "SELECT lo_page, next_page, lo_key, next_key, w.status FROM flowfix_walk_ranges w"
+        " JOIN flowfix_runs r ON r.id = w.run_id WHERE r.status = 'running' AND w.walk <> 'closing'",
+    )
+    assert any((p["next_page"] or 0) > (p["lo_page"] or 0) or p["next_key"] != p["lo_key"] for p in progress)
+    assert any(p["status"] != "done" for p in progress)
 
     resumed = run(s, walk=walk, jobs=jobs)
     assert resumed.resumed and resumed.exit_code == 0
@@ -208,44 +212,38 @@ def test_records_the_application_adds_or_moves_during_the_walk_are_linked_by_the
     assert None not in record_links(s).values()
 
 
-def test_a_resumed_run_on_a_server_without_the_ranges_it_stored_walks_what_remains(s: Settings) -> None:
-    """The stored ranges name leaf tables; a name the catalog no longer lists never
-    reaches the SQL (the closing pass covers its rows)."""
-    expected = dataset(s, imports=2, records=100)
+def test_a_stored_range_the_catalog_contradicts_is_refused_in_one_line_changing_nothing(s: Settings) -> None:
+    """The stored ranges name leaf tables; a name the catalog does not list (or bounds out
+    of order) never reaches the SQL: the resume refuses, exit 2, naming the row."""
+    from flowfix import ledger
+    from flowfix.walk import Range
+
+    dataset(s, imports=2, records=100)
 
     async def start_and_tamper() -> None:
         engine = make_engine(s)
         try:
             async with engine.begin() as conn:
-                from flowfix import ledger
-
                 run_id = await ledger.start_run(conn, "backfill", bf.Options().arguments())
                 plan = await bf.make_plan(conn, bf.Options())
                 await ledger.store_import_plan(
                     conn, run_id, [(x.id, x.master_flow_id, x.evidence, x.distance_seconds) for x in plan.import_links]
                 )
-                await ledger.start_walk(
-                    conn,
-                    run_id,
-                    [
-                        {
-                            "walk": "ctid",
-                            "relation": "raw_import_records; DROP TABLE data_imports",
-                            "start": 0,
-                            "end": 5,
-                            "next": 0,
-                        }
-                    ],
-                )
-                await conn.execute(text("SELECT 1"))
+                bad = Range("raw_import_records; DROP TABLE data_imports", "ctid", 0, 5, 0)
+                await ledger.store_ranges(conn, run_id, "raw_import_records", [bad])
         finally:
             await engine.dispose()
 
     asyncio.run(start_and_tamper())
-    result = run(s)
-    assert result.resumed and result.exit_code == 0
-    by_import = {r["id"]: r["data_import_id"] for r in sql(s, "SELECT id, data_import_id FROM raw_import_records")}
-    assert record_links(s) == {rec: expected[imp] for rec, imp in by_import.items()}
+    before = record_links(s)
+    with pytest.raises(RunInterrupted) as caught:
+        run(s)
+    from flowfix.cli import error_line
+
+    line, code = error_line(caught.value)
+    assert code == 2 and "flowfix_walk_ranges" in line and "DROP TABLE data_imports" in line, line
+    assert "\n" not in line
+    assert record_links(s) == before  # the records walk refused before its first batch
 
 
 def test_options_of_the_walk_do_not_change_the_identity_of_a_run() -> None:

@@ -15,9 +15,11 @@ or a crash resumes where the last attempt stopped):
    names), and add ``fk_<table>_master_flow_id`` NOT VALID with the delete rule and
    DEFERRABLE of the FK it replaces (a plain FK where there was none). A table whose FK
    already references ``flow_id`` keeps it exactly as it is (name, rule, validation);
-4. per table, in batches of 10,000 rows (one transaction each): translate values that
-   hold a master's ``id`` into its ``flow_id`` (logged in ``flowfix_translations``);
-   values matching no master go to ``flowfix_quarantine`` and become NULL;
+4. per table, one walk (:mod:`flowfix.walk`: page ranges, or keys, one transaction per
+   batch, then a closing pass for rows the application moved meanwhile): translate
+   values that hold a master's ``id`` into its ``flow_id`` (logged in
+   ``flowfix_translations``); values matching no master go to ``flowfix_quarantine``
+   and become NULL;
 5. indexes on ``master_flow_id`` (CONCURRENTLY) where none exists;
 6. ANALYZE, then VALIDATE each FK this revision added, in its own transaction.
 
@@ -35,9 +37,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flowfix import catalog, privileges
+from flowfix import catalog, ledger, privileges
 from flowfix import revision_helpers as helpers
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
+from flowfix.walk import Walk
 
 revision: str = "fix_master_flow_fk"
 down_revision: str | Sequence[str] | None = "legacy"
@@ -96,6 +99,7 @@ CREATE_FLOWFIX_TABLES = (
     CONSTRAINT fk_flowfix_changes_run_id FOREIGN KEY (run_id) REFERENCES flowfix_runs (id) ON DELETE CASCADE
 )""",
     "CREATE INDEX IF NOT EXISTS ix_flowfix_changes_run_id ON flowfix_changes (run_id)",
+    *ledger.CREATE_WALK_RANGES,
 )
 
 #: A single-column FK on ``{t}.master_flow_id`` (``{t}`` a SQL expression for the table
@@ -308,18 +312,19 @@ def _swap_fk(table: str) -> None:
     helpers.commit()
 
 
-#: One batch of step 4. ``{batch}``/``{into}`` are filled by helpers.in_batches.
-#: Values already holding a flow_id are logged as kept (old = new) so the downgrade can
-#: tell them from links written after the upgrade; ON CONFLICT keeps the first entry, so
-#: a retried batch never overwrites what an earlier attempt translated.
+#: Step 4 as one walk (flowfix.walk) per table ``{name}``: ``{table}`` is the relation a
+#: batch reads (a leaf, walking pages), ``{slice}`` its rows. Values already holding a
+#: flow_id are logged as kept (old = new) so the downgrade can tell them from links
+#: written after the upgrade; ON CONFLICT keeps the first entry, so a retried batch never
+#: overwrites what an earlier attempt translated. The closing pass translates the rows
+#: that still hold a value that is no flow_id, wherever the application moved them.
 TRANSLATE_TO_FLOW_ID = """WITH batch AS (
-    {batch}
+    SELECT r.id, r.master_flow_id FROM {table} r WHERE {slice} AND r.master_flow_id IS NOT NULL
 ), todo AS (
     SELECT b.id, b.master_flow_id AS old_value, m.flow_id AS new_value
     FROM batch b
     LEFT JOIN crewai_flow_state_extensions m ON m.id = b.master_flow_id
-    WHERE b.master_flow_id IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions f WHERE f.flow_id = b.master_flow_id)
+    WHERE NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions f WHERE f.flow_id = b.master_flow_id)
 ), changed AS (
     UPDATE {table} t SET master_flow_id = todo.new_value
     FROM todo
@@ -327,46 +332,74 @@ TRANSLATE_TO_FLOW_ID = """WITH batch AS (
     RETURNING t.id, todo.old_value, todo.new_value
 ), logged AS (
     INSERT INTO flowfix_translations (table_name, row_id, column_name, old_value, new_value)
-    SELECT '{table}', id, 'master_flow_id', old_value, new_value FROM changed WHERE new_value IS NOT NULL
+    SELECT '{name}', id, 'master_flow_id', old_value, new_value FROM changed WHERE new_value IS NOT NULL
     UNION ALL
-    SELECT '{table}', b.id, 'master_flow_id', b.master_flow_id, b.master_flow_id
+    SELECT '{name}', b.id, 'master_flow_id', b.master_flow_id, b.master_flow_id
     FROM batch b JOIN crewai_flow_state_extensions f ON f.flow_id = b.master_flow_id
     ON CONFLICT (table_name, row_id, column_name) DO NOTHING
 ), quarantined AS (
     INSERT INTO flowfix_quarantine (table_name, row_id, column_name, old_value)
-    SELECT '{table}', id, 'master_flow_id', old_value FROM changed WHERE new_value IS NULL
+    SELECT '{name}', id, 'master_flow_id', old_value FROM changed WHERE new_value IS NULL
     ON CONFLICT (table_name, row_id, column_name)
     DO UPDATE SET old_value = EXCLUDED.old_value, quarantined_at = now()
 )
-SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
-       (SELECT count(*) FROM changed) AS changed {into}"""
+SELECT count(*) FROM changed"""
 
-#: One batch of the downgrade: a value the upgrade translated goes back to what it was
-#: (if nobody changed it since); in a table whose original FK referenced ``id``, a
-#: flow_id written after the upgrade becomes that master's id, so the FK holds again.
-TRANSLATE_BACK = """WITH batch AS (
-    {batch}
-), todo AS (
-    SELECT b.id, b.master_flow_id AS old_value, COALESCE(tr.old_value, m.id) AS new_value
-    FROM batch b
+NOT_A_FLOW_ID = """r.master_flow_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM crewai_flow_state_extensions f WHERE f.flow_id = r.master_flow_id)"""
+
+
+def _translate_walk(table: str) -> Walk:
+    return Walk(
+        table, TRANSLATE_TO_FLOW_ID.replace("{name}", table), NOT_A_FLOW_ID, busy="r.master_flow_id IS NOT NULL"
+    )
+
+
+#: The downgrade, per row ``b`` holding a value: what it goes back to (NULL: it stays).
+#: A value the upgrade translated (and nobody changed since) goes back to what it was. A
+#: flow_id in a table whose replaced FK referenced ``id`` becomes that master's id, so the
+#: restored FK holds: written after the upgrade, or written the new way *during* it (the
+#: walk then logged it as kept, old = new; if the replaced FK was VALID no row could hold
+#: a flow_id before, so such an entry is the application's, and is translated too).
+BACK_TODO = """SELECT b.id, b.master_flow_id AS old_value,
+           CASE WHEN tr.old_value <> tr.new_value THEN tr.old_value ELSE m.id END AS new_value
+    FROM {source} b
     LEFT JOIN flowfix_translations tr
-      ON tr.table_name = '{table}' AND tr.column_name = 'master_flow_id' AND tr.row_id = b.id
+      ON tr.table_name = '{name}' AND tr.column_name = 'master_flow_id' AND tr.row_id = b.id
+     AND tr.new_value = b.master_flow_id
     LEFT JOIN crewai_flow_state_extensions m
-      ON m.flow_id = b.master_flow_id AND tr.row_id IS NULL
+      ON m.flow_id = b.master_flow_id AND m.id <> b.master_flow_id AND (tr.row_id IS NULL OR tr.old_value = tr.new_value)
      AND EXISTS (SELECT 1 FROM flowfix_schema_changes sc
                  WHERE sc.revision = 'fix_master_flow_fk' AND sc.kind = 'foreign_key_replaced'
-                   AND sc.table_name = '{table}'
-                   AND sc.definition ~ 'REFERENCES ([a-z0-9_]+[.])?crewai_flow_state_extensions[(]id[)]')
-    WHERE b.master_flow_id IS NOT NULL AND (tr.row_id IS NULL OR tr.new_value = b.master_flow_id)
+                   AND sc.table_name = '{name}' AND (tr.row_id IS NULL OR sc.validated)
+                   AND sc.definition ~ 'REFERENCES ([a-z0-9_]+[.])?crewai_flow_state_extensions[(]id[)]')"""
+
+TRANSLATE_BACK = f"""WITH batch AS (
+    SELECT r.id, r.master_flow_id FROM {{table}} r WHERE {{slice}} AND r.master_flow_id IS NOT NULL
+), todo AS (
+    {BACK_TODO.replace("{source}", "batch")}
 ), changed AS (
-    UPDATE {table} t SET master_flow_id = todo.new_value
+    UPDATE {{table}} t SET master_flow_id = todo.new_value
     FROM todo
     WHERE t.id = todo.id AND t.master_flow_id = todo.old_value
       AND todo.new_value IS NOT NULL AND todo.new_value <> todo.old_value
     RETURNING t.id
 )
-SELECT (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id,
-       (SELECT count(*) FROM changed) AS changed {into}"""
+SELECT count(*) FROM changed"""
+
+#: The downgrade's closing pass: rows whose value :data:`BACK_TODO` would still change.
+BACK_NEEDS = f"""r.master_flow_id IS NOT NULL AND EXISTS (
+    SELECT 1 FROM ({BACK_TODO.replace("{source}", "(SELECT r.id, r.master_flow_id)")}) x
+    WHERE x.new_value IS NOT NULL AND x.new_value <> x.old_value)"""
+
+
+def _back_walk(table: str) -> Walk:
+    return Walk(
+        table,
+        TRANSLATE_BACK.replace("{name}", table),
+        BACK_NEEDS.replace("{name}", table),
+        busy="r.master_flow_id IS NOT NULL",
+    )
 
 
 def _build_index(
@@ -502,22 +535,41 @@ def _created_fks(table: str) -> list[str]:
     )
 
 
+#: Why VALIDATE of a new FK can fail after the walk and its closing pass: a row written
+#: since by a session that bypassed the NOT VALID FK (session_replication_role = replica,
+#: a trigger disabled). Nothing is lost: rerunning the revision walks again.
+CHANGED_DURING_WALK = (
+    "flowfix: VALIDATE of {fk} on {table} found rows whose master_flow_id names no master's flow_id: rows"
+    " changed after this revision's walk (by a session that bypassed the new foreign key, e.g."
+    " session_replication_role = replica). Nothing is lost: run `flowfix upgrade fix_master_flow_fk` again;"
+    " its walk translates or quarantines them, then validates."
+)
+
+
 def _validate(table: str) -> None:
     if helpers.offline():
         # the DO block below validates the FK only where step 3 added it
+        message = CHANGED_DURING_WALK.format(fk=f"fk_{table}_master_flow_id", table=table).replace("'", "''")
         helpers.execute(f"""DO $validate$
 BEGIN
   IF EXISTS (SELECT 1 FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'
              AND kind = 'constraint_created' AND table_name = '{table}') THEN
     ALTER TABLE {table} VALIDATE CONSTRAINT fk_{table}_master_flow_id;
   END IF;
+EXCEPTION WHEN foreign_key_violation THEN
+  RAISE EXCEPTION '{message}' USING ERRCODE = '{helpers.REFUSAL_SQLSTATE}';
 END $validate$""")
         helpers.commit()
         return
     invalid = {fk.name for fk in catalog.foreign_keys(helpers.bind(), table, "master_flow_id") if not fk.validated}
     for name in _created_fks(table):
         if name in invalid:
-            helpers.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {helpers.quote(name)}")
+            try:
+                helpers.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {helpers.quote(name)}")
+            except Exception as exc:
+                if helpers.sqlstate(exc) == "23503":
+                    raise helpers.MigrationError(CHANGED_DURING_WALK.format(fk=name, table=table)) from None
+                raise
             helpers.commit()
 
 
@@ -536,9 +588,7 @@ def upgrade() -> None:
         _swap_fk(table)
 
     for table in CHILD_TABLES:
-        helpers.in_batches(
-            f"step 4: {table}: translate master ids to flow_ids, quarantine the rest", table, TRANSLATE_TO_FLOW_ID
-        )
+        helpers.walk(f"step 4: {table}: translate master ids to flow_ids, quarantine the rest", _translate_walk(table))
 
     for table in CHILD_TABLES:
         helpers.note(f"step 5: {table}: index master_flow_id")
@@ -698,7 +748,7 @@ def downgrade() -> None:
         helpers.execute(_drop_created_fks(table))
         helpers.commit()
     for table in CHILD_TABLES:
-        helpers.in_batches(f"{table}: translate values back", table, TRANSLATE_BACK)
+        helpers.walk(f"{table}: translate values back", _back_walk(table))
     for table in CHILD_TABLES:
         helpers.note(f"{table}: restore quarantined values (rows still NULL only)")
         helpers.execute(RESTORE_QUARANTINE.format(table=table))
@@ -735,9 +785,10 @@ BEGIN
     RAISE NOTICE 'flowfix: flowfix_quarantine kept: it holds values whose rows were relinked since';
   END IF;
   IF NOT EXISTS (SELECT 1 FROM flowfix_runs) THEN
+    DROP TABLE IF EXISTS flowfix_walk_ranges;
     DROP TABLE flowfix_changes, flowfix_runs;
   ELSE
-    RAISE NOTICE 'flowfix: ledger tables flowfix_runs/flowfix_changes kept: they hold run history';
+    RAISE NOTICE 'flowfix: ledger tables flowfix_runs/flowfix_changes/flowfix_walk_ranges kept: they hold run history';
   END IF;
 END $drop$""")
     helpers.execute("DELETE FROM flowfix_schema_changes WHERE revision = 'fix_master_flow_fk'")

@@ -23,6 +23,7 @@ from flowfix.batches import ReplicaThrottle
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import RunInterrupted
+from flowfix.models import MASTER_TABLE
 
 
 async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: Reporter | None = None) -> Result:
@@ -32,6 +33,7 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
         async with conn.begin():
             await ledger.require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "the backfill")
+            await conn.run_sync(catalog.require_not_part_done, "the backfill")
             if opts.dry_run:
                 return Result(None, True, opts.window_seconds, await make_plan(conn, opts), None)
             await privileges.require(conn, "backfill", "write", *(("masters",) if opts.create_missing_masters else ()))
@@ -101,7 +103,17 @@ async def _apply(
     counts.replica_pauses = throttle.pauses
     counts.replica_paused_seconds = round(throttle.paused_seconds, 3)
     async with conn.begin():  # commits synchronously: every batch before it is durable too
+        _whole_run(counts, await ledger.run_totals(conn, run_.id))
         await ledger.finish_run(conn, run_.id, "finished", {**plan.summary(), **asdict(counts)})
+
+
+def _whole_run(counts: Counts, totals: dict[str, int]) -> None:
+    """What the run linked, from the ledger: every process that worked on it (a resumed
+    run's own process may have done only the last part)."""
+    counts.discovery_flows = totals.get("discovery_flows", 0)
+    counts.data_imports = totals.get("data_imports", 0)
+    counts.raw_import_records = totals.get("raw_import_records", 0)
+    counts.masters_created = totals.get(MASTER_TABLE, 0)
 
 
 @contextmanager
