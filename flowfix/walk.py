@@ -103,14 +103,14 @@ class Walk:
         into = " INTO v_changed"
         by_pages = self.statement(
             self.table,
-            f"r.ctid >= format('(%s,0)', v_lo)::tid AND r.ctid < format('(%s,0)', v_lo + {pages})::tid",
+            f"r.ctid >= format('(%s,0)', v_lo)::tid AND r.ctid < format('(%s,0)', v_lo + {int(pages)})::tid",
         )
         by_keys = self.statement(self.table, "r.id > v_after AND r.id <= v_upto")
-        by_ids = self.statement(self.table, f"r.id = ANY(v_ids[v_at:v_at + {rows - 1}])")
+        by_ids = self.statement(self.table, f"r.id = ANY(v_ids[v_at:v_at + {int(rows) - 1}])")
         return f"""DO $walk$
 DECLARE
   v_changed bigint; v_lo bigint := 0; v_pages bigint; v_ids uuid[]; v_at int := 1;
-  v_after uuid := '{KEY_FIRST}'; v_upto uuid;
+  v_after uuid := '00000000-0000-0000-0000-000000000000'; v_upto uuid;  -- KEY_FIRST
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM {self.table} r WHERE {self.busy}) THEN
     RETURN;

@@ -15,7 +15,11 @@ The rule. The SQL handed to ``text()``, ``execute()``, ``exec_driver_sql()``,
   parameter of flowfix's SQL wrappers (``execute``, ``outside_transaction``,
   ``in_batches``, ``run_or_undo``: their callers are checked instead);
 - the return value of a function of the same module that obeys the rule, given such
-  arguments; a name imported from a flowfix module is checked where it is defined.
+  arguments; a name imported from a flowfix module is checked where it is defined;
+- the return value of a method of a *SQL record* class (``SQL_RECORDS``: a frozen
+  dataclass of SQL pieces, such as :class:`flowfix.walk.Walk`), checked in its module
+  with ``self``'s fields taken as safe, given such arguments: every construction of the
+  class in ``flowfix/`` and ``alembic/`` is checked by the same rule instead.
 
 Values are always bind parameters (``:name``). Anything else, a function parameter, an
 attribute, a call, spliced into SQL text, fails this test with its file and line.
@@ -45,6 +49,8 @@ WRAPPERS = {
 QUOTERS = {"quote_ident", "quote_qualified", "quote_literal", "quote", "sql_literal"}
 COMPOSERS = {"format", "replace", "join", "strip", "rstrip", "lstrip", "items", "values", "keys", "splitlines"}
 PURE = {"zip", "enumerate", "sorted", "tuple", "list", "str"}
+#: SQL record classes (name -> module): their fields are checked where they are built
+SQL_RECORDS = {"Walk": "flowfix.walk"}
 #: calls whose result is a number or a truth value: nothing to splice, whatever their argument
 NOT_TEXT = {"bool", "int", "float", "len"}
 
@@ -191,6 +197,15 @@ class Checker:
                         found = other.check(ret.value, function, frozenset({f"fn:{original}"}))
                         problems += self._given(expr, function, found, scope, seen)
                 return problems
+        method = self._record_method(expr, scope)
+        if method is not None:
+            owner, function = method
+            problems = []
+            for ret in ast.walk(function):
+                if isinstance(ret, ast.Return) and ret.value is not None:
+                    found = owner.check(ret.value, function, frozenset({f"fn:{function.name}"}))
+                    problems += self._given(expr, function, found, scope, seen, method=True)
+            return problems
         if name in COMPOSERS and isinstance(expr.func, ast.Attribute):
             parts = [expr.func.value, *expr.args, *(k.value for k in expr.keywords)]
             return [p for e in parts for p in self.check(e, scope, seen)]
@@ -217,10 +232,12 @@ class Checker:
         problems: list[str],
         scope: ast.AST | None,
         seen: frozenset[str],
+        *,
+        method: bool = False,
     ) -> list[str]:
         """``problems`` of what ``function`` returns, where "the parameter p" is replaced by
-        the check of the argument ``call`` gives for p."""
-        positional = [a.arg for a in [*function.args.posonlyargs, *function.args.args]]
+        the check of the argument ``call`` gives for p (``method``: ``self`` is not given)."""
+        positional = [a.arg for a in [*function.args.posonlyargs, *function.args.args]][1 if method else 0 :]
         out: list[str] = []
         for problem in problems:
             if not problem.startswith("the parameter '"):
@@ -270,10 +287,62 @@ class Checker:
                 return checker(path)._name_ok(original, None, frozenset())
         return [f"the name '{name}'"]
 
+    def _record_method(
+        self, call: ast.Call, scope: ast.AST | None
+    ) -> tuple[Checker, ast.FunctionDef | ast.AsyncFunctionDef] | None:
+        """The method of a SQL record class that ``call`` calls, if its receiver is such a
+        record: ``self`` in one of the class's methods, a parameter annotated with the
+        class, or a module constant built by the class."""
+        if not isinstance(call.func, ast.Attribute) or not isinstance(call.func.value, ast.Name):
+            return None
+        receiver = call.func.value.id
+        for cls in SQL_RECORDS:
+            if (receiver == "self" and self._record_class(scope) == cls) or self._annotated(scope, receiver) == cls:
+                owner = checker(_module_path(SQL_RECORDS[cls]) or self.path)
+                found = owner.method(cls, call.func.attr)
+                if found is not None:
+                    return owner, found
+        return None
+
+    def _annotated(self, scope: ast.AST | None, name: str) -> str | None:
+        """The annotation of parameter ``name`` of ``scope`` or of a function enclosing it."""
+        while isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = scope.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
+                if arg.arg == name:
+                    return ast.unparse(arg.annotation).split(".")[-1] if arg.annotation is not None else None
+            scope = self._function(self.parents[scope]) if scope in self.parents else None
+        return None
+
+    def _record_class(self, scope: ast.AST | None) -> str | None:
+        parent = self.parents.get(scope) if scope is not None else None
+        if isinstance(parent, ast.ClassDef) and parent.name in SQL_RECORDS:
+            return parent.name
+        return None
+
+    def method(self, cls: str, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+        for node in self.tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == cls:
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == name:
+                        return item
+        return None
+
+    def constructions(self, cls: str) -> Iterator[Violation]:
+        """Each argument of each ``cls(...)`` here that is not constants-only."""
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.Call) and _name(node.func) == cls:
+                for arg in [*node.args, *(k.value for k in node.keywords)]:
+                    for problem in self.check(arg, self._function(node), set()):
+                        yield Violation(str(self.path.relative_to(ROOT)), node.lineno, f"{problem} (a {cls} field)")
+
     def _parameter_ok(self, scope: ast.AST, name: str) -> list[str]:
         """A parameter is SQL-safe if the function is a SQL wrapper (its callers are
         checked), or if every call of it in this module passes a safe value."""
         assert isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef))
+        if self._record_class(scope) is not None:  # a SQL record's method
+            # self: its fields, checked where it is built; another parameter: the caller's
+            return [] if name == "self" else [f"the parameter '{name}' of {scope.name}()"]
         if scope.name in SINKS or scope.name in WRAPPERS:
             return []
         if self.path.name != "revision_helpers.py" and scope.name in self.functions:
@@ -346,7 +415,8 @@ def _parameters(scope: ast.AST) -> set[str]:
 
 def all_violations() -> list[Violation]:
     files = sorted([*(ROOT / "flowfix").rglob("*.py"), *(ROOT / "alembic").rglob("*.py")])
-    return [v for f in files for v in checker(f).violations()]
+    found = [v for f in files for v in checker(f).violations()]
+    return found + [v for f in files for cls in SQL_RECORDS for v in checker(f).constructions(cls)]
 
 
 def test_no_sql_text_is_built_from_values() -> None:
@@ -379,3 +449,27 @@ def test_the_check_catches_what_it_names(tmp_path: Path) -> None:
     finally:
         bad.unlink()
     assert sorted({v.line for v in found}) == [11, 12, 13, 15], found
+
+
+def test_the_check_follows_sql_records() -> None:
+    """A SQL record (flowfix.walk.Walk): a field built from a value, or a method given a
+    value for its SQL, is found; constants and the catalog's quoted names pass."""
+    probe = ROOT / "flowfix" / "_static_probe_record.py"
+    probe.write_text(
+        "from sqlalchemy import text\n"
+        "from flowfix.sql import quote_qualified\n"
+        "from flowfix.walk import Walk\n"
+        "GOOD = Walk(table='t', work='UPDATE {table} r SET x = 1 WHERE {slice}', needs='r.x IS NULL')\n"
+        "def built(needs):\n"
+        "    return Walk(table='t', work='SELECT 1', needs=needs)\n"
+        "def run(conn, spec: Walk, leaf, relation):\n"
+        "    conn.execute(text(spec.by_pages(quote_qualified(leaf.schema, leaf.relname))))\n"
+        "    conn.execute(text(spec.left()))\n"
+        "    conn.execute(text(spec.by_pages(relation)))\n"
+    )
+    try:
+        found = [*Checker(probe).violations(), *Checker(probe).constructions("Walk")]
+    finally:
+        probe.unlink()
+        _CHECKERS.pop(probe, None)
+    assert sorted({v.line for v in found}) == [6, 10], found
