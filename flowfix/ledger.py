@@ -197,24 +197,17 @@ async def store_import_plan(
     )
 
 
-@dataclass(frozen=True)
-class StoredLink:
-    import_id: uuid.UUID
-    master_flow_id: uuid.UUID
-    evidence: str
-    distance_seconds: float | None
-    pending: bool  # neither applied nor skipped yet
-
-
-async def stored_import_plan(conn: Executor, run_id: uuid.UUID) -> list[StoredLink]:
-    rows = await conn.execute(
-        text(
-            "SELECT row_id, new_value, evidence, distance_seconds, applied_at IS NULL AND skipped IS NULL AS pending"
-            " FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports' ORDER BY row_id"
-        ),
-        {"run": run_id},
-    )
-    return [StoredLink(*row) for row in rows]
+async def skip_pending_imports(conn: Executor, run_id: uuid.UUID, imports: Sequence[uuid.UUID], reason: str) -> None:
+    """Mark a resumed run's pending links of ``imports`` skipped (the planner found them
+    stale), so the apply never writes them."""
+    if imports:
+        await conn.execute(
+            text(
+                "UPDATE flowfix_changes SET skipped = :reason WHERE run_id = :run AND table_name = 'data_imports'"
+                " AND applied_at IS NULL AND skipped IS NULL AND row_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"run": run_id, "ids": list(imports), "reason": reason},
+        )
 
 
 #: The next batch of a backfill's stored import links not yet applied or skipped, after

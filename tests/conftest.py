@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,15 @@ from tests.shapes import RUNBOOK_SHAPES, SHAPES, Shape
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "flowfix_test_template"
 _counter = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each session gets its own base temp dir outside ``/tmp/pytest-of-<user>``: pytest
+    strips group/other permissions from that shared dir whenever a session starts, which
+    locks the embedded server's OS user out of the data directory of any other session
+    still running (two suites at once on one machine). xdist workers inherit the dir."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="flowfix-pytest-")
 
 
 def _docker_answers() -> bool:
