@@ -210,6 +210,25 @@ async def skip_pending_imports(conn: Executor, run_id: uuid.UUID, imports: Seque
         )
 
 
+async def link_counts(conn: Executor, run_id: uuid.UUID) -> dict[str, int]:
+    """What a run linked in discovery_flows and data_imports, and the planned import links
+    it skipped, summed over every process that worked on it (a resumed run reports the
+    whole run, not its last process)."""
+    rows = await conn.execute(
+        text(
+            "SELECT table_name, count(*) FILTER (WHERE applied_at IS NOT NULL) AS applied,"
+            " count(*) FILTER (WHERE skipped IS NOT NULL) AS skipped FROM flowfix_changes"
+            " WHERE run_id = :run AND table_name IN ('discovery_flows', 'data_imports') GROUP BY table_name"
+        ),
+        {"run": run_id},
+    )
+    counts = {"discovery_flows": 0, "data_imports": 0, "skipped": 0}
+    for table, applied, skipped in rows:
+        counts[table] = int(applied)
+        counts["skipped"] += int(skipped)
+    return counts
+
+
 #: The next batch of a backfill's stored import links not yet applied or skipped, after
 #: the cursor :after (NULL: from the first). A CTE body for the apply statement.
 PENDING_IMPORT_LINKS = """

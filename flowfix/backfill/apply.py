@@ -99,6 +99,9 @@ async def _apply(
     counts.replica_paused_seconds = round(throttle.paused_seconds, 3)
     async with conn.begin():
         left = await outcome.read_back(conn, opts, plan)
+        ledgered = await ledger.link_counts(conn, run_.id)
+    counts.discovery_flows, counts.data_imports = ledgered["discovery_flows"], ledgered["data_imports"]
+    counts.skipped = ledgered["skipped"]
     summary = {**plan.summary(), **asdict(counts), **{f"left_{t}": n for t, n in left.items()}}
     async with conn.begin():  # commits synchronously: every batch before it is durable too
         await ledger.finish_run(conn, run_.id, "finished", summary)

@@ -115,37 +115,44 @@ CROSS JOIN LATERAL (SELECT COALESCE(m.client_account_id, e.p_client) AS client_a
 #: Every orphan import to decide, with whether it has a tenant (time matching needs one)
 #: and any exact evidence (then time is never asked).
 ORPHANS_TO_DECIDE = """
-SELECT o.id, o.client_account_id IS NOT NULL AND o.engagement_id IS NOT NULL AS has_tenant,
-       EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id) AS has_exact
-FROM flowfix_plan_orphans o ORDER BY o.id
+SELECT array_agg(o.id ORDER BY o.id) AS ids,
+       array_agg(o.client_account_id IS NOT NULL AND o.engagement_id IS NOT NULL ORDER BY o.id) AS has_tenant,
+       array_agg(e.import_id IS NOT NULL ORDER BY o.id) AS has_exact
+FROM flowfix_plan_orphans o LEFT JOIN (SELECT DISTINCT import_id FROM flowfix_plan_exact) e ON e.import_id = o.id
 """
 
-#: Candidate (import, master) pairs within the window for the orphans with a tenant and no
-#: exact evidence: same tenant, discovery, not deleted, not linked to or named by anything
-#: (the masters that planned or stored links claim are left out by the caller). The
-#: LATERAL range scan on (tenant, created_at) keeps it to the masters near each import.
-TIME_CANDIDATES = f"""
-WITH pairs AS MATERIALIZED (
-    SELECT o.id AS import_id, near.flow_id,
-           abs(extract(epoch FROM (near.created_at - o.created_at)))::float8 AS distance
-    FROM flowfix_plan_orphans o
-    CROSS JOIN LATERAL (
-        SELECT m.flow_id, m.created_at FROM crewai_flow_state_extensions m
-        WHERE {known_and_equal_sql("o", "m")}
-          AND m.created_at BETWEEN o.created_at - make_interval(secs => :window)
-                               AND o.created_at + make_interval(secs => :window)
-    ) near
-    WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
-)
-SELECT p.import_id, p.flow_id, p.distance
-FROM pairs p
-JOIN crewai_flow_state_extensions m ON m.flow_id = p.flow_id
+#: The masters time matching may give: discovery, not deleted, with a tenant and a
+#: created_at, not linked to an import nor named by anything (the masters planned or
+#: stored links claim are left out by the caller). Kept in a work table with its own
+#: index on (tenant, created_at), so each import's window is one short range scan.
+FREE_MASTERS = (
+    """CREATE TEMPORARY TABLE flowfix_plan_free ON COMMIT DROP AS
+SELECT m.flow_id, m.client_account_id, m.engagement_id, m.created_at
+FROM crewai_flow_state_extensions m
 WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
+  AND m.client_account_id IS NOT NULL AND m.engagement_id IS NOT NULL AND m.created_at IS NOT NULL
   AND m.flow_configuration->>'import_id' IS NULL
   AND m.flow_persistence_data->>'data_import_id' IS NULL
   AND NOT EXISTS (SELECT 1 FROM data_imports x WHERE x.master_flow_id = m.flow_id)
   AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.master_flow_id = m.flow_id AND d.data_import_id IS NOT NULL)
-  AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.flow_id = m.flow_id AND d.data_import_id IS NOT NULL)
+  AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.flow_id = m.flow_id AND d.data_import_id IS NOT NULL)""",
+    "CREATE INDEX ON flowfix_plan_free (client_account_id, engagement_id, created_at)",
+    "ANALYZE flowfix_plan_free",
+)
+
+#: Candidate (import, master) pairs within the window for the orphans with a tenant and no
+#: exact evidence, as three arrays (one row: no per-row cost in the client).
+TIME_CANDIDATES = f"""
+SELECT array_agg(o.id) AS imports, array_agg(near.flow_id) AS flows, array_agg(near.distance) AS distances
+FROM flowfix_plan_orphans o
+CROSS JOIN LATERAL (
+    SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
+    FROM flowfix_plan_free f
+    WHERE {known_and_equal_sql("o", "f")}
+      AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
+                           AND o.created_at + make_interval(secs => :window)
+) near
+WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
 """
 
 #: Store links in the work table; the arrays only feed an INSERT (no join is planned on them).
@@ -168,21 +175,32 @@ IMPORT_MASTERS = f"""eff AS (SELECT t.id, COALESCE(t.master_flow_id, p.master) A
         WHERE {TENANT_SCOPE})"""
 
 #: Records per import once the imports are linked; masters step 1 will create count too.
+#: The records still NULL are counted per import and tenant first (one pass, a hash
+#: aggregate), so the joins to imports and masters work on one row per import, not per
+#: record; the answer comes back as three arrays (one row: no per-row cost in the client).
 RECORD_PLAN = f"""
 WITH {IMPORT_MASTERS},
-masters AS (SELECT flow_id, client_account_id, engagement_id FROM crewai_flow_state_extensions
-            UNION ALL SELECT master, client_account_id, engagement_id FROM flowfix_plan_links
-            WHERE tbl = 'discovery_flows' AND evidence = CAST(:ev_created AS text))
-SELECT r.data_import_id, e.flow,
-       count(*) FILTER (WHERE e.flow IS NOT NULL AND {RECORD_TENANT_OK}) AS to_link,
-       count(*) FILTER (WHERE e.flow IS NOT NULL AND NOT ({RECORD_TENANT_OK})) AS tenant_conflict,
-       count(*) FILTER (WHERE e.flow IS NULL) AS no_master
-FROM raw_import_records r
-JOIN eff e ON e.id = r.data_import_id
-LEFT JOIN masters m ON m.flow_id = e.flow
-WHERE r.master_flow_id IS NULL
-GROUP BY r.data_import_id, e.flow
-ORDER BY r.data_import_id
+created AS (SELECT DISTINCT ON (master) master AS flow_id, client_account_id, engagement_id FROM flowfix_plan_links
+            WHERE tbl = 'discovery_flows' AND evidence = CAST(:ev_created AS text) ORDER BY master),
+nulls AS (SELECT data_import_id, client_account_id, engagement_id, count(*) AS n FROM raw_import_records
+          WHERE master_flow_id IS NULL GROUP BY data_import_id, client_account_id, engagement_id),
+per_import AS (
+    SELECT r.data_import_id, e.flow,
+           COALESCE(sum(r.n) FILTER (WHERE e.flow IS NOT NULL AND {RECORD_TENANT_OK}), 0)::bigint AS to_link,
+           COALESCE(sum(r.n) FILTER (WHERE e.flow IS NOT NULL AND NOT ({RECORD_TENANT_OK})), 0)::bigint AS conflict,
+           COALESCE(sum(r.n) FILTER (WHERE e.flow IS NULL), 0)::bigint AS no_master
+    FROM nulls r
+    JOIN eff e ON e.id = r.data_import_id
+    LEFT JOIN crewai_flow_state_extensions known ON known.flow_id = e.flow
+    LEFT JOIN created c ON c.flow_id = e.flow
+    CROSS JOIN LATERAL (SELECT COALESCE(known.client_account_id, c.client_account_id) AS client_account_id,
+                               COALESCE(known.engagement_id, c.engagement_id) AS engagement_id) m
+    GROUP BY r.data_import_id, e.flow
+)
+SELECT array_agg(data_import_id ORDER BY data_import_id) AS imports, array_agg(flow ORDER BY data_import_id) AS flows,
+       array_agg(to_link ORDER BY data_import_id) AS to_link, array_agg(conflict ORDER BY data_import_id) AS conflict,
+       array_agg(no_master ORDER BY data_import_id) AS no_master
+FROM per_import
 """
 
 #: Records holding another master than their import will (after the planned links).
@@ -386,7 +404,8 @@ async def _plan_imports_by_exact_evidence(conn: AsyncConnection, plan: Plan) -> 
             exact[row.import_id][row.flow_id] = row.evidence
     claimed: set[uuid.UUID] = set()
     undecided: list[uuid.UUID] = []
-    for imp_id, has_tenant, has_exact in await conn.execute(text(ORPHANS_TO_DECIDE)):
+    orphans = (await conn.execute(text(ORPHANS_TO_DECIDE))).one()
+    for imp_id, has_tenant, has_exact in zip(*(c or [] for c in orphans), strict=True):
         candidates = exact.get(imp_id)
         if candidates and len(candidates) == 1:
             ((flow, evidence),) = candidates.items()
@@ -427,11 +446,15 @@ async def _plan_imports_by_time(
     # the claimed masters (stored pending links, exact evidence) are left out here, not in
     # SQL: a NOT EXISTS over unnest(:claimed) is estimated at 10 rows whatever its size,
     # and at 200k imports the planner's nested anti-join ran for over ten minutes
+    for statement in FREE_MASTERS:
+        await conn.execute(text(statement))
+    found = (await conn.execute(text(TIME_CANDIDATES), {"window": opts.window_seconds})).one()
     pairs = [
-        (r.import_id, r.flow_id, r.distance)
-        for r in await conn.execute(text(TIME_CANDIDATES), {"window": opts.window_seconds})
-        if r.flow_id not in claimed
+        (i, m, d)
+        for i, m, d in zip(found.imports or [], found.flows or [], found.distances or [], strict=True)
+        if m not in claimed
     ]
+    del found
     assigned, tied = assign_by_time(pairs)
     del pairs
     for imp_id in undecided:
@@ -449,18 +472,17 @@ async def _plan_imports_by_time(
 async def _plan_records(conn: AsyncConnection, opts: Options, plan: Plan) -> None:
     """Step 3: records follow their import (once its planned link is in)."""
     params = {**opts.scope, **Evidence.params()}
-    for row in (await conn.execute(text(RECORD_PLAN), params)).mappings():
-        imp = row["data_import_id"]
-        if row["to_link"]:
-            plan.record_links.append(
-                Link("raw_import_records", imp, row["flow"], Evidence.VIA_IMPORT, rows=row["to_link"])
-            )
-        if row["tenant_conflict"]:
-            reason = f"{row['tenant_conflict']} records of this import belong to another tenant than its master"
+    found = (await conn.execute(text(RECORD_PLAN), params)).one()
+    columns = (found.imports, found.flows, found.to_link, found.conflict, found.no_master)
+    for imp, flow, to_link, conflict, no_master in zip(*(c or [] for c in columns), strict=True):
+        if to_link:
+            plan.record_links.append(Link("raw_import_records", imp, flow, Evidence.VIA_IMPORT, rows=to_link))
+        if conflict:
+            reason = f"{conflict} records of this import belong to another tenant than its master"
             plan.unmatched.append(Unmatched("raw_import_records", imp, reason))
-        if row["no_master"]:
+        if no_master:
             plan.unmatched.append(
-                Unmatched("raw_import_records", imp, f"{row['no_master']} records: their import has no master")
+                Unmatched("raw_import_records", imp, f"{no_master} records: their import has no master")
             )
     for row in (await conn.execute(text(DISAGREEING_RECORDS), opts.scope)).mappings():
         reason = "the record holds another master than its import: never overwritten"
