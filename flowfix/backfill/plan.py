@@ -50,8 +50,8 @@ def json_uuid(expr: str) -> str:
 #: ones still pending); ``flowfix_plan_orphans``: the imports left to decide.
 WORK_TABLES = (
     "CREATE TEMPORARY TABLE flowfix_plan_links (tbl text NOT NULL, id uuid NOT NULL, master uuid NOT NULL,"
-    " evidence text NOT NULL, client_account_id uuid, engagement_id uuid, PRIMARY KEY (tbl, id)) ON COMMIT DROP",
-    "CREATE TEMPORARY TABLE flowfix_plan_orphans (id uuid PRIMARY KEY, client_account_id uuid, engagement_id uuid,"
+    " evidence text NOT NULL, client_account_id uuid, engagement_id uuid) ON COMMIT DROP",
+    "CREATE TEMPORARY TABLE flowfix_plan_orphans (id uuid NOT NULL, client_account_id uuid, engagement_id uuid,"
     " created_at timestamptz) ON COMMIT DROP",
 )
 
@@ -112,13 +112,16 @@ CROSS JOIN LATERAL (SELECT COALESCE(m.client_account_id, e.p_client) AS client_a
                            COALESCE(m.engagement_id, e.p_engagement) AS engagement_id) x
 """
 
+READ_EXACT = """SELECT array_agg(import_id), array_agg(flow_id), array_agg(evidence), array_agg(same_tenant)
+FROM flowfix_plan_exact"""
+
 #: Every orphan import to decide, with whether it has a tenant (time matching needs one)
 #: and any exact evidence (then time is never asked).
 ORPHANS_TO_DECIDE = """
-SELECT array_agg(o.id ORDER BY o.id) AS ids,
-       array_agg(o.client_account_id IS NOT NULL AND o.engagement_id IS NOT NULL ORDER BY o.id) AS has_tenant,
-       array_agg(e.import_id IS NOT NULL ORDER BY o.id) AS has_exact
-FROM flowfix_plan_orphans o LEFT JOIN (SELECT DISTINCT import_id FROM flowfix_plan_exact) e ON e.import_id = o.id
+SELECT array_agg(id) AS ids, array_agg(has_tenant) AS has_tenant, array_agg(has_exact) AS has_exact
+FROM (SELECT o.id, o.client_account_id IS NOT NULL AND o.engagement_id IS NOT NULL AS has_tenant,
+             EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id) AS has_exact
+      FROM flowfix_plan_orphans o ORDER BY o.id) sorted
 """
 
 #: The masters time matching may give: discovery, not deleted, with a tenant and a
@@ -161,7 +164,6 @@ INSERT INTO flowfix_plan_links (tbl, id, master, evidence, client_account_id, en
 SELECT CAST(:tbl AS text), x.id, x.master, x.evidence, x.client, x.engagement
 FROM unnest(CAST(:ids AS uuid[]), CAST(:masters AS uuid[]), CAST(:evidence AS text[]), CAST(:clients AS uuid[]),
             CAST(:engagements AS uuid[])) AS x(id, master, evidence, client, engagement)
-ON CONFLICT DO NOTHING
 """
 
 UNPLAN_IMPORTS = "DELETE FROM flowfix_plan_links WHERE tbl = 'data_imports' AND id = ANY(CAST(:ids AS uuid[]))"
@@ -197,10 +199,9 @@ per_import AS (
                                COALESCE(known.engagement_id, c.engagement_id) AS engagement_id) m
     GROUP BY r.data_import_id, e.flow
 )
-SELECT array_agg(data_import_id ORDER BY data_import_id) AS imports, array_agg(flow ORDER BY data_import_id) AS flows,
-       array_agg(to_link ORDER BY data_import_id) AS to_link, array_agg(conflict ORDER BY data_import_id) AS conflict,
-       array_agg(no_master ORDER BY data_import_id) AS no_master
-FROM per_import
+SELECT array_agg(data_import_id) AS imports, array_agg(flow) AS flows, array_agg(to_link) AS to_link,
+       array_agg(conflict) AS conflict, array_agg(no_master) AS no_master
+FROM (SELECT * FROM per_import ORDER BY data_import_id) sorted
 """
 
 #: Records holding another master than their import will (after the planned links).
@@ -395,13 +396,14 @@ async def _plan_imports_by_exact_evidence(conn: AsyncConnection, plan: Plan) -> 
     await conn.execute(text("ANALYZE flowfix_plan_exact"))
     exact: dict[uuid.UUID, dict[uuid.UUID, str]] = defaultdict(dict)
     foreign: set[uuid.UUID] = set()
-    for row in await conn.execute(text("SELECT import_id, flow_id, evidence, same_tenant FROM flowfix_plan_exact")):
-        if not row.same_tenant:
-            foreign.add(row.import_id)
+    found = (await conn.execute(text(READ_EXACT))).one()
+    for import_id, flow_id, evidence, same_tenant in zip(*(c or [] for c in found), strict=True):
+        if not same_tenant:
+            foreign.add(import_id)
             continue
-        known = exact[row.import_id].get(row.flow_id)
-        if known is None or STRENGTH[row.evidence] < STRENGTH[known]:
-            exact[row.import_id][row.flow_id] = row.evidence
+        known = exact[import_id].get(flow_id)
+        if known is None or STRENGTH[evidence] < STRENGTH[known]:
+            exact[import_id][flow_id] = evidence
     claimed: set[uuid.UUID] = set()
     undecided: list[uuid.UUID] = []
     orphans = (await conn.execute(text(ORPHANS_TO_DECIDE))).one()
