@@ -50,7 +50,7 @@ class Options:
         return {"client": self.client_account, "engagement": self.engagement}
 
 
-@dataclass
+@dataclass(slots=True)  # many thousands per plan: no __dict__ each
 class Link:
     table: str
     id: uuid.UUID
@@ -60,7 +60,7 @@ class Link:
     rows: int | None = None  # records: one entry per import, with the number of records
 
 
-@dataclass
+@dataclass(slots=True)  # many thousands per plan: no __dict__ each
 class Ambiguous:
     table: str
     id: uuid.UUID
@@ -68,7 +68,7 @@ class Ambiguous:
     reason: str
 
 
-@dataclass
+@dataclass(slots=True)  # many thousands per plan: no __dict__ each
 class Unmatched:
     table: str
     id: uuid.UUID
