@@ -358,7 +358,12 @@ def backfill(
         ),
     ] = "2h",
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Change nothing; print the plan (exit code as the real run would).")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Change nothing; print the plan (exit code as the real run would; with an interrupted run"
+            " pending, the plan of its resume).",
+        ),
     ] = False,
     create_missing_masters: Annotated[
         bool,
@@ -401,8 +406,10 @@ def backfill(
 
     Evidence first (flow_id, discovery flow, configuration), then time within --window,
     one master per import; never across tenants. Batched, recorded in the ledger
-    (`flowfix undo RUN_ID`), resumable. Exit 0: every orphan in scope linked; 1:
-    ambiguous or unmatched rows remain; 2: usage, connection or lock error.
+    (`flowfix undo RUN_ID`), resumable. Exit 0: nothing in scope left NULL (read back
+    from the database after the run); 1: rows left NULL (ambiguous, unmatched, or changed
+    by the application since planning) or records disagreeing with their import; 2:
+    usage, connection or lock error.
     """
     fmt = parse_choice(format, "--format", ("text", "json"))
     check_output_path(report, "--report")

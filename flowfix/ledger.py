@@ -198,24 +198,17 @@ async def store_import_plan(
     )
 
 
-@dataclass(frozen=True)
-class StoredLink:
-    import_id: uuid.UUID
-    master_flow_id: uuid.UUID
-    evidence: str
-    distance_seconds: float | None
-    pending: bool  # neither applied nor skipped yet
-
-
-async def stored_import_plan(conn: Executor, run_id: uuid.UUID) -> list[StoredLink]:
-    rows = await conn.execute(
-        text(
-            "SELECT row_id, new_value, evidence, distance_seconds, applied_at IS NULL AND skipped IS NULL AS pending"
-            " FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports' ORDER BY row_id"
-        ),
-        {"run": run_id},
-    )
-    return [StoredLink(*row) for row in rows]
+async def skip_pending_imports(conn: Executor, run_id: uuid.UUID, imports: Sequence[uuid.UUID], reason: str) -> None:
+    """Mark a resumed run's pending links of ``imports`` skipped (the planner found them
+    stale), so the apply never writes them."""
+    if imports:
+        await conn.execute(
+            text(
+                "UPDATE flowfix_changes SET skipped = :reason WHERE run_id = :run AND table_name = 'data_imports'"
+                " AND applied_at IS NULL AND skipped IS NULL AND row_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"run": run_id, "ids": list(imports), "reason": reason},
+        )
 
 
 #: The next batch of a backfill's stored import links not yet applied or skipped, after
@@ -262,18 +255,27 @@ LOG_CREATED_MASTERS = f"""INSERT INTO flowfix_changes (run_id, table_name, row_i
 #: What a run has applied, per table, whichever process applied it: a records change
 #: stands for the records in its row_ids.
 RUN_TOTALS = f"""
-SELECT table_name, COALESCE(sum(COALESCE(cardinality(row_ids), 1)), 0)::bigint AS n
-FROM flowfix_changes WHERE run_id = :run AND applied_at IS NOT NULL
+SELECT table_name,
+       COALESCE(sum(COALESCE(cardinality(row_ids), 1)) FILTER (WHERE applied_at IS NOT NULL), 0)::bigint AS n,
+       count(*) FILTER (WHERE skipped IS NOT NULL)::bigint AS skipped
+FROM flowfix_changes WHERE run_id = :run
   AND (column_name = 'master_flow_id' OR (table_name = '{MASTER_TABLE}' AND column_name = '{CREATED_ROW}'))
 GROUP BY table_name
 """
+#: The key of :func:`run_totals` for the planned links the run skipped (their row had
+#: changed since planning), whichever table.
+SKIPPED = "skipped"
 
 
 async def run_totals(conn: Executor, run_id: uuid.UUID) -> dict[str, int]:
-    """Rows the run linked per table (the master table: masters it created), summed over
-    every process that worked on it: a resumed run reports the whole run's work."""
-    rows = await conn.execute(text(RUN_TOTALS), {"run": run_id})
-    return {row.table_name: int(row.n) for row in rows}
+    """Rows the run linked per table (the master table: masters it created), and the
+    planned links it skipped (``SKIPPED``), summed over every process that worked on it:
+    a resumed run reports the whole run's work."""
+    totals = {SKIPPED: 0}
+    for row in await conn.execute(text(RUN_TOTALS), {"run": run_id}):
+        totals[row.table_name] = int(row.n)
+        totals[SKIPPED] += int(row.skipped)
+    return totals
 
 
 async def record(conn: Executor, run_id: uuid.UUID, changes: list[Change]) -> None:

@@ -75,6 +75,8 @@ def backfill_dict(result: Result) -> dict[str, Any]:
     counts: dict[str, Any] = plan.summary()
     if result.counts is not None:
         counts.update(asdict(result.counts))
+    if result.left is not None:
+        counts.update({f"left_{table}": n for table, n in result.left.items()})
     return {
         "run_id": str(result.run_id) if result.run_id else None,
         "dry_run": result.dry_run,
@@ -96,7 +98,9 @@ def backfill_json(result: Result) -> str:
 def backfill_text(result: Result) -> str:
     plan, c = result.plan, result.counts
     head = (
-        "backfill plan (dry run: nothing changed)"
+        f"backfill plan (dry run: nothing changed; would resume run {result.run_id}, interrupted)"
+        if result.dry_run and result.resumed
+        else "backfill plan (dry run: nothing changed)"
         if result.dry_run
         else f"backfill run {result.run_id}{' (resumed an interrupted run)' if result.resumed else ''}"
     )
@@ -122,6 +126,10 @@ def backfill_text(result: Result) -> str:
     evidence = plan.import_evidence()
     if evidence:
         lines.append("  imports by evidence: " + ", ".join(f"{k} {v:,}" for k, v in sorted(evidence.items())))
+    if result.left is not None:
+        lines.append(
+            "  left NULL (read back after the run): " + ", ".join(f"{n:,} {table}" for table, n in result.left.items())
+        )
     lines.append(f"  ambiguous: {len(plan.ambiguous):,}   unmatched: {len(plan.unmatched):,}")
     for a in plan.ambiguous[:10]:
         lines.append(f"    ambiguous {a.table} {a.id}: {a.reason} ({', '.join(str(x) for x in a.candidates)})")

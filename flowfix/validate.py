@@ -77,6 +77,7 @@ CHECK_ORDER: tuple[str, ...] = (
     "tenant_mismatch",
     "record_import_disagreement",
     "discovery_flow_identity",
+    "data_imports.shared_master",
     *(f"fk.{t}" for t in CHILD_TABLES),
     "discovery_flows.not_null",
     "revision",
@@ -171,6 +172,24 @@ async def _row_checks(conn: AsyncConnection, opts: Options, masters: str) -> dic
     return out
 
 
+#: Masters linked to more than one import: by time a master goes to one import only, so
+#: each is a link to look at (two application writes, or a run that raced one).
+SHARED_MASTERS = f"""
+SELECT count(*) AS n, (array_agg(master_flow_id ORDER BY master_flow_id))[1:CAST(:limit AS int)] AS samples
+FROM (SELECT t.master_flow_id FROM data_imports t WHERE t.master_flow_id IS NOT NULL AND {TENANT_SCOPE}
+      GROUP BY t.master_flow_id HAVING count(*) > 1) g
+"""
+
+
+async def _shared_masters(conn: AsyncConnection, opts: Options) -> Check:
+    params = {"client": opts.client_account, "engagement": opts.engagement, "limit": opts.samples}
+    row = (await conn.execute(text(SHARED_MASTERS), params)).one()
+    count = int(row.n)
+    samples = [str(m) for m in row.samples or []][: opts.samples]
+    message = "masters linked to more than one import (by time a master goes to one import)"
+    return Check("data_imports.shared_master", "warn" if count else "pass", count, samples, message)
+
+
 def _describe(name: str, count: int, opts: Options) -> str:
     if name.endswith(".orphaned"):
         base = "rows with master_flow_id NULL"
@@ -258,9 +277,10 @@ async def validate(engine: AsyncEngine, settings: Settings, opts: Options = Opti
             unique = await conn.run_sync(catalog.has_unique_index, MASTER_TABLE, "flow_id")
             masters = MASTERS_UNIQUE if unique else MASTERS_DEDUPED
             rows = await _row_checks(conn, opts, masters)
+            shared = await _shared_masters(conn, opts)
             schema_checks = await conn.run_sync(_schema_checks, revision)
             rls = await conn.run_sync(_rls_check, opts.allow_rls)
-    by_name = {**rows, **{c.name: c for c in schema_checks}, rls.name: rls}
+    by_name = {**rows, shared.name: shared, **{c.name: c for c in schema_checks}, rls.name: rls}
     return Report(revision=revision, checks=[by_name[n] for n in CHECK_ORDER], fail_on=opts.fail_on)
 
 

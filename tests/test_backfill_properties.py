@@ -44,7 +44,7 @@ WINDOW = 3 * 600  # the dataset's time unit is 10 minutes
 def load(s: Settings, ms: list, ims: list) -> None:  # type: ignore[type-arg]
     script(
         s,
-        "TRUNCATE flowfix_changes, flowfix_runs, raw_import_records, discovery_flows, data_imports,"
+        "TRUNCATE flowfix_walk_ranges, flowfix_changes, flowfix_runs, raw_import_records, discovery_flows, data_imports,"
         " crewai_flow_state_extensions",
     )
     for tenant, t, flow_type, status in ms:
@@ -166,7 +166,7 @@ def shape_h(pg_server: str, shape_template: Any, request: pytest.FixtureRequest)
 def load_edges(s: Settings, ms: list, ims: list) -> dict[str, Any]:  # type: ignore[type-arg]
     script(
         s,
-        "TRUNCATE flowfix_changes, flowfix_runs, raw_import_records, discovery_flows, data_imports,"
+        "TRUNCATE flowfix_walk_ranges, flowfix_changes, flowfix_runs, raw_import_records, discovery_flows, data_imports,"
         " crewai_flow_state_extensions CASCADE",
     )
     at = {None: None} | {n: T0 + timedelta(minutes=10 * n) for n in range(5)}

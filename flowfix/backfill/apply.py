@@ -16,9 +16,9 @@ from dataclasses import asdict
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flowfix import catalog, ledger, privileges
-from flowfix.backfill import steps
+from flowfix.backfill import outcome, steps
 from flowfix.backfill.model import Counts, Link, Options, Plan, Reporter, Result, Silent
-from flowfix.backfill.plan import make_plan
+from flowfix.backfill.plan import CHANGED_SINCE_PLANNING, make_plan
 from flowfix.batches import ReplicaThrottle
 from flowfix.config import Settings
 from flowfix.db import connect
@@ -34,8 +34,11 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
             await ledger.require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "the backfill")
             await conn.run_sync(catalog.require_not_part_done, "the backfill")
-            if opts.dry_run:
-                return Result(None, True, opts.window_seconds, await make_plan(conn, opts), None)
+            if opts.dry_run:  # the same planning call as the real run: it would resume this one
+                pending = await ledger.interrupted_run(conn, "backfill", opts.arguments())
+                plan = await make_plan(conn, opts, pending.id if pending else None)
+                resumes = pending.id if pending else None
+                return Result(resumes, True, opts.window_seconds, plan, None, resumed=pending is not None)
             await privileges.require(conn, "backfill", "write", *(("masters",) if opts.create_missing_masters else ()))
         async with ledger.run_lock(conn):
             started = time.perf_counter()
@@ -43,7 +46,7 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
                 run_, plan = await _start_or_resume(conn, opts)
             counts = Counts(seconds={"plan": round(time.perf_counter() - started, 3)})
             try:
-                await _apply(conn, engine, settings, opts, run_, plan, counts, reporter)
+                left = await _apply(conn, engine, settings, opts, run_, plan, counts, reporter)
             except Exception as exc:
                 raise RunInterrupted(
                     f"backfill run {run_.id} stopped part-way; the batches it committed stay (they are in the"
@@ -51,29 +54,22 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
                     f" `flowfix undo {run_.id}` to revert them",
                     run_.id,
                 ) from exc
-    return Result(run_.id, False, opts.window_seconds, plan, counts, resumed=run_.resumed)
+    return Result(run_.id, False, opts.window_seconds, plan, counts, resumed=run_.resumed, left=left)
 
 
 async def _start_or_resume(conn: AsyncConnection, opts: Options) -> tuple[ledger.Run, Plan]:
-    """A new run with its import plan stored, or the interrupted one: its stored links win
-    over a fresh plan's for the imports they cover (the result is that of one
-    uninterrupted run); orphans that appeared since are planned afresh and stored."""
+    """A new run with its import plan stored, or the interrupted one, planned by the same
+    call given what it stored (:func:`make_plan`): its pending links stand, those made
+    stale since are marked skipped now, and orphans that appeared since are planned
+    around them and stored."""
     run_ = await ledger.interrupted_run(conn, "backfill", opts.arguments())
-    plan = await make_plan(conn, opts)
+    plan = await make_plan(conn, opts, run_.id if run_ else None)
     if run_ is None:
         run_ = ledger.Run(await ledger.start_run(conn, "backfill", opts.arguments()))
-        await ledger.store_import_plan(conn, run_.id, [_stored(link) for link in plan.import_links])
-        return run_, plan
-    stored = await ledger.stored_import_plan(conn, run_.id)
-    covered = {s.import_id for s in stored}
-    new_links = [link for link in plan.import_links if link.id not in covered]
+    else:
+        await ledger.skip_pending_imports(conn, run_.id, plan.stale, CHANGED_SINCE_PLANNING)
+    new_links = [link for link in plan.import_links if link.id not in plan.stored]
     await ledger.store_import_plan(conn, run_.id, [_stored(link) for link in new_links])
-    plan.import_links = [
-        Link("data_imports", s.import_id, s.master_flow_id, s.evidence, s.distance_seconds) for s in stored if s.pending
-    ] + new_links
-    linked = {link.id for link in plan.import_links}
-    plan.ambiguous = [a for a in plan.ambiguous if a.table != "data_imports" or a.id not in linked]
-    plan.unmatched = [u for u in plan.unmatched if u.table != "data_imports" or u.id not in linked]
     return run_, plan
 
 
@@ -90,7 +86,9 @@ async def _apply(
     plan: Plan,
     counts: Counts,
     reporter: Reporter,
-) -> None:
+) -> dict[str, int]:
+    """The steps in order, then the outcome read back from the database: the rows in
+    scope still NULL, per table."""
     throttle = ReplicaThrottle(opts.max_replica_lag, reporter.paused, reporter.resumed)
     ctx = steps.Context(conn, run_, opts, counts, reporter, throttle)
     with _lap(counts, "discovery_flows"):
@@ -102,9 +100,13 @@ async def _apply(
         await steps.link_records(ctx, engine, settings, plan.records_to_link)
     counts.replica_pauses = throttle.pauses
     counts.replica_paused_seconds = round(throttle.paused_seconds, 3)
-    async with conn.begin():  # commits synchronously: every batch before it is durable too
+    async with conn.begin():
+        left = await outcome.read_back(conn, opts, plan)
         _whole_run(counts, await ledger.run_totals(conn, run_.id))
-        await ledger.finish_run(conn, run_.id, "finished", {**plan.summary(), **asdict(counts)})
+    summary = {**plan.summary(), **asdict(counts), **{f"left_{t}": n for t, n in left.items()}}
+    async with conn.begin():  # commits synchronously: every batch before it is durable too
+        await ledger.finish_run(conn, run_.id, "finished", summary)
+    return left
 
 
 def _whole_run(counts: Counts, totals: dict[str, int]) -> None:
@@ -114,6 +116,7 @@ def _whole_run(counts: Counts, totals: dict[str, int]) -> None:
     counts.data_imports = totals.get("data_imports", 0)
     counts.raw_import_records = totals.get("raw_import_records", 0)
     counts.masters_created = totals.get(MASTER_TABLE, 0)
+    counts.skipped = totals.get(ledger.SKIPPED, 0)
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 _Node = tuple[str, uuid.UUID]  # ("i", import id) or ("m", master flow_id)
 
@@ -40,6 +40,17 @@ def assign_by_time(
     taken: set[uuid.UUID] = set()
     for distance in sorted(by_distance):
         free = [(i, m) for i, m in by_distance[distance] if i not in assigned and i not in ambiguous and m not in taken]
+        # the common case first: a pair whose import and master meet nobody else at this
+        # distance is a group of its own (one import, one master): a link, no union-find
+        imports_seen, masters_seen = Counter(i for i, _ in free), Counter(m for _, m in free)
+        tangled = []
+        for i, m in free:
+            if imports_seen[i] == 1 and masters_seen[m] == 1:
+                assigned[i] = (m, distance)
+                taken.add(m)
+            else:
+                tangled.append((i, m))
+        free = tangled
         parent: dict[_Node, _Node] = {}
         for i, m in free:
             a, b = _find(parent, ("i", i)), _find(parent, ("m", m))

@@ -50,7 +50,7 @@ class Options:
         return {"client": self.client_account, "engagement": self.engagement}
 
 
-@dataclass
+@dataclass(slots=True)  # many thousands per plan: no __dict__ each
 class Link:
     table: str
     id: uuid.UUID
@@ -60,7 +60,7 @@ class Link:
     rows: int | None = None  # records: one entry per import, with the number of records
 
 
-@dataclass
+@dataclass(slots=True)  # many thousands per plan: no __dict__ each
 class Ambiguous:
     table: str
     id: uuid.UUID
@@ -68,7 +68,7 @@ class Ambiguous:
     reason: str
 
 
-@dataclass
+@dataclass(slots=True)  # many thousands per plan: no __dict__ each
 class Unmatched:
     table: str
     id: uuid.UUID
@@ -95,6 +95,11 @@ class Plan:
     unmatched: list[Unmatched] = field(default_factory=list)
     #: which discovery-flow values a created master needs on this database (CREATE_MASTERS)
     master_needs: dict[str, bool] = field(default_factory=dict)
+    #: resuming: imports whose link comes from the interrupted run's stored plan
+    stored: set[uuid.UUID] = field(default_factory=set)
+    #: resuming: imports whose stored pending link no longer applies (the run marks it
+    #: skipped before applying anything; reported unless the import is linked already)
+    stale: list[uuid.UUID] = field(default_factory=list)
 
     @property
     def records_to_link(self) -> int:
@@ -161,12 +166,20 @@ class Result:
     window_seconds: float
     plan: Plan
     counts: Counts | None  # None for a dry run
+    #: a run: resumed an interrupted one; a dry run: the real run would resume ``run_id``
     resumed: bool = False
+    #: a run: the rows in scope still NULL after it, per table, read back from the database
+    left: dict[str, int] | None = None
 
     @property
     def exit_code(self) -> Exit:
-        """PROBLEMS while anything in scope is left for a human (ambiguous or unmatched)."""
-        return Exit.PROBLEMS if self.plan.ambiguous or self.plan.unmatched else Exit.OK
+        """A run: PROBLEMS while the database holds a row in scope still NULL (read back
+        after the work, never taken from the plan) or a record disagreeing with its
+        import. A dry run: what the plan says the run will leave (ambiguous or unmatched)."""
+        if self.left is None:
+            return Exit.PROBLEMS if self.plan.ambiguous or self.plan.unmatched else Exit.OK
+        disagreeing = any(a.table == "raw_import_records" for a in self.plan.ambiguous)
+        return Exit.PROBLEMS if disagreeing or any(self.left.values()) else Exit.OK
 
 
 class Reporter(Protocol):

@@ -20,7 +20,7 @@ from flowfix.backfill.matching import assign_by_time
 from flowfix.backfill.model import Ambiguous, Link, NewMaster, Options, Plan, Unmatched
 from flowfix.evidence import STRENGTH, Evidence
 from flowfix.models import MASTER_TABLE, TENANT_SCOPE
-from flowfix.tenancy import known_and_equal, known_and_equal_sql, unknown_matches, unknown_matches_sql
+from flowfix.tenancy import known_and_equal, known_and_equal_sql, unknown_matches_sql
 
 ORPHAN_DISCOVERY_FLOWS = f"""
 SELECT t.id, t.flow_id, t.client_account_id, t.engagement_id, t.user_id, t.flow_name, t.status,
@@ -32,98 +32,176 @@ WHERE t.master_flow_id IS NULL AND {TENANT_SCOPE}
 ORDER BY t.id
 """
 
+#: Imports named in a master's JSON, compared as uuid (any spelling the type accepts:
+#: braces, upper case, no hyphens); a value that is no uuid is no evidence, and never an
+#: error (the regex guards the cast; pg_input_is_valid exists only from PostgreSQL 16).
+UUID_TEXT = r"^(\{[0-9a-f]{4}(-?[0-9a-f]{4}){7}\}|[0-9a-f]{4}(-?[0-9a-f]{4}){7})$"
+
+
+def json_uuid(expr: str) -> str:
+    """``expr`` (a text) as a uuid, or NULL when it is no uuid."""
+    return f"CASE WHEN {expr} ~* CAST(:uuid_text AS text) THEN CAST({expr} AS uuid) END"
+
+
+#: The planner's work tables: temporary, dropped at the end of the planning transaction,
+#: ANALYZEd once filled, so every join below is planned on true row counts (an unnest()
+#: of a 200k-element array is estimated at 10 rows, and the plans built on that took
+#: minutes). ``flowfix_plan_links``: the links planned so far (and, resuming, the stored
+#: ones still pending); ``flowfix_plan_orphans``: the imports left to decide.
+WORK_TABLES = (
+    "CREATE TEMPORARY TABLE flowfix_plan_links (tbl text NOT NULL, id uuid NOT NULL, master uuid NOT NULL,"
+    " evidence text NOT NULL, client_account_id uuid, engagement_id uuid) ON COMMIT DROP",
+    "CREATE TEMPORARY TABLE flowfix_plan_orphans (id uuid NOT NULL, client_account_id uuid, engagement_id uuid,"
+    " created_at timestamptz) ON COMMIT DROP",
+)
+
+#: Orphan imports in scope that no pending stored link decides, kept server-side.
 ORPHAN_IMPORTS = f"""
+INSERT INTO flowfix_plan_orphans (id, client_account_id, engagement_id, created_at)
 SELECT t.id, t.client_account_id, t.engagement_id, t.created_at
 FROM data_imports t
 WHERE t.master_flow_id IS NULL AND {TENANT_SCOPE}
-ORDER BY t.id
+  AND NOT EXISTS (SELECT 1 FROM flowfix_plan_links p WHERE p.tbl = 'data_imports' AND p.id = t.id)
 """
 
-#: Exact evidence for orphan imports. A discovery flow's master is its own (or the one
-#: step 1 plans for it: :df_ids / :df_masters); the master's tenant comes from the master
-#: table or, for a master step 1 will create, from the discovery flow.
-EXACT_EVIDENCE = """
-WITH orphan AS (SELECT id FROM data_imports WHERE id = ANY(CAST(:imports AS uuid[]))),
-planned AS (SELECT * FROM unnest(CAST(:df_ids AS uuid[]), CAST(:df_masters AS uuid[])) AS p(df_id, master)),
-evidence AS (
-    SELECT o.id AS import_id, COALESCE(d.master_flow_id, p.master) AS flow_id, CAST(:ev_discovery_flow AS text) AS evidence,
-           d.client_account_id AS df_client, d.engagement_id AS df_engagement
-    FROM orphan o
+#: A resumed run's stored import links not yet applied or skipped, checked against the
+#: rows as they are now with the guards the apply statement will use: ``applies`` says
+#: whether the batch will link it (the import still NULL, master present, not deleted,
+#: same tenant, and by time no other import on the master).
+STORED_PENDING = f"""
+SELECT c.row_id, c.new_value, c.evidence, c.distance_seconds, t.master_flow_id IS NULL AS still_null,
+       (m.flow_id IS NOT NULL AND m.flow_status IS DISTINCT FROM 'deleted' AND {unknown_matches_sql("t", "m")}
+        AND (c.evidence <> CAST(:ev_time_window AS text) OR NOT EXISTS (
+             SELECT 1 FROM data_imports x WHERE x.master_flow_id = c.new_value AND x.id <> t.id))) AS applies
+FROM flowfix_changes c
+JOIN data_imports t ON t.id = c.row_id
+LEFT JOIN crewai_flow_state_extensions m ON m.flow_id = c.new_value
+WHERE c.run_id = :run AND c.table_name = 'data_imports' AND c.applied_at IS NULL AND c.skipped IS NULL
+ORDER BY c.row_id
+"""
+
+#: Exact evidence for the orphan imports. A discovery flow's master is its own (or the
+#: one step 1 plans for it, from the planned links); the master's tenant comes from the
+#: master table or, for a master step 1 will create, from the planned link.
+EXACT_EVIDENCE = f"""
+CREATE TEMPORARY TABLE flowfix_plan_exact ON COMMIT DROP AS
+WITH evidence AS (
+    SELECT o.id AS import_id, COALESCE(d.master_flow_id, p.master) AS flow_id,
+           CAST(:ev_discovery_flow AS text) AS evidence, p.client_account_id AS p_client, p.engagement_id AS p_engagement
+    FROM flowfix_plan_orphans o
     JOIN discovery_flows d ON d.data_import_id = o.id
-    LEFT JOIN planned p ON p.df_id = d.id
+    LEFT JOIN flowfix_plan_links p ON p.tbl = 'discovery_flows' AND p.id = d.id
     WHERE COALESCE(d.master_flow_id, p.master) IS NOT NULL
   UNION ALL
     SELECT o.id, m.flow_id, CAST(:ev_configuration AS text), NULL, NULL
-    FROM orphan o JOIN crewai_flow_state_extensions m ON lower(m.flow_configuration->>'import_id') = o.id::text
+    FROM flowfix_plan_orphans o
+    JOIN crewai_flow_state_extensions m ON {json_uuid("m.flow_configuration->>'import_id'")} = o.id
     WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
   UNION ALL
     SELECT o.id, m.flow_id, CAST(:ev_configuration AS text), NULL, NULL
-    FROM orphan o JOIN crewai_flow_state_extensions m ON lower(m.flow_persistence_data->>'data_import_id') = o.id::text
+    FROM flowfix_plan_orphans o
+    JOIN crewai_flow_state_extensions m ON {json_uuid("m.flow_persistence_data->>'data_import_id'")} = o.id
     WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
 )
 SELECT e.import_id, e.flow_id, e.evidence,
-       COALESCE(m.client_account_id, e.df_client) AS master_client,
-       COALESCE(m.engagement_id, e.df_engagement) AS master_engagement
+       {unknown_matches_sql("o", "x")} AS same_tenant
 FROM evidence e
+JOIN flowfix_plan_orphans o ON o.id = e.import_id
 LEFT JOIN crewai_flow_state_extensions m ON m.flow_id = e.flow_id
-ORDER BY e.import_id, e.flow_id
+CROSS JOIN LATERAL (SELECT COALESCE(m.client_account_id, e.p_client) AS client_account_id,
+                           COALESCE(m.engagement_id, e.p_engagement) AS engagement_id) x
 """
 
-#: Candidate (import, master) pairs within the window: same tenant, discovery, not
-#: deleted, not linked to an import (the masters exact evidence claims are left out by the
-#: caller, in Python). The LATERAL range scan on (tenant, created_at) keeps it to the
-#: masters near each import.
-TIME_CANDIDATES = f"""
-WITH pairs AS MATERIALIZED (
-    SELECT o.id AS import_id, near.flow_id,
-           abs(extract(epoch FROM (near.created_at - o.created_at)))::float8 AS distance
-    FROM data_imports o
-    CROSS JOIN LATERAL (
-        SELECT m.flow_id, m.created_at FROM crewai_flow_state_extensions m
-        WHERE {known_and_equal_sql("o", "m")}
-          AND m.created_at BETWEEN o.created_at - make_interval(secs => :window)
-                               AND o.created_at + make_interval(secs => :window)
-    ) near
-    WHERE o.id = ANY(CAST(:imports AS uuid[]))
-)
-SELECT p.import_id, p.flow_id, p.distance
-FROM pairs p
-JOIN crewai_flow_state_extensions m ON m.flow_id = p.flow_id
+READ_EXACT = """SELECT array_agg(import_id), array_agg(flow_id), array_agg(evidence), array_agg(same_tenant)
+FROM flowfix_plan_exact"""
+
+#: Every orphan import to decide, with whether it has a tenant (time matching needs one)
+#: and any exact evidence (then time is never asked).
+ORPHANS_TO_DECIDE = """
+SELECT array_agg(id) AS ids, array_agg(has_tenant) AS has_tenant, array_agg(has_exact) AS has_exact
+FROM (SELECT o.id, o.client_account_id IS NOT NULL AND o.engagement_id IS NOT NULL AS has_tenant,
+             EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id) AS has_exact
+      FROM flowfix_plan_orphans o ORDER BY o.id) sorted
+"""
+
+#: The masters time matching may give: discovery, not deleted, with a tenant and a
+#: created_at, not linked to an import nor named by anything (the masters planned or
+#: stored links claim are left out by the caller). Kept in a work table with its own
+#: index on (tenant, created_at), so each import's window is one short range scan.
+FREE_MASTERS = (
+    """CREATE TEMPORARY TABLE flowfix_plan_free ON COMMIT DROP AS
+SELECT m.flow_id, m.client_account_id, m.engagement_id, m.created_at
+FROM crewai_flow_state_extensions m
 WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
+  AND m.client_account_id IS NOT NULL AND m.engagement_id IS NOT NULL AND m.created_at IS NOT NULL
   AND m.flow_configuration->>'import_id' IS NULL
   AND m.flow_persistence_data->>'data_import_id' IS NULL
   AND NOT EXISTS (SELECT 1 FROM data_imports x WHERE x.master_flow_id = m.flow_id)
   AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.master_flow_id = m.flow_id AND d.data_import_id IS NOT NULL)
-  AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.flow_id = m.flow_id AND d.data_import_id IS NOT NULL)
-ORDER BY p.distance, p.import_id, p.flow_id
+  AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.flow_id = m.flow_id AND d.data_import_id IS NOT NULL)""",
+    "CREATE INDEX ON flowfix_plan_free (client_account_id, engagement_id, created_at)",
+    "ANALYZE flowfix_plan_free",
+)
+
+#: Candidate (import, master) pairs within the window for the orphans with a tenant and no
+#: exact evidence, as three arrays (one row: no per-row cost in the client).
+TIME_CANDIDATES = f"""
+SELECT array_agg(o.id) AS imports, array_agg(near.flow_id) AS flows, array_agg(near.distance) AS distances
+FROM flowfix_plan_orphans o
+CROSS JOIN LATERAL (
+    SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
+    FROM flowfix_plan_free f
+    WHERE {known_and_equal_sql("o", "f")}
+      AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
+                           AND o.created_at + make_interval(secs => :window)
+) near
+WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
 """
+
+#: Store links in the work table; the arrays only feed an INSERT (no join is planned on them).
+STORE_LINKS = """
+INSERT INTO flowfix_plan_links (tbl, id, master, evidence, client_account_id, engagement_id)
+SELECT CAST(:tbl AS text), x.id, x.master, x.evidence, x.client, x.engagement
+FROM unnest(CAST(:ids AS uuid[]), CAST(:masters AS uuid[]), CAST(:evidence AS text[]), CAST(:clients AS uuid[]),
+            CAST(:engagements AS uuid[])) AS x(id, master, evidence, client, engagement)
+"""
+
+UNPLAN_IMPORTS = "DELETE FROM flowfix_plan_links WHERE tbl = 'data_imports' AND id = ANY(CAST(:ids AS uuid[]))"
 
 RECORD_TENANT_OK = unknown_matches_sql("r", "m")
 
-#: Each import's master once the planned links (:imp_ids / :imp_flows) are in: the
-#: starting point of both record queries below.
-IMPORT_MASTERS = f"""planned AS (SELECT * FROM unnest(CAST(:imp_ids AS uuid[]), CAST(:imp_flows AS uuid[]))
-                AS p(import_id, flow)),
-eff AS (SELECT t.id, COALESCE(t.master_flow_id, p.flow) AS flow
-        FROM data_imports t LEFT JOIN planned p ON p.import_id = t.id WHERE {TENANT_SCOPE})"""
+#: Each import's master once the planned links are in: the starting point of both record
+#: queries below.
+IMPORT_MASTERS = f"""eff AS (SELECT t.id, COALESCE(t.master_flow_id, p.master) AS flow
+        FROM data_imports t LEFT JOIN flowfix_plan_links p ON p.tbl = 'data_imports' AND p.id = t.id
+        WHERE {TENANT_SCOPE})"""
 
 #: Records per import once the imports are linked; masters step 1 will create count too.
+#: The records still NULL are counted per import and tenant first (one pass, a hash
+#: aggregate), so the joins to imports and masters work on one row per import, not per
+#: record; the answer comes back as three arrays (one row: no per-row cost in the client).
 RECORD_PLAN = f"""
 WITH {IMPORT_MASTERS},
-created AS (SELECT * FROM unnest(CAST(:c_flows AS uuid[]), CAST(:c_clients AS uuid[]), CAST(:c_engagements AS uuid[]))
-            AS c(flow_id, client_account_id, engagement_id)),
-masters AS (SELECT flow_id, client_account_id, engagement_id FROM crewai_flow_state_extensions
-            UNION ALL SELECT flow_id, client_account_id, engagement_id FROM created)
-SELECT r.data_import_id, e.flow,
-       count(*) FILTER (WHERE e.flow IS NOT NULL AND {RECORD_TENANT_OK}) AS to_link,
-       count(*) FILTER (WHERE e.flow IS NOT NULL AND NOT ({RECORD_TENANT_OK})) AS tenant_conflict,
-       count(*) FILTER (WHERE e.flow IS NULL) AS no_master
-FROM raw_import_records r
-JOIN eff e ON e.id = r.data_import_id
-LEFT JOIN masters m ON m.flow_id = e.flow
-WHERE r.master_flow_id IS NULL
-GROUP BY r.data_import_id, e.flow
-ORDER BY r.data_import_id
+created AS (SELECT DISTINCT ON (master) master AS flow_id, client_account_id, engagement_id FROM flowfix_plan_links
+            WHERE tbl = 'discovery_flows' AND evidence = CAST(:ev_created AS text) ORDER BY master),
+nulls AS (SELECT data_import_id, client_account_id, engagement_id, count(*) AS n FROM raw_import_records
+          WHERE master_flow_id IS NULL GROUP BY data_import_id, client_account_id, engagement_id),
+per_import AS (
+    SELECT r.data_import_id, e.flow,
+           COALESCE(sum(r.n) FILTER (WHERE e.flow IS NOT NULL AND {RECORD_TENANT_OK}), 0)::bigint AS to_link,
+           COALESCE(sum(r.n) FILTER (WHERE e.flow IS NOT NULL AND NOT ({RECORD_TENANT_OK})), 0)::bigint AS conflict,
+           COALESCE(sum(r.n) FILTER (WHERE e.flow IS NULL), 0)::bigint AS no_master
+    FROM nulls r
+    JOIN eff e ON e.id = r.data_import_id
+    LEFT JOIN crewai_flow_state_extensions known ON known.flow_id = e.flow
+    LEFT JOIN created c ON c.flow_id = e.flow
+    CROSS JOIN LATERAL (SELECT COALESCE(known.client_account_id, c.client_account_id) AS client_account_id,
+                               COALESCE(known.engagement_id, c.engagement_id) AS engagement_id) m
+    GROUP BY r.data_import_id, e.flow
+)
+SELECT array_agg(data_import_id) AS imports, array_agg(flow) AS flows, array_agg(to_link) AS to_link,
+       array_agg(conflict) AS conflict, array_agg(no_master) AS no_master
+FROM (SELECT * FROM per_import ORDER BY data_import_id) sorted
 """
 
 #: Records holding another master than their import will (after the planned links).
@@ -134,6 +212,9 @@ FROM raw_import_records r JOIN eff e ON e.id = r.data_import_id
 WHERE r.master_flow_id IS NOT NULL AND e.flow IS NOT NULL AND r.master_flow_id <> e.flow
 ORDER BY r.id
 """
+
+#: Why a planned link is not applied: the rows changed between planning and apply.
+CHANGED_SINCE_PLANNING = "changed since planning"
 
 
 #: The master's columns CREATE_MASTERS fills, and for those that may be NULL on the
@@ -183,17 +264,98 @@ class MasterCreation:
         return None
 
 
-async def make_plan(conn: AsyncConnection, opts: Options) -> Plan:
-    """What the backfill would do now, with the evidence for each link. Reads only."""
+async def make_plan(conn: AsyncConnection, opts: Options, resuming: uuid.UUID | None = None) -> Plan:
+    """What the backfill would do now, with the evidence for each link. Changes no data
+    (its work tables are temporary, dropped with the planning transaction).
+
+    One call for a fresh run, a resume and a dry run: ``resuming`` names the interrupted
+    run whose stored plan is an input. Its pending links decide their imports and claim
+    their masters before any matching; those the application has made stale since are
+    reported (:data:`CHANGED_SINCE_PLANNING`) and claim nothing; applied, skipped or
+    undone links claim nothing (their imports, if NULL again, are planned afresh)."""
     plan = Plan()
     creation = MasterCreation(await conn.run_sync(catalog.required_columns, MASTER_TABLE))
     plan.master_needs = creation.needs
+    for statement in WORK_TABLES:
+        await conn.execute(text(statement))
     await _plan_discovery_flows(conn, opts, creation, plan)
-    undecided, claimed = await _plan_imports_by_exact_evidence(conn, opts, plan)
-    await _plan_imports_by_time(conn, opts, undecided, claimed, plan)
+    await _store_links(conn, "discovery_flows", plan.discovery_links, plan.masters_to_create)
+    claimed = await _stored_pending_links(conn, resuming, plan) if resuming else set()
+    await conn.execute(text(ORPHAN_IMPORTS), opts.scope)
+    await conn.execute(text("ANALYZE flowfix_plan_orphans"))
+    exact, undecided = await _plan_imports_by_exact_evidence(conn, plan)
+    released = _release_stored_time_links_exact_evidence_takes(plan, exact)
+    if released:
+        await conn.execute(text(UNPLAN_IMPORTS), {"ids": released})
+    await _plan_imports_by_time(conn, opts, claimed | exact, undecided, plan)
+    _say_which_stored_links_went_stale(plan)
     plan.import_links.sort(key=lambda link: link.id)
+    await _store_links(conn, "data_imports", [link for link in plan.import_links if link.id not in plan.stored])
     await _plan_records(conn, opts, plan)
     return plan
+
+
+def _say_which_stored_links_went_stale(plan: Plan) -> None:
+    """An import whose stored link went stale and that fresh planning leaves for a human
+    says so (the reason a resumed run did not link it as the interrupted one planned)."""
+    stale = set(plan.stale)
+    prefix = f"{CHANGED_SINCE_PLANNING} (its stored link no longer applies); "
+    items: list[Ambiguous | Unmatched] = [*plan.ambiguous, *plan.unmatched]
+    for item in items:
+        if item.table == "data_imports" and item.id in stale and not item.reason.startswith(CHANGED_SINCE_PLANNING):
+            item.reason = prefix + item.reason
+
+
+async def _store_links(
+    conn: AsyncConnection, table: str, links: list[Link], created: list[NewMaster] | None = None
+) -> None:
+    """Put planned links into the work table (in chunks: nothing of this size is held
+    twice), then ANALYZE it, so the joins on it are planned on its true size."""
+    tenant = {c.discovery_flow_id: (c.client_account_id, c.engagement_id) for c in created or []}
+    for at in range(0, len(links), STORE_CHUNK):
+        chunk = links[at : at + STORE_CHUNK]
+        params = {
+            "tbl": table,
+            "ids": [link.id for link in chunk],
+            "masters": [link.master_flow_id for link in chunk],
+            "evidence": [str(link.evidence) for link in chunk],
+            "clients": [tenant.get(link.id, (None, None))[0] for link in chunk],
+            "engagements": [tenant.get(link.id, (None, None))[1] for link in chunk],
+        }
+        await conn.execute(text(STORE_LINKS), params)
+    await conn.execute(text("ANALYZE flowfix_plan_links"))
+
+
+#: Rows per INSERT into the work tables.
+STORE_CHUNK = 50_000
+
+
+async def _stored_pending_links(conn: AsyncConnection, run_id: uuid.UUID, plan: Plan) -> set[uuid.UUID]:
+    """Resuming: the stored links still pending, as the apply will find them. Returns the
+    masters they claim. A link whose import the application has linked meanwhile is
+    dropped (nothing is left to do); one that no longer applies is reported."""
+    claimed: set[uuid.UUID] = set()
+    rows = list(await conn.execute(text(STORED_PENDING), {"run": run_id, **Evidence.params()}))
+    # a stored plan from before the claims may give one master to two imports by time:
+    # the nearest keeps it (then the first), as matching would have decided
+    first: dict[uuid.UUID, tuple[float, uuid.UUID]] = {}
+    for row in rows:
+        if row.still_null and row.applies and row.evidence == Evidence.TIME_WINDOW:
+            key = (row.distance_seconds if row.distance_seconds is not None else 0.0, row.row_id)
+            first[row.new_value] = min(first.get(row.new_value, key), key)
+    for row in rows:
+        if not row.still_null:
+            plan.stale.append(row.row_id)
+            continue
+        taken = row.evidence == Evidence.TIME_WINDOW and first[row.new_value][1] != row.row_id if row.applies else False
+        if not row.applies or taken:
+            plan.stale.append(row.row_id)  # claims nothing: planned afresh with the other orphans
+            continue
+        plan.import_links.append(Link("data_imports", row.row_id, row.new_value, row.evidence, row.distance_seconds))
+        plan.stored.add(row.row_id)
+        claimed.add(row.new_value)
+    await _store_links(conn, "data_imports", plan.import_links)
+    return claimed
 
 
 def _unmatched_discovery_flow(row: Any, opts: Options, creation: MasterCreation) -> str | None:
@@ -227,66 +389,76 @@ async def _plan_discovery_flows(conn: AsyncConnection, opts: Options, creation: 
             plan.discovery_links.append(Link("discovery_flows", row["id"], row["master"], Evidence.FLOW_ID))
 
 
-async def _plan_imports_by_exact_evidence(
-    conn: AsyncConnection, opts: Options, plan: Plan
-) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+async def _plan_imports_by_exact_evidence(conn: AsyncConnection, plan: Plan) -> tuple[set[uuid.UUID], list[uuid.UUID]]:
     """Step 2a: imports a discovery flow or a master's configuration names. Returns the
-    imports left for time matching and the masters exact evidence already claims."""
-    orphans = {r["id"]: r for r in (await conn.execute(text(ORPHAN_IMPORTS), opts.scope)).mappings()}
-    params = {
-        "imports": list(orphans),
-        "df_ids": [link.id for link in plan.discovery_links],
-        "df_masters": [link.master_flow_id for link in plan.discovery_links],
-        **Evidence.params(),
-    }
+    masters exact evidence claims and the orphans left to time matching."""
+    await conn.execute(text(EXACT_EVIDENCE), {**Evidence.params(), "uuid_text": UUID_TEXT})
+    await conn.execute(text("ANALYZE flowfix_plan_exact"))
     exact: dict[uuid.UUID, dict[uuid.UUID, str]] = defaultdict(dict)
     foreign: set[uuid.UUID] = set()
-    for row in (await conn.execute(text(EXACT_EVIDENCE), params)).mappings():
-        imp = orphans[row["import_id"]]
-        if not unknown_matches(
-            imp["client_account_id"], imp["engagement_id"], row["master_client"], row["master_engagement"]
-        ):
-            foreign.add(row["import_id"])
+    found = (await conn.execute(text(READ_EXACT))).one()
+    for import_id, flow_id, evidence, same_tenant in zip(*(c or [] for c in found), strict=True):
+        if not same_tenant:
+            foreign.add(import_id)
             continue
-        known = exact[row["import_id"]].get(row["flow_id"])
-        if known is None or STRENGTH[row["evidence"]] < STRENGTH[known]:
-            exact[row["import_id"]][row["flow_id"]] = row["evidence"]
-    claimed: list[uuid.UUID] = []
+        known = exact[import_id].get(flow_id)
+        if known is None or STRENGTH[evidence] < STRENGTH[known]:
+            exact[import_id][flow_id] = evidence
+    claimed: set[uuid.UUID] = set()
     undecided: list[uuid.UUID] = []
-    for imp_id, imp in orphans.items():
+    orphans = (await conn.execute(text(ORPHANS_TO_DECIDE))).one()
+    for imp_id, has_tenant, has_exact in zip(*(c or [] for c in orphans), strict=True):
         candidates = exact.get(imp_id)
         if candidates and len(candidates) == 1:
             ((flow, evidence),) = candidates.items()
             plan.import_links.append(Link("data_imports", imp_id, flow, evidence))
-            claimed.append(flow)
+            claimed.add(flow)
         elif candidates:
             reason = "contradicting exact evidence: more than one master names this import"
             plan.ambiguous.append(Ambiguous("data_imports", imp_id, sorted(candidates), reason))
-        elif imp_id in foreign:
+        elif has_exact:
             reason = "the only exact evidence names a master flow of another tenant"
             plan.unmatched.append(Unmatched("data_imports", imp_id, reason))
-        elif imp["client_account_id"] is None or imp["engagement_id"] is None:
+        elif not has_tenant:
             plan.unmatched.append(Unmatched("data_imports", imp_id, "no tenant on the import: never matched by time"))
         else:
             undecided.append(imp_id)
-    return undecided, claimed
+    return claimed, undecided
+
+
+def _release_stored_time_links_exact_evidence_takes(plan: Plan, exact: set[uuid.UUID]) -> list[uuid.UUID]:
+    """A stored time link whose master fresh exact evidence now names would be refused by
+    the apply (the master gets an import): report it now, as the run will end. Returns their imports."""
+    released: list[uuid.UUID] = []
+    for link in [x for x in plan.import_links if x.id in plan.stored and x.evidence == Evidence.TIME_WINDOW]:
+        if link.master_flow_id in exact:
+            plan.import_links.remove(link)
+            plan.stored.discard(link.id)
+            plan.stale.append(link.id)
+            reason = f"{CHANGED_SINCE_PLANNING}: its stored link to master {link.master_flow_id} no longer applies"
+            plan.unmatched.append(Unmatched("data_imports", link.id, reason))
+            released.append(link.id)
+    return released
 
 
 async def _plan_imports_by_time(
-    conn: AsyncConnection, opts: Options, undecided: list[uuid.UUID], claimed: list[uuid.UUID], plan: Plan
+    conn: AsyncConnection, opts: Options, claimed: set[uuid.UUID], undecided: list[uuid.UUID], plan: Plan
 ) -> None:
     """Step 2b: the rest by time, one master per import (:func:`assign_by_time`)."""
-    params = {"imports": undecided, "window": opts.window_seconds}
-    # the masters exact evidence claims are left out here, not in SQL: a NOT EXISTS over
-    # unnest(:claimed) is estimated at 10 rows whatever its size, and at 200k imports the
-    # planner's nested anti-join ran for over ten minutes on PostgreSQL 18
-    taken = set(claimed)
+    # the claimed masters (stored pending links, exact evidence) are left out here, not in
+    # SQL: a NOT EXISTS over unnest(:claimed) is estimated at 10 rows whatever its size,
+    # and at 200k imports the planner's nested anti-join ran for over ten minutes
+    for statement in FREE_MASTERS:
+        await conn.execute(text(statement))
+    found = (await conn.execute(text(TIME_CANDIDATES), {"window": opts.window_seconds})).one()
     pairs = [
-        (r.import_id, r.flow_id, r.distance)
-        for r in await conn.execute(text(TIME_CANDIDATES), params)
-        if r.flow_id not in taken
+        (i, m, d)
+        for i, m, d in zip(found.imports or [], found.flows or [], found.distances or [], strict=True)
+        if m not in claimed
     ]
+    del found
     assigned, tied = assign_by_time(pairs)
+    del pairs
     for imp_id in undecided:
         if imp_id in assigned:
             flow, distance = assigned[imp_id]
@@ -301,29 +473,20 @@ async def _plan_imports_by_time(
 
 async def _plan_records(conn: AsyncConnection, opts: Options, plan: Plan) -> None:
     """Step 3: records follow their import (once its planned link is in)."""
-    planned = {
-        "imp_ids": [link.id for link in plan.import_links],
-        "imp_flows": [link.master_flow_id for link in plan.import_links],
-    }
-    created = {
-        "c_flows": [c.flow_id for c in plan.masters_to_create],
-        "c_clients": [c.client_account_id for c in plan.masters_to_create],
-        "c_engagements": [c.engagement_id for c in plan.masters_to_create],
-    }
-    for row in (await conn.execute(text(RECORD_PLAN), {**opts.scope, **planned, **created})).mappings():
-        imp = row["data_import_id"]
-        if row["to_link"]:
-            plan.record_links.append(
-                Link("raw_import_records", imp, row["flow"], Evidence.VIA_IMPORT, rows=row["to_link"])
-            )
-        if row["tenant_conflict"]:
-            reason = f"{row['tenant_conflict']} records of this import belong to another tenant than its master"
+    params = {**opts.scope, **Evidence.params()}
+    found = (await conn.execute(text(RECORD_PLAN), params)).one()
+    columns = (found.imports, found.flows, found.to_link, found.conflict, found.no_master)
+    for imp, flow, to_link, conflict, no_master in zip(*(c or [] for c in columns), strict=True):
+        if to_link:
+            plan.record_links.append(Link("raw_import_records", imp, flow, Evidence.VIA_IMPORT, rows=to_link))
+        if conflict:
+            reason = f"{conflict} records of this import belong to another tenant than its master"
             plan.unmatched.append(Unmatched("raw_import_records", imp, reason))
-        if row["no_master"]:
+        if no_master:
             plan.unmatched.append(
-                Unmatched("raw_import_records", imp, f"{row['no_master']} records: their import has no master")
+                Unmatched("raw_import_records", imp, f"{no_master} records: their import has no master")
             )
-    for row in (await conn.execute(text(DISAGREEING_RECORDS), {**opts.scope, **planned})).mappings():
+    for row in (await conn.execute(text(DISAGREEING_RECORDS), opts.scope)).mappings():
         reason = "the record holds another master than its import: never overwritten"
         plan.ambiguous.append(
             Ambiguous("raw_import_records", row["id"], [row["master_flow_id"], row["import_master"]], reason)

@@ -73,17 +73,25 @@ created AS (
 
 #: Apply the next batch of the stored import plan. Every guard is checked again against
 #: the rows as they are now: still NULL, same tenant, master present and not deleted,
-#: and (time window) the master still not linked to another import.
+#: and (time window) the master still not linked to another import, nor claimed by an
+#: earlier link of the same batch.
 APPLY_IMPORT_BATCH = f"""
-WITH batch AS ({ledger.PENDING_IMPORT_LINKS}
+WITH pending AS ({ledger.PENDING_IMPORT_LINKS}
+), batch AS (
+    -- one master per time-window import within this statement too: the NOT EXISTS below
+    -- reads the statement's snapshot and cannot see a sibling row of the same batch, so
+    -- a time link goes ahead only as its master's first claim here (exact links first)
+    SELECT p.*, row_number() OVER (PARTITION BY p.new_value
+                                   ORDER BY p.evidence = CAST(:ev_time_window AS text), p.row_id) AS claim
+    FROM pending p
 ), changed AS (
     UPDATE data_imports t SET master_flow_id = b.new_value
     FROM batch b
     JOIN crewai_flow_state_extensions m ON m.flow_id = b.new_value AND m.flow_status IS DISTINCT FROM 'deleted'
     WHERE t.id = b.row_id AND t.master_flow_id IS NULL
       AND {unknown_matches_sql("t", "m")}
-      AND (b.evidence <> CAST(:ev_time_window AS text) OR NOT EXISTS (
-           SELECT 1 FROM data_imports x WHERE x.master_flow_id = b.new_value AND x.id <> t.id))
+      AND (b.evidence <> CAST(:ev_time_window AS text) OR (b.claim = 1 AND NOT EXISTS (
+           SELECT 1 FROM data_imports x WHERE x.master_flow_id = b.new_value AND x.id <> t.id)))
     RETURNING b.change_id
 ), applied AS ({ledger.MARK_APPLIED}
 ), skipped AS ({ledger.MARK_SKIPPED}
@@ -164,16 +172,19 @@ async def link_discovery_flows(ctx: Context, plan: Plan) -> None:
     """Step 1b: discovery flows to the master their own flow_id names."""
     ctx.reporter.start("discovery_flows", len(plan.discovery_links))
     sizer = BatchSizer(ctx.opts.batch_size)
-    for chunk in _chunks(plan.discovery_links, sizer.size):
-        params = ctx.params(
-            ids=[link.id for link in chunk],
-            masters=[link.master_flow_id for link in chunk],
-            table_name="discovery_flows",
-            evidence=Evidence.FLOW_ID.value,
-        )
-        done = await ctx.statement(sizer, LINK_DISCOVERY_FLOWS, params, len(chunk), "all")
-        ctx.counts.discovery_flows += len(done)
-        ctx.reporter.advance("discovery_flows", len(done))
+    for evidence in sorted({link.evidence for link in plan.discovery_links}):
+        # the ledger records the plan's evidence (exact:flow_id, or created_by_backfill)
+        links = [link for link in plan.discovery_links if link.evidence == evidence]
+        for chunk in _chunks(links, sizer.size):
+            params = ctx.params(
+                ids=[link.id for link in chunk],
+                masters=[link.master_flow_id for link in chunk],
+                table_name="discovery_flows",
+                evidence=str(evidence),
+            )
+            done = await ctx.statement(sizer, LINK_DISCOVERY_FLOWS, params, len(chunk), "all")
+            ctx.counts.discovery_flows += len(done)
+            ctx.reporter.advance("discovery_flows", len(done))
 
 
 async def link_imports(ctx: Context, total: int) -> None:
