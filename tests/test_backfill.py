@@ -236,7 +236,7 @@ def test_a_second_concurrent_run_is_refused(s: Settings) -> None:
         (["--window", "0s"], "must be longer than zero"),
         (["--window", "2 fortnights"], "is not a duration"),
         (["--client-account", "x"], "is not a UUID"),
-        (["--format", "xml"], "--format must be one of"),
+        (["--format", "xml"], "'xml' is not one of 'text', 'json'"),
     ],
 )
 def test_bad_arguments_exit_2_and_change_nothing(s: Settings, args, message) -> None:  # type: ignore[no-untyped-def]

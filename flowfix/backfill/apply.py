@@ -19,10 +19,11 @@ from flowfix import catalog, ledger
 from flowfix.backfill import steps
 from flowfix.backfill.model import Counts, Link, Options, Plan, Reporter, Result, Silent
 from flowfix.backfill.plan import make_plan
-from flowfix.batches import ReplicaThrottle
+from flowfix.batches import REPLICA_LAG, Throttle
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import RunInterrupted
+from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
 
 async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: Reporter | None = None) -> Result:
@@ -88,7 +89,12 @@ async def _apply(
     counts: Counts,
     reporter: Reporter,
 ) -> None:
-    throttle = ReplicaThrottle(opts.max_replica_lag, reporter.paused, reporter.resumed)
+    throttle = Throttle(
+        opts.max_replica_lag, opts.max_archive_backlog, (MASTER_TABLE, *CHILD_TABLES), reporter.paused, reporter.resumed
+    )
+    for blind in await throttle.probe(conn):  # said once, at start, and kept for the report
+        reporter.note(f"throttle blind: {blind}")
+    counts.blind = list(throttle.blind)
     ctx = steps.Context(conn, run_, opts, counts, reporter, throttle)
     with _lap(counts, "discovery_flows"):
         await steps.create_masters(ctx, plan)
@@ -97,8 +103,9 @@ async def _apply(
         await steps.link_imports(ctx, len(plan.import_links))
     with _lap(counts, "raw_import_records"):
         await steps.link_records(ctx, engine, settings, plan.records_to_link)
-    counts.replica_pauses = throttle.pauses
-    counts.replica_paused_seconds = round(throttle.paused_seconds, 3)
+    counts.pauses = throttle.pauses
+    lag = throttle.pauses.get(REPLICA_LAG, {})
+    counts.replica_pauses, counts.replica_paused_seconds = int(lag.get("pauses", 0)), lag.get("seconds", 0.0)
     async with conn.begin():  # commits synchronously: every batch before it is durable too
         await ledger.finish_run(conn, run_.id, "finished", {**plan.summary(), **asdict(counts)})
 
