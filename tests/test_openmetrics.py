@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from flowfix.cli import app
 from flowfix.config import Settings
 from flowfix.render import check_labels
-from tests.conftest import upgrade
+from tests.conftest import ROOT, upgrade
 from tests.helpers import add_import, add_master, cli_env
 
 runner = CliRunner()
@@ -58,3 +59,9 @@ def test_openmetrics_has_a_gauge_per_check_the_revision_and_the_scan_time(settin
     # node_exporter's textfile collector reads the classic text format: the same samples
     classic = {f.name: f for f in classic_families(text)}
     assert {s.value for s in classic["flowfix_check_count"].samples} == set(count.values())
+
+    # the example alert rules in the docs use metrics and labels this output has
+    rules = (ROOT / "docs" / "validate.md").read_text().split("```yaml\ngroups:", 1)[1].split("```", 1)[0]
+    assert set(re.findall(r"\bflowfix_\w+", rules)) <= set(families)
+    labels = {k for f in families.values() for s in f.samples for k in s.labels}
+    assert set(re.findall(r"\$labels\.(\w+)", rules)) | set(re.findall(r"(\w+)=\"", rules)) <= labels
