@@ -119,7 +119,7 @@ REPLICA_LAG, WRAPAROUND_VACUUM, WAL_ARCHIVE = "replica_lag", "wraparound_vacuum"
 SIGNALS = (REPLICA_LAG, WRAPAROUND_VACUUM, WAL_ARCHIVE)
 
 #: What the role may see, read once at start. pg_stat_replication shows replay_lag (and
-#: pg_stat_activity an autovacuum worker's query, pg_stat_progress_vacuum its table) only
+#: pg_stat_activity an autovacuum worker's query) only
 #: to superusers and pg_read_all_stats members (pg_monitor includes it); other roles get
 #: NULLs and would never pause. pg_ls_archive_statusdir() is granted to pg_monitor.
 PROBE = """
@@ -138,11 +138,14 @@ SELECT current_user AS role,
 #: whose replay is stuck shows a growing replay_lag (the primary interpolates it between
 #: the samples the replica has not reached).
 REPLICA_LAG_SQL = "(SELECT max(extract(epoch FROM replay_lag)) FROM pg_stat_replication WHERE state = 'streaming')"
-#: The tables (of ours) an autovacuum worker is vacuuming to prevent wraparound: it must
-#: finish, and our batches would compete with it for I/O and dirty what it froze.
-WRAPAROUND_SQL = """(SELECT string_agg(DISTINCT c.relname, ', ') FROM pg_stat_progress_vacuum v
-  JOIN pg_stat_activity a ON a.pid = v.pid JOIN pg_class c ON c.oid = v.relid
-  WHERE v.relid = ANY(CAST(:relids AS oid[])) AND a.query LIKE 'autovacuum:%(to prevent wraparound)')"""
+#: The tables (of ours) an autovacuum worker vacuums, or waits to vacuum, to prevent
+#: wraparound: it must finish (it is never cancelled), and our batches would compete with
+#: it for I/O. Found by its locks, which cover a worker still queued for its lock, where
+#: pg_stat_progress_vacuum shows only one that started.
+WRAPAROUND_SQL = """(SELECT string_agg(DISTINCT c.relname, ', ') FROM pg_stat_activity a
+  JOIN pg_locks l ON l.pid = a.pid JOIN pg_class c ON c.oid = l.relation
+  WHERE a.backend_type = 'autovacuum worker' AND a.query LIKE 'autovacuum:%(to prevent wraparound)'
+    AND l.relation = ANY(CAST(:relids AS oid[])))"""
 #: WAL segments waiting for the archiver (archive_command failing or slow).
 ARCHIVE_SQL = "(SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready')"
 

@@ -1,6 +1,6 @@
-"""The throttle says when it is blind, and pauses on WAL archiving, for real: a primary
-with archiving that fails (archive_command 'false') and a streaming replica; a role
-without pg_monitor, then the same role granted it."""
+"""The throttle says when it is blind, and pauses on the health signals, for real: a
+primary whose WAL archiving fails (archive_command 'false') with a streaming replica, a
+role without pg_monitor and then with it; an autovacuum to prevent wraparound."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from typer.testing import CliRunner
 
 from flowfix import backfill as bf
@@ -80,17 +81,9 @@ def test_a_role_without_pg_monitor_is_told_it_is_blind_and_archiving_behind_paus
 
             listener, outcome = Listener(), {}
 
-            def backfill() -> None:
-                async def go() -> bf.Result:
-                    engine = make_engine(s)
-                    try:
-                        return await bf.run(engine, s, bf.Options(max_archive_backlog=1), listener)
-                    finally:
-                        await engine.dispose()
-
-                outcome["result"] = asyncio.run(go())
-
-            worker = threading.Thread(target=backfill)
+            worker = threading.Thread(
+                target=lambda: outcome.update(result=run_backfill(s, listener, max_archive_backlog=1))
+            )
             worker.start()
             wait_for(lambda: bool(listener.signals), "the backfill to pause")
             time.sleep(1.2)
@@ -106,3 +99,79 @@ def test_a_role_without_pg_monitor_is_told_it_is_blind_and_archiving_behind_paus
     assert set(listener.signals) == {"wal_archive"} and listener.resumes >= 1 and max(listener.lags) >= 2
     assert listener.notes == [] and result_.counts.blind == []
     assert result_.counts.pauses["wal_archive"]["pauses"] >= 1 and result_.counts.pauses["wal_archive"]["seconds"] >= 1
+
+
+def test_an_autovacuum_to_prevent_wraparound_on_a_table_pauses_the_run(tmp_path: Path) -> None:
+    """A real anti-wraparound autovacuum (the table's autovacuum_freeze_max_age at its
+    minimum, 100,000 transactions burnt), held in its lock queue by a session holding
+    SHARE UPDATE EXCLUSIVE (which the backfill's row locks do not conflict with)."""
+    with custom_server(tmp_path / "pg", settings={"autovacuum_naptime": "1s", "synchronous_commit": "off"}) as pg:
+        s = Settings(url=normalize_url(pg.local_url()), schema="public", create_tables=True)
+        upgrade(s, "legacy")
+        upgrade(s, "fix_master_flow_fk")
+        imp = orphan(s)
+        query(pg, "ALTER TABLE data_imports SET (autovacuum_freeze_max_age = 100000)")
+        release = hold_lock(pg, "LOCK TABLE data_imports IN SHARE UPDATE EXCLUSIVE MODE")
+        try:
+            query(pg, "DO $$ BEGIN FOR i IN 1..101000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$")
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+                " AND query = 'autovacuum: VACUUM public.data_imports (to prevent wraparound)'"
+            )
+            wait_for(lambda: query(pg, waiting) == 1, "the wraparound autovacuum")
+            listener, outcome = Listener(), {}
+            worker = threading.Thread(target=lambda: outcome.update(result=run_backfill(s, listener)))
+            worker.start()
+            wait_for(lambda: bool(listener.signals), "the backfill to pause")
+            time.sleep(1.2)
+            assert worker.is_alive() and links(s, "data_imports")[imp] is None  # waiting, nothing written
+        finally:
+            release()
+        worker.join(timeout=90)
+        assert not worker.is_alive()
+        assert links(s, "data_imports")[imp] is not None
+
+    result: Any = outcome["result"]
+    assert result.exit_code == 0
+    assert set(listener.signals) == {"wraparound_vacuum"} and listener.resumes >= 1
+    assert result.counts.pauses["wraparound_vacuum"]["pauses"] >= 1
+    assert result.counts.pauses["wraparound_vacuum"]["seconds"] >= 1
+
+
+def run_backfill(s: Settings, listener: Listener, **options: Any) -> bf.Result:
+    async def go() -> bf.Result:
+        engine = make_engine(s)
+        try:
+            return await bf.run(engine, s, bf.Options(**options), listener)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def hold_lock(server: Any, statement: str) -> Any:
+    """Another session runs ``statement`` in a transaction and keeps it open until the
+    returned ``release()``."""
+    started, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(server.local_url())
+        try:
+            async with conn.transaction():
+                await conn.execute(statement)
+                started.set()
+                while not done.is_set():
+                    await asyncio.sleep(0.05)
+        finally:
+            started.set()
+            await conn.close()
+
+    holder = threading.Thread(target=lambda: asyncio.run(hold()))
+    holder.start()
+    assert started.wait(10)
+
+    def release() -> None:
+        done.set()
+        holder.join()
+
+    return release
