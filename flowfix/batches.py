@@ -142,10 +142,13 @@ REPLICA_LAG_SQL = "(SELECT max(extract(epoch FROM replay_lag)) FROM pg_stat_repl
 #: wraparound: it must finish (it is never cancelled), and our batches would compete with
 #: it for I/O. Found by its locks, which cover a worker still queued for its lock, where
 #: pg_stat_progress_vacuum shows only one that started.
-WRAPAROUND_SQL = """(SELECT string_agg(DISTINCT c.relname, ', ') FROM pg_stat_activity a
-  JOIN pg_locks l ON l.pid = a.pid JOIN pg_class c ON c.oid = l.relation
-  WHERE a.backend_type = 'autovacuum worker' AND a.query LIKE 'autovacuum:%(to prevent wraparound)'
-    AND l.relation = ANY(CAST(:relids AS oid[])))"""
+#: pg_locks (which takes every lock partition) is read only while such a worker exists.
+WRAPAROUND_SQL = """(CASE WHEN EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'
+    AND query LIKE 'autovacuum:%(to prevent wraparound)')
+  THEN (SELECT string_agg(DISTINCT c.relname, ', ') FROM pg_stat_activity a
+    JOIN pg_locks l ON l.pid = a.pid JOIN pg_class c ON c.oid = l.relation
+    WHERE a.backend_type = 'autovacuum worker' AND a.query LIKE 'autovacuum:%(to prevent wraparound)'
+      AND l.relation = ANY(CAST(:relids AS oid[]))) END)"""
 #: WAL segments waiting for the archiver (archive_command failing or slow).
 ARCHIVE_SQL = "(SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready')"
 
