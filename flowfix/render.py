@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # rendering never needs the database modules loaded
     from rich.console import Console
 
     from flowfix.backfill import Result
+    from flowfix.estimate import Estimate
     from flowfix.ledger import RunInfo, UndoReport
     from flowfix.validate import Report
 
@@ -170,7 +171,27 @@ def backfill_dict(result: Result) -> dict[str, Any]:
             for a in plan.ambiguous
         ],
         "unmatched": [{"table": u.table, "id": str(u.id), "reason": u.reason} for u in plan.unmatched],
+        **({"estimate": estimate_dict(result.estimate)} if result.estimate is not None else {}),
     }
+
+
+def estimate_dict(estimate: Estimate) -> dict[str, Any]:
+    return {
+        "seconds": round(estimate.seconds, 1),
+        "steps": [{**asdict(s), "seconds": round(s.seconds, 1)} for s in estimate.steps],
+    }
+
+
+def estimate_lines(estimate: Estimate) -> list[str]:
+    lines = [f"  estimate for the real run: about {_duration(estimate.seconds)}"]
+    lines += [f"    {s.step:<19} {_duration(s.seconds):>8}  {s.rows:>11,} rows  ({s.basis})" for s in estimate.steps]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 1 else "<1 s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def backfill_json(result: Result) -> str:
@@ -224,6 +245,8 @@ def backfill_text(result: Result) -> str:
     more = len(plan.ambiguous) + len(plan.unmatched) - 20
     if more > 0:
         lines.append(f"    ... and {more} more (--format json or --report FILE lists them all)")
+    if result.estimate is not None:
+        lines += estimate_lines(result.estimate)
     if not result.dry_run and result.run_id:
         lines.append(f"  undo with: flowfix undo {result.run_id}")
     return "\n".join(lines)

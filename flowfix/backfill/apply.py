@@ -23,6 +23,7 @@ from flowfix.batches import REPLICA_LAG, Throttle
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import RunInterrupted
+from flowfix.estimate import estimate
 from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
 
@@ -34,7 +35,11 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
             await ledger.require_ledger(conn)
             await conn.run_sync(catalog.require_full_visibility, "the backfill")
             if opts.dry_run:
-                return Result(None, True, opts.window_seconds, await make_plan(conn, opts), None)
+                started = time.perf_counter()
+                plan = await make_plan(conn, opts)
+                took = time.perf_counter() - started
+                guess = await estimate(conn, took, plan.totals(), opts.jobs)
+                return Result(None, True, opts.window_seconds, plan, None, estimate=guess)
         async with ledger.run_lock(conn):
             started = time.perf_counter()
             async with conn.begin():

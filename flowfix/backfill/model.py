@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flowfix.batches import Pause
+from flowfix.estimate import Estimate
 from flowfix.exitcodes import Exit
 from flowfix.models import CHILD_TABLES
 
@@ -170,6 +171,8 @@ class Result:
     plan: Plan
     counts: Counts | None  # None for a dry run
     resumed: bool = False
+    #: a dry run's estimate of how long the real run takes, per step
+    estimate: Estimate | None = None
 
     @property
     def exit_code(self) -> Exit:
