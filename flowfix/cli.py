@@ -119,6 +119,9 @@ class FlowfixGroup(TyperGroup):
         sys.exit(int(code))
 
 
+#: Every command answers -h as well as --help.
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="flowfix",
     cls=FlowfixGroup,
@@ -132,11 +135,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals would include database URLs
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings=HELP,
+    epilog="Example:\n\n\b\n  flowfix demo      # the runbook on a throwaway database\n  flowfix status    # where this database stands, what comes next",
 )
-
-#: Every command answers -h as well as --help.
-HELP = {"help_option_names": ["-h", "--help"]}
 
 
 def example(*lines: str) -> str:
@@ -291,7 +292,7 @@ EngagementOpt = Annotated[str | None, typer.Option("--engagement", help="Only ro
     context_settings=HELP,
     epilog=example(
         "flowfix validate --format junit --output flowfix.xml",
-        "flowfix validate --format openmetrics --output /var/lib/node_exporter/textfile/flowfix.prom",
+        "flowfix validate --format openmetrics --output flowfix.prom   # node_exporter textfile collector",
     ),
 )
 def validate_cmd(
