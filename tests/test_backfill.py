@@ -258,7 +258,7 @@ def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, tmp_pa
     assert dry.exit_code == 1
     body = json.loads(dry.stdout)
     assert json.loads(report.read_text()) == body
-    assert set(body) == {"run_id", "dry_run", "window_seconds", "counts", "links", "ambiguous", "unmatched"}
+    assert set(body) == {"run_id", "dry_run", "window_seconds", "counts", "links", "ambiguous", "unmatched", "estimate"}
     assert body["dry_run"] is True and body["window_seconds"] == 7200
     assert {link["evidence"] for link in body["links"]} == {"time_window", "via_import"}
     assert sql(s, "SELECT count(*) AS n FROM flowfix_runs") == [{"n": 0}]
