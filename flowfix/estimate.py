@@ -32,9 +32,9 @@ MIN_SLICE_PAGES = 8
 #: times reading it through the walk's join; imports and discovery flows, written one
 #: statement per batch with their own ledger rows, cost IMPORT_ROW_RATIO times a record.
 #: Fitted by bench/estimate.py (shape H, PostgreSQL 18.6 embedded, 2 cores shared with
-#: other work, 2026-12-04): the exact ratios were 22.5, 18.2, 11.1 and 19.9 at 200k, 1M,
-#: 1M and 5M records; 1.59, 1.64, 1.08 and 0.62 for imports.
-WRITE_READ_RATIO = 18.0
+#: other work, 2026-12-04), with this calibration: the exact ratios were 54.5 and 39.5 at
+#: 1M and 5M records; 1.21 and 0.81 for imports.
+WRITE_READ_RATIO = 45.0
 IMPORT_ROW_RATIO = 1.0
 #: The closing pass reads the whole records table once more (a hash join, sequential).
 CLOSING_PASS_SHARE = 0.25
