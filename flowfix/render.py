@@ -177,8 +177,8 @@ def backfill_dict(result: Result) -> dict[str, Any]:
 
 def estimate_dict(estimate: Estimate) -> dict[str, Any]:
     return {
-        "seconds": round(estimate.seconds, 1),
-        "steps": [{**asdict(s), "seconds": round(s.seconds, 1)} for s in estimate.steps],
+        "seconds": round(estimate.seconds, 3),
+        "steps": [{**asdict(s), "seconds": round(s.seconds, 3)} for s in estimate.steps],
     }
 
 
