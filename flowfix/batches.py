@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from sqlalchemy import text
@@ -100,50 +101,154 @@ async def timed(
     return out
 
 
-#: The largest replay lag of the streaming replicas, in seconds (NULL: none, or none this
-#: role may see: pg_stat_replication shows lag to superusers and pg_monitor members). A
-#: replica whose replay is stuck shows a growing replay_lag (the primary interpolates it
-#: between the samples the replica has not reached).
-REPLICA_LAG = "SELECT max(extract(epoch FROM replay_lag)) FROM pg_stat_replication WHERE state = 'streaming'"
+@dataclass(frozen=True)
+class Pause:
+    """Why the run waits: which health signal, and what it read."""
+
+    signal: str  # one of SIGNALS
+    value: float
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
 
 
-class ReplicaThrottle:
-    """Before each batch: wait while a streaming replica replays more than ``max_lag``
-    seconds behind (0: never wait). ``on_pause(lag)`` is called at each poll of a pause,
-    ``on_resume()`` when it ends."""
+#: The health signals, as GitLab's batched background migrations check them before each
+#: batch, where they apply here.
+REPLICA_LAG, WRAPAROUND_VACUUM, WAL_ARCHIVE = "replica_lag", "wraparound_vacuum", "wal_archive"
+SIGNALS = (REPLICA_LAG, WRAPAROUND_VACUUM, WAL_ARCHIVE)
+
+#: What the role may see, read once at start. pg_stat_replication shows replay_lag (and
+#: pg_stat_activity an autovacuum worker's query) only
+#: to superusers and pg_read_all_stats members (pg_monitor includes it); other roles get
+#: NULLs and would never pause. pg_ls_archive_statusdir() is granted to pg_monitor.
+PROBE = """
+SELECT current_user AS role,
+       pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS stats,
+       (SELECT count(*) FROM pg_stat_replication) AS senders,
+       (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming') AS streaming,
+       current_setting('archive_mode') <> 'off' AS archiving,
+       has_function_privilege('pg_ls_archive_statusdir()', 'EXECUTE') AS archive_dir,
+       (SELECT array_agg(DISTINCT x.oid) FROM unnest(CAST(:tables AS text[])) t,
+          LATERAL (SELECT to_regclass(t)::oid UNION SELECT relid::oid FROM pg_partition_tree(to_regclass(t))) x(oid)
+        WHERE x.oid IS NOT NULL) AS relids
+"""
+
+#: The largest replay lag of the streaming replicas, in seconds (NULL: none). A replica
+#: whose replay is stuck shows a growing replay_lag (the primary interpolates it between
+#: the samples the replica has not reached).
+REPLICA_LAG_SQL = "(SELECT max(extract(epoch FROM replay_lag)) FROM pg_stat_replication WHERE state = 'streaming')"
+#: The tables (of ours) an autovacuum worker vacuums, or waits to vacuum, to prevent
+#: wraparound: it must finish (it is never cancelled), and our batches would compete with
+#: it for I/O. Found by its locks, which cover a worker still queued for its lock, where
+#: pg_stat_progress_vacuum shows only one that started.
+#: pg_locks (which takes every lock partition) is read only while such a worker exists.
+WRAPAROUND_SQL = """(CASE WHEN EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'
+    AND query LIKE 'autovacuum:%(to prevent wraparound)')
+  THEN (SELECT string_agg(DISTINCT c.relname, ', ') FROM pg_stat_activity a
+    JOIN pg_locks l ON l.pid = a.pid JOIN pg_class c ON c.oid = l.relation
+    WHERE a.backend_type = 'autovacuum worker' AND a.query LIKE 'autovacuum:%(to prevent wraparound)'
+      AND l.relation = ANY(CAST(:relids AS oid[]))) END)"""
+#: WAL segments waiting for the archiver (archive_command failing or slow).
+ARCHIVE_SQL = "(SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready')"
+
+
+class Throttle:
+    """Before each batch: wait while a health signal says the database is under strain
+    (a replica more than ``max_lag`` seconds behind, a wraparound autovacuum on one of
+    ``tables``, more than ``max_archive_backlog`` WAL segments waiting to be archived; 0
+    turns a limit off). :meth:`probe` says, once, which signals this role cannot see or
+    that have nothing to watch (``blind``); a blind signal is skipped, never taken for
+    healthy in silence. ``on_pause(pause)`` is called at each poll of a pause,
+    ``on_resume()`` when it ends; ``pauses`` counts them per signal."""
 
     POLL_SECONDS = 1.0
 
     def __init__(
         self,
         max_lag: float,
-        on_pause: Callable[[float], None] | None = None,
+        max_archive_backlog: int = 0,
+        tables: tuple[str, ...] = (),
+        on_pause: Callable[[Pause], None] | None = None,
         on_resume: Callable[[], None] | None = None,
     ) -> None:
-        self.max_lag = max_lag
-        self.on_pause = on_pause or (lambda lag: None)
+        self.max_lag, self.max_archive_backlog, self.tables = max_lag, max_archive_backlog, tables
+        self.on_pause = on_pause or (lambda pause: None)
         self.on_resume = on_resume or (lambda: None)
-        self.pauses = 0
-        self.paused_seconds = 0.0
+        #: signal -> {"pauses": n, "seconds": s}
+        self.pauses: dict[str, dict[str, float]] = {}
+        self.blind: list[str] = []
+        self.sql: str | None = None
+        self.relids: list[int] = []
 
-    async def lag(self, conn: AsyncConnection) -> float | None:
+    async def probe(self, conn: AsyncConnection) -> list[str]:
+        """Read what this role can watch; returns the blind spots (also in ``blind``)."""
         async with conn.begin():
-            value = (await conn.execute(text(REPLICA_LAG))).scalar_one()
-        return None if value is None else float(value)
+            p = (await conn.execute(text(PROBE), {"tables": list(self.tables)})).one()
+        grant = f"GRANT pg_monitor TO {p.role}"
+        parts = []
+        if self.max_lag > 0:
+            if not p.stats:
+                self.blind.append(
+                    f"replica lag: role {p.role} cannot see it (pg_stat_replication shows it only to superusers and"
+                    f" pg_monitor members; {p.senders} replication connection{'s' if p.senders != 1 else ''}"
+                    f" seen), so --max-replica-lag cannot pause the run: {grant}"
+                )
+            elif not p.streaming:
+                self.blind.append("replica lag: no streaming replica, so --max-replica-lag has nothing to watch")
+            else:
+                parts.append(f"{REPLICA_LAG_SQL} AS {REPLICA_LAG}")
+        if self.tables:
+            if p.stats:
+                self.relids = list(p.relids or [])
+                parts.append(f"{WRAPAROUND_SQL} AS {WRAPAROUND_VACUUM}")
+            else:
+                self.blind.append(
+                    f"wraparound autovacuum: role {p.role} cannot see autovacuum workers, so the run cannot wait for"
+                    f" one on its tables: {grant}"
+                )
+        if self.max_archive_backlog > 0 and p.archiving:
+            if p.archive_dir:
+                parts.append(f"{ARCHIVE_SQL} AS {WAL_ARCHIVE}")
+            else:
+                self.blind.append(
+                    f"WAL archiving: role {p.role} may not list the archive status directory, so"
+                    f" --max-archive-backlog cannot pause the run: {grant}"
+                )
+        self.sql = f"SELECT {', '.join(parts)}" if parts else None
+        return self.blind
+
+    async def check(self, conn: AsyncConnection) -> Pause | None:
+        """The first signal that says wait, or None."""
+        if self.sql is None:
+            return None
+        async with conn.begin():
+            row = (await conn.execute(text(self.sql), {"relids": self.relids})).mappings().one()
+        lag = row.get(REPLICA_LAG)
+        if lag is not None and float(lag) > self.max_lag:
+            return Pause(REPLICA_LAG, float(lag), f"a streaming replica is {float(lag):.1f} s behind")
+        if row.get(WRAPAROUND_VACUUM):
+            return Pause(WRAPAROUND_VACUUM, 1, f"autovacuum runs on {row[WRAPAROUND_VACUUM]} to prevent wraparound")
+        ready = row.get(WAL_ARCHIVE)
+        if ready is not None and ready > self.max_archive_backlog:
+            return Pause(WAL_ARCHIVE, float(ready), f"{ready} WAL segments wait to be archived")
+        return None
 
     async def wait(self, conn: AsyncConnection) -> None:
-        if self.max_lag <= 0:
-            return
         started: float | None = None
-        while True:
-            lag = await self.lag(conn)
-            if lag is None or lag <= self.max_lag:
-                break
-            if started is None:
-                started = time.perf_counter()
-                self.pauses += 1
-            self.on_pause(lag)
+        signal = ""
+        while (pause := await self.check(conn)) is not None:
+            if started is None or pause.signal != signal:
+                if started is not None:
+                    self._count(signal, started)
+                started, signal = time.perf_counter(), pause.signal
+                self.pauses.setdefault(signal, {"pauses": 0, "seconds": 0.0})["pauses"] += 1
+            self.on_pause(pause)
             await asyncio.sleep(self.POLL_SECONDS)
         if started is not None:
-            self.paused_seconds += time.perf_counter() - started
+            self._count(signal, started)
             self.on_resume()
+
+    def _count(self, signal: str, started: float) -> None:
+        entry = self.pauses[signal]
+        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - started, 3)

@@ -13,6 +13,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -21,6 +22,7 @@ from typer.core import TyperGroup
 
 from flowfix.errors import FlowfixError, RunInterrupted, UsageProblem, translate
 from flowfix.exitcodes import Exit
+from flowfix.render import TextOrJson, ValidateFormat
 from flowfix.window import parse_window
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ MAX_SAMPLES = 10_000
 MAX_LIMIT = 100_000
 MAX_ORPHANS = 2**53
 MAX_REPLICA_LAG = 86_400.0
+MAX_ARCHIVE_BACKLOG = 1_000_000
 MAX_JOBS = 8
 
 
@@ -68,7 +71,7 @@ def _session_timeouts() -> str | None:
 def error_line(exc: BaseException) -> tuple[str, Exit]:
     """The one line and the exit code for anything a command raised."""
     if isinstance(exc, typer.TyperException):  # click's usage errors: bad option, missing argument ...
-        lines = exc.format_message().strip().splitlines()
+        lines = exc.format_message().strip().replace(": Value error, ", ": ").splitlines()
         return (lines[0] if lines else "usage error"), Exit.USAGE
     if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
         return (
@@ -130,6 +133,9 @@ class FlowfixGroup(TyperGroup):
         sys.exit(int(code))
 
 
+#: Every command answers -h as well as --help.
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="flowfix",
     cls=FlowfixGroup,
@@ -143,7 +149,22 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals would include database URLs
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=HELP,
+    epilog="Example:\n\n\b\n  flowfix demo      # the runbook on a throwaway database\n  flowfix status    # where this database stands, what comes next",
 )
+
+
+def example(*lines: str) -> str:
+    """A command's epilog: examples, shown as written (``\\b`` keeps click from rewrapping)."""
+    return "Example:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+class FailOn(StrEnum):
+    """What makes ``flowfix validate`` fail."""
+
+    error = "error"
+    warn = "warn"
+
 
 T = TypeVar("T")
 
@@ -203,7 +224,13 @@ def check_bound(value: Number, option: str, maximum: Number) -> Number:
     return value
 
 
-@app.command()
+@app.command(
+    context_settings=HELP,
+    epilog=example(
+        "flowfix upgrade legacy:fix_master_flow_fk --sql > fix.sql   # review first",
+        "flowfix upgrade fix_master_flow_fk",
+    ),
+)
 def upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision: legacy, fix_master_flow_fk or head.")] = "head",
     sql: Annotated[bool, typer.Option("--sql", help="Print the SQL for review instead of running it.")] = False,
@@ -225,7 +252,12 @@ def upgrade(
     alembic_runner.upgrade(settings, revision, sql=sql, output=sys.stdout, quiet=sql)
 
 
-@app.command()
+@app.command(
+    context_settings=HELP,
+    epilog=example(
+        "flowfix downgrade fix_master_flow_fk   # at head: the column nullable again", "flowfix downgrade legacy"
+    ),
+)
 def downgrade(
     revision: Annotated[str, typer.Argument(help="Target revision: fix_master_flow_fk, legacy or base.")],
     sql: Annotated[bool, typer.Option("--sql", help="Print the SQL for review instead of running it.")] = False,
@@ -244,12 +276,6 @@ def parse_uuid(value: str | None, option: str) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         fail(f"{option} '{value}' is not a UUID")
-
-
-def parse_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        fail(f"{option} must be one of {', '.join(choices)}, not '{value}'")
-    return value
 
 
 def run_async(settings: Settings, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
@@ -275,14 +301,24 @@ ClientOpt = Annotated[str | None, typer.Option("--client-account", help="Only ro
 EngagementOpt = Annotated[str | None, typer.Option("--engagement", help="Only rows of this engagement (UUID).")]
 
 
-@app.command("validate")
+@app.command(
+    "validate",
+    context_settings=HELP,
+    epilog=example(
+        "flowfix validate --format junit --output flowfix.xml",
+        "flowfix validate --format openmetrics --output flowfix.prom   # node_exporter textfile collector",
+    ),
+)
 def validate_cmd(
-    format: Annotated[str, typer.Option("--format", help="text, json or junit.")] = "text",
+    format: Annotated[
+        ValidateFormat,
+        typer.Option("--format", help="Report format (openmetrics: Prometheus text, for node_exporter)."),
+    ] = ValidateFormat.text,
     output: Annotated[Path | None, typer.Option("--output", help="Write the report to this file.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Example row ids per check.")] = 5,
     fail_on: Annotated[
-        str, typer.Option("--fail-on", help="error: only failed checks fail the run; warn: warnings too.")
-    ] = "error",
+        FailOn, typer.Option("--fail-on", help="error: only failed checks fail the run; warn: warnings too.")
+    ] = FailOn.error,
     max_orphans: Annotated[
         int,
         typer.Option(
@@ -301,13 +337,12 @@ def validate_cmd(
 
     Exit 0 when every check passes, 1 when one fails, 2 on usage or connection errors.
     """
-    fmt = parse_choice(format, "--format", ("text", "json", "junit"))
     check_output_path(output, "--output")
     options = dict(
         samples=check_bound(samples, "--samples", MAX_SAMPLES),
         max_orphans=check_bound(max_orphans, "--max-orphans", MAX_ORPHANS),
         allow_rls=allow_rls,
-        fail_on=parse_choice(fail_on, "--fail-on", ("error", "warn")),
+        fail_on=fail_on.value,
         client_account=parse_uuid(client_account, "--client-account"),
         engagement=parse_uuid(engagement, "--engagement"),
     )
@@ -318,11 +353,11 @@ def validate_cmd(
     opts = validation.Options(**options)  # type: ignore[arg-type]
     report = run_async(settings, lambda engine: validation.validate(engine, settings, opts))
 
-    write_output(render.validate_as(report, fmt), output)
+    write_output(render.validate_as(report, format), output)
     raise typer.Exit(EXIT_OK if report.ok else EXIT_PROBLEMS)
 
 
-@app.command()
+@app.command(context_settings=HELP, epilog=example("flowfix status"))
 def status() -> None:
     """One screen for the operator: revision, FK targets, orphan counts, next step."""
     from flowfix import validate as validation
@@ -349,7 +384,13 @@ def status() -> None:
     typer.echo(f"next step: {validation.next_step(report) if unfinished is None else unfinished.next_step()}")
 
 
-@app.command()
+@app.command(
+    context_settings=HELP,
+    epilog=example(
+        "flowfix backfill --window 2h --dry-run --report plan.json",
+        "flowfix backfill --window 2h --max-replica-lag 10",
+    ),
+)
 def backfill(
     window: Annotated[
         str,
@@ -394,10 +435,20 @@ def backfill(
             "--max-replica-lag",
             min=0,
             help="Before each batch, wait while a streaming replica replays more than this many seconds behind"
-            " (0: never wait).",
+            " (0: never wait). Needs pg_monitor to see the lag; the run says when it cannot.",
         ),
     ] = 30.0,
-    format: Annotated[str, typer.Option("--format", help="text or json (on stdout).")] = "text",
+    max_archive_backlog: Annotated[
+        int,
+        typer.Option(
+            "--max-archive-backlog",
+            min=0,
+            help="Before each batch, wait while more than this many WAL segments wait to be archived (0: never wait).",
+        ),
+    ] = 64,
+    format: Annotated[
+        TextOrJson, typer.Option("--format", help="Report format (on stdout).")
+    ] = TextOrJson.text,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")] = None,
     client_account: ClientOpt = None,
     engagement: EngagementOpt = None,
@@ -411,7 +462,7 @@ def backfill(
     by the application since planning) or records disagreeing with their import; 2:
     usage, connection or lock error.
     """
-    fmt = parse_choice(format, "--format", ("text", "json"))
+    fmt = format
     check_output_path(report, "--report")
     options = dict(
         window_seconds=parse_window(window),
@@ -420,6 +471,7 @@ def backfill(
         dry_run=dry_run,
         jobs=check_bound(jobs, "--jobs", MAX_JOBS),
         max_replica_lag=check_bound(max_replica_lag, "--max-replica-lag", MAX_REPLICA_LAG),
+        max_archive_backlog=check_bound(max_archive_backlog, "--max-archive-backlog", MAX_ARCHIVE_BACKLOG),
         client_account=parse_uuid(client_account, "--client-account"),
         engagement=parse_uuid(engagement, "--engagement"),
     )
@@ -451,7 +503,7 @@ def backfill(
     raise typer.Exit(result.exit_code)
 
 
-@app.command()
+@app.command(context_settings=HELP, epilog=example("flowfix demo --size 1000"))
 def demo(
     size: Annotated[
         int, typer.Option("--size", min=20, max=100_000, help="Imports in the demo dataset (10 records each).")
@@ -474,7 +526,10 @@ def require_uuid(value: str, option: str) -> uuid.UUID:
     return parsed
 
 
-@app.command()
+@app.command(
+    context_settings=HELP,
+    epilog=example("flowfix link --import 0b6f0c1e-... --flow 7d2a9c44-...   # prints the run id to undo it"),
+)
 def link(
     data_import: Annotated[str, typer.Option("--import", help="The data import's id (UUID).")],
     flow: Annotated[str, typer.Option("--flow", help="The discovery master flow's flow_id (UUID).")],
@@ -501,7 +556,7 @@ def link(
     typer.echo(f"run {run_id} (undo with: flowfix undo {run_id})")
 
 
-@app.command()
+@app.command(context_settings=HELP, epilog=example("flowfix undo 5e1c2f3a-...   # a run id from flowfix runs"))
 def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert (see `flowfix runs`).")]) -> None:
     """Revert a run's changes where rows still hold what it wrote; later edits are kept and listed."""
     target = require_uuid(run_id, "RUN_ID")
@@ -514,18 +569,18 @@ def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert
     typer.echo(render.undo_text(report))
 
 
-@app.command()
+@app.command(context_settings=HELP, epilog=example("flowfix runs --limit 5", "flowfix runs RUN_ID --format json"))
 def runs(
     run_id: Annotated[
         str | None, typer.Argument(help="A run's id: its steps, ranges and batches (from the progress rows).")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs, newest first.")] = 20,
-    format: Annotated[str, typer.Option("--format", help="text or json (on stdout).")] = "text",
+    format: Annotated[TextOrJson, typer.Option("--format", help="Output format (on stdout).")] = TextOrJson.text,
 ) -> None:
     """List the ledger's runs (backfill, link, undo), newest first; or, given RUN_ID, that
     run's steps: ranges done/total, rows changed, batches, attempts, last error."""
     check_bound(limit, "--limit", MAX_LIMIT)
-    fmt = parse_choice(format, "--format", ("text", "json"))
+    fmt = format
     target = parse_uuid(run_id, "RUN_ID")
     settings = load_settings()
     from flowfix import ledger, render

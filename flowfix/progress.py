@@ -12,6 +12,8 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from flowfix.batches import Pause
+
 
 class Lines:
     """One line per step every ``every`` seconds, and when it ends."""
@@ -33,11 +35,14 @@ class Lines:
         if time.monotonic() - state[3] >= self.every:
             self._print(step)
 
-    def paused(self, lag_seconds: float) -> None:
-        print(f"paused: a streaming replica is {lag_seconds:.1f} s behind", file=self.out, flush=True)
+    def paused(self, pause: Pause) -> None:
+        print(f"paused: {pause}", file=self.out, flush=True)
 
     def resumed(self) -> None:
-        print("resumed: the replicas caught up", file=self.out, flush=True)
+        print("resumed", file=self.out, flush=True)
+
+    def note(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
 
     def close(self) -> None:
         self._end()
@@ -98,13 +103,16 @@ class Bars:
             self.start(step, None)
         self.progress.advance(self.tasks[step], n)
 
-    def paused(self, lag_seconds: float) -> None:
+    def paused(self, pause: Pause) -> None:
         for step, task in self.tasks.items():
-            self.progress.update(task, description=f"linking {step} [paused: replica {lag_seconds:.0f} s behind]")
+            self.progress.update(task, description=f"linking {step} [paused: {pause}]")
 
     def resumed(self) -> None:
         for step, task in self.tasks.items():
             self.progress.update(task, description=f"linking {step}")
+
+    def note(self, line: str) -> None:
+        self.progress.console.print(line, markup=False, highlight=False)
 
 
 @contextmanager

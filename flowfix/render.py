@@ -8,14 +8,32 @@ import json
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # rendering never needs the database modules loaded
     from rich.console import Console
 
     from flowfix.backfill import Result
+    from flowfix.estimate import Estimate
     from flowfix.ledger import RunInfo, RunProgress, UndoReport
     from flowfix.validate import Report
+
+
+class ValidateFormat(StrEnum):
+    """What ``flowfix validate --format`` can print."""
+
+    text = "text"
+    json = "json"
+    junit = "junit"
+    openmetrics = "openmetrics"
+
+
+class TextOrJson(StrEnum):
+    """What ``flowfix backfill --format`` and ``flowfix runs --format`` can print."""
+
+    text = "text"
+    json = "json"
 
 
 def to_json(data: Any) -> str:
@@ -55,10 +73,77 @@ def validate_junit(report: Report) -> str:
     return ET.tostring(suite, encoding="unicode", xml_declaration=True)
 
 
-def validate_as(report: Report, fmt: str) -> str:
-    if fmt == "json":
+#: a check's status as a gauge value
+STATUS_VALUE = {"pass": 0, "warn": 1, "fail": 2}
+
+
+def _label(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
+
+
+def check_labels(name: str) -> dict[str, str]:
+    """``data_imports.orphaned`` -> table data_imports, check orphaned; ``fk.data_imports``
+    -> table data_imports, check fk; a check across tables (``tenant_mismatch``) has no table."""
+    first, dot, rest = name.partition(".")
+    if not dot:
+        return {"table": "", "check": name}
+    return {"table": rest, "check": "fk"} if first == "fk" else {"table": first, "check": rest}
+
+
+def validate_openmetrics(report: Report, now: float | None = None) -> str:
+    """The report as OpenMetrics text (Prometheus exposition; node_exporter's textfile
+    collector reads it): a gauge per check, the revision as an info-style gauge, the scan's
+    duration, and when it ran."""
+    out: list[str] = []
+
+    def family(name: str, help_: str, samples: list[tuple[dict[str, str], float]], unit: str = "") -> None:
+        out.append(f"# TYPE {name} gauge")
+        if unit:
+            out.append(f"# UNIT {name} {unit}")
+        out.append(f"# HELP {name} {help_}")
+        for labels, value in samples:
+            shown = ",".join(f"{k}={_label(v)}" for k, v in labels.items())
+            number = str(int(value)) if isinstance(value, int) else repr(float(value))  # exact, never 1e+07
+            out.append(f"{name}{{{shown}}} {number}" if shown else f"{name} {number}")
+
+    family(
+        "flowfix_check_status",
+        "flowfix validate check status (0 pass, 1 warn, 2 fail).",
+        [(check_labels(c.name), STATUS_VALUE[c.status]) for c in report.checks],
+    )
+    family(
+        "flowfix_check_count",
+        "Rows (or constraints) each flowfix validate check found.",
+        [(check_labels(c.name), c.count) for c in report.checks],
+    )
+    family(
+        "flowfix_revision_info",
+        "flowfix's revision of the database (label revision; empty: none) and its head.",
+        [({"revision": report.revision or "", "head": report.head or ""}, 1)],
+    )
+    family(
+        "flowfix_at_head", "1 when the database is at flowfix's head revision.", [({}, report.revision == report.head)]
+    )
+    family("flowfix_ok", "1 when flowfix validate passed (exit code 0).", [({}, report.ok)])
+    family(
+        "flowfix_scan_duration_seconds", "How long flowfix validate's checks took.", [({}, report.seconds)], "seconds"
+    )
+    family(
+        "flowfix_last_run_timestamp_seconds",
+        "When this flowfix validate report was made (Unix time).",
+        [({}, round(time.time() if now is None else now, 3))],
+        "seconds",
+    )
+    out.append("# EOF")
+    return "\n".join(out)
+
+
+def validate_as(report: Report, fmt: ValidateFormat) -> str:
+    if fmt == ValidateFormat.json:
         return to_json(validate_dict(report))
-    return validate_junit(report) if fmt == "junit" else validate_text(report)
+    if fmt == ValidateFormat.openmetrics:
+        return validate_openmetrics(report)
+    return validate_junit(report) if fmt == ValidateFormat.junit else validate_text(report)
 
 
 # --- backfill ------------------------------------------------------------------------------
@@ -88,11 +173,39 @@ def backfill_dict(result: Result) -> dict[str, Any]:
             for a in plan.ambiguous
         ],
         "unmatched": [{"table": u.table, "id": str(u.id), "reason": u.reason} for u in plan.unmatched],
+        **({"estimate": estimate_dict(result.estimate)} if result.estimate is not None else {}),
     }
+
+
+def estimate_dict(estimate: Estimate) -> dict[str, Any]:
+    return {
+        "seconds": round(estimate.seconds, 3),
+        "steps": [{**asdict(s), "seconds": round(s.seconds, 3)} for s in estimate.steps],
+    }
+
+
+def estimate_lines(estimate: Estimate) -> list[str]:
+    lines = [f"  estimate for the real run: about {_duration(estimate.seconds)}"]
+    lines += [f"    {s.step:<19} {_duration(s.seconds):>8}  {s.rows:>11,} rows  ({s.basis})" for s in estimate.steps]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 1 else "<1 s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def backfill_json(result: Result) -> str:
     return to_json(backfill_dict(result))
+
+
+#: how the report names each health signal (flowfix.batches.SIGNALS) a run paused for
+PAUSE_REASONS = {
+    "replica_lag": "replica lag",
+    "wraparound_vacuum": "an autovacuum to prevent wraparound",
+    "wal_archive": "WAL archiving",
+}
 
 
 def backfill_text(result: Result) -> str:
@@ -121,8 +234,10 @@ def backfill_text(result: Result) -> str:
             lines.append(f"  of those, {c.records_final_pass:,} records by the closing pass (moved or added mid-walk)")
         if c.skipped:
             lines.append(f"  skipped {c.skipped} planned links: the rows changed since planning")
-        if c.replica_pauses:
-            lines.append(f"  paused {c.replica_pauses} times ({c.replica_paused_seconds:.1f} s) for replica lag")
+        for signal, paused in c.pauses.items():
+            why = PAUSE_REASONS.get(signal, signal)
+            lines.append(f"  paused {int(paused['pauses'])} times ({paused['seconds']:.1f} s) for {why}")
+        lines += [f"  blind: {blind}" for blind in c.blind]
     evidence = plan.import_evidence()
     if evidence:
         lines.append("  imports by evidence: " + ", ".join(f"{k} {v:,}" for k, v in sorted(evidence.items())))
@@ -138,6 +253,8 @@ def backfill_text(result: Result) -> str:
     more = len(plan.ambiguous) + len(plan.unmatched) - 20
     if more > 0:
         lines.append(f"    ... and {more} more (--format json or --report FILE lists them all)")
+    if result.estimate is not None:
+        lines += estimate_lines(result.estimate)
     if not result.dry_run and result.run_id:
         lines.append(f"  undo with: flowfix undo {result.run_id}")
     return "\n".join(lines)
@@ -169,7 +286,7 @@ def undo_text(report: UndoReport) -> str:
 
 def run_line(run: RunInfo) -> str:
     finished = run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
-    counts = {k: v for k, v in run.counts.items() if k != "walk"}
+    counts = {k: v for k, v in run.counts.items() if k not in ("walk", "blind")}
     return (
         f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
         f"  {finished}  {json.dumps(counts, sort_keys=True)}"

@@ -10,6 +10,7 @@ counts describe the same snapshot.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,9 @@ class Report:
     revision: str | None
     checks: list[Check]
     fail_on: FailOn = "error"
+    #: flowfix's head revision, and how long the checks took (for monitoring)
+    head: str | None = None
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -269,6 +273,7 @@ def require_tables(conn, schema: str) -> None:  # type: ignore[no-untyped-def]
 
 async def validate(engine: AsyncEngine, settings: Settings, opts: Options = Options()) -> Report:
     """Run every check in one read-only snapshot and return the report."""
+    started = time.perf_counter()
     async with connect(engine, settings) as raw:
         conn = await raw.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
         async with conn.begin():
@@ -281,7 +286,8 @@ async def validate(engine: AsyncEngine, settings: Settings, opts: Options = Opti
             schema_checks = await conn.run_sync(_schema_checks, revision)
             rls = await conn.run_sync(_rls_check, opts.allow_rls)
     by_name = {**rows, shared.name: shared, **{c.name: c for c in schema_checks}, rls.name: rls}
-    return Report(revision=revision, checks=[by_name[n] for n in CHECK_ORDER], fail_on=opts.fail_on)
+    checks = [by_name[n] for n in CHECK_ORDER]
+    return Report(revision, checks, opts.fail_on, head=head(), seconds=round(time.perf_counter() - started, 3))
 
 
 def next_step(report: Report) -> str:

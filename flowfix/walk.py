@@ -18,7 +18,7 @@ definition come every way the table is walked:
 Online there are two drivers over the same statements: :func:`walk_sync` for a revision
 (Alembic's synchronous connection; a lock timeout retries the whole revision, whose
 batches are idempotent) and :func:`walk_async` for the backfill (``--jobs`` connections,
-the batch sizer, retries, replica throttle, and progress as ledger rows claimed with
+the batch sizer, retries, the throttle (replica lag and other health signals), and progress as ledger rows claimed with
 ``FOR UPDATE SKIP LOCKED``: :mod:`flowfix.ledger`).
 """
 
@@ -37,7 +37,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from flowfix import catalog, ledger
-from flowfix.batches import BatchSizer, ReplicaThrottle, timed
+from flowfix.batches import BatchSizer, Throttle, timed
 from flowfix.sql import quote_qualified
 
 log = logging.getLogger("flowfix.walk")
@@ -244,7 +244,7 @@ class Driver:
     jobs: int
     batch_rows: int
     lock_retries: int
-    throttle: ReplicaThrottle
+    throttle: Throttle
     connect: Callable[[], Any]  # an async context manager giving another AsyncConnection
     advance: Callable[[int], None] = lambda n: None
     walk: str = "auto"

@@ -235,7 +235,7 @@ def test_a_second_concurrent_run_is_refused(s: Settings) -> None:
         (["--window", "0s"], "must be longer than zero"),
         (["--window", "2 fortnights"], "is not a duration"),
         (["--client-account", "x"], "is not a UUID"),
-        (["--format", "xml"], "--format must be one of"),
+        (["--format", "xml"], "'xml' is not one of 'text', 'json'"),
     ],
 )
 def test_bad_arguments_exit_2_and_change_nothing(s: Settings, args, message) -> None:  # type: ignore[no-untyped-def]
@@ -257,7 +257,7 @@ def test_dry_run_changes_nothing_and_exits_like_the_real_run(s: Settings, tmp_pa
     assert dry.exit_code == 1
     body = json.loads(dry.stdout)
     assert json.loads(report.read_text()) == body
-    assert set(body) == {"run_id", "dry_run", "window_seconds", "counts", "links", "ambiguous", "unmatched"}
+    assert set(body) == {"run_id", "dry_run", "window_seconds", "counts", "links", "ambiguous", "unmatched", "estimate"}
     assert body["dry_run"] is True and body["window_seconds"] == 7200
     assert {link["evidence"] for link in body["links"]} == {"time_window", "via_import"}
     assert sql(s, "SELECT count(*) AS n FROM flowfix_runs") == [{"n": 0}]

@@ -156,9 +156,21 @@ CASES = [
     Case("report-missing-dir", ["backfill", "--report", "/nonexistent-dir/r.json"], "does not exist"),
     Case("report-is-dir", ["backfill", "--report", "{tmp}"], "is a directory"),
     # --- formats and choices ---------------------------------------------------------------
-    Case("validate-format", ["validate", "--format", "yaml"], "--format must be one of text, json, junit"),
-    Case("backfill-format", ["backfill", "--format", "xml"], "--format must be one of text, json"),
-    Case("fail-on", ["validate", "--fail-on", "never"], "--fail-on must be one of error, warn"),
+    Case(
+        "validate-format",
+        ["validate", "--format", "yaml"],
+        "Invalid value for '--format': 'yaml' is not one of 'text', 'json', 'junit', 'openmetrics'",
+    ),
+    Case(
+        "backfill-format",
+        ["backfill", "--format", "xml"],
+        "Invalid value for '--format': 'xml' is not one of 'text', 'json'",
+    ),
+    Case(
+        "fail-on",
+        ["validate", "--fail-on", "never"],
+        "Invalid value for '--fail-on': 'never' is not one of 'error', 'warn'",
+    ),
     # --- revisions -------------------------------------------------------------------------
     Case("upgrade-unknown", ["upgrade", "nope"], "Can't locate revision identified by 'nope'"),
     Case("downgrade-unknown", ["downgrade", "nope"], "Can't locate revision identified by 'nope'"),

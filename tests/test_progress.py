@@ -8,6 +8,7 @@ import io
 
 import pytest
 
+from flowfix.batches import Pause
 from flowfix.progress import Lines, reporter
 
 
@@ -17,14 +18,14 @@ def test_piped_progress_prints_totals_rate_eta_and_a_final_line_per_step() -> No
     lines.start("discovery_flows", 0)  # nothing to do: says nothing
     lines.start("raw_import_records", 200)
     lines.advance("raw_import_records", 50)
-    lines.paused(12.5)
+    lines.paused(Pause("replica_lag", 12.5, "a streaming replica is 12.5 s behind"))
     lines.resumed()
     lines.advance("raw_import_records", 150)
     lines.close()
     printed = out.getvalue().splitlines()
     assert printed[0].startswith("raw_import_records: 50 / 200 (25%), ") and ", eta " in printed[0]
     assert printed[1] == "paused: a streaming replica is 12.5 s behind"
-    assert printed[2] == "resumed: the replicas caught up"
+    assert printed[2] == "resumed"
     assert printed[-1].startswith("raw_import_records: 200 / 200 (100%), ") and "done in" in printed[-1]
     assert not any(line.startswith("discovery_flows") for line in printed)
 

@@ -142,10 +142,13 @@ class Crash:
             if self.seen == self.after:
                 raise ConnectionResetError("the connection went away")
 
-    def paused(self, lag_seconds: float) -> None:
+    def paused(self, pause: object) -> None:
         pass
 
     def resumed(self) -> None:
+        pass
+
+    def note(self, line: str) -> None:
         pass
 
 
@@ -200,10 +203,13 @@ def test_records_the_application_adds_or_moves_during_the_walk_are_linked_by_the
                     {"i": first_import},
                 )
 
-        def paused(self, lag_seconds: float) -> None:
+        def paused(self, pause: object) -> None:
             pass
 
         def resumed(self) -> None:
+            pass
+
+        def note(self, line: str) -> None:
             pass
 
     result = run(s, Writer(), walk="ctid")

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from flowfix import backfill as bf
+from flowfix.batches import Pause
 from flowfix.config import Settings, normalize_url
 from flowfix.db import make_engine
 from tests.conftest import upgrade
@@ -46,6 +47,8 @@ class Listener:
 
     def __init__(self) -> None:
         self.lags: list[float] = []
+        self.signals: list[str] = []
+        self.notes: list[str] = []
         self.resumes = 0
 
     def start(self, step: str, total: int | None) -> None:
@@ -54,11 +57,15 @@ class Listener:
     def advance(self, step: str, n: int) -> None:
         pass
 
-    def paused(self, lag_seconds: float) -> None:
-        self.lags.append(lag_seconds)
+    def paused(self, pause: Pause) -> None:
+        self.lags.append(pause.value)
+        self.signals.append(pause.signal)
 
     def resumed(self) -> None:
         self.resumes += 1
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
 
 
 def test_the_backfill_waits_while_a_replica_lags_and_finishes_once_it_catches_up(tmp_path: Path) -> None:
@@ -128,4 +135,5 @@ def test_the_backfill_waits_while_a_replica_lags_and_finishes_once_it_catches_up
     result: bf.Result = outcome["result"]
     assert result.exit_code == 0 and result.counts is not None
     assert result.counts.replica_pauses >= 1 and result.counts.replica_paused_seconds >= 1.5
-    assert listener.resumes >= 1 and max(listener.lags) > 1.0
+    assert listener.resumes >= 1 and max(listener.lags) > 1.0 and set(listener.signals) == {"replica_lag"}
+    assert result.counts.blind == [] and listener.notes == []  # a superuser sees the lag: nothing blind

@@ -285,8 +285,11 @@ def test_cli_exit_codes_json_and_junit(settings: Settings, tmp_path) -> None:
     "args, message",
     [
         (["--client-account", "not-a-uuid"], "--client-account 'not-a-uuid' is not a UUID"),
-        (["--format", "yaml"], "--format must be one of text, json, junit, not 'yaml'"),
-        (["--fail-on", "never"], "--fail-on must be one of error, warn, not 'never'"),
+        (
+            ["--format", "yaml"],
+            "Invalid value for '--format': 'yaml' is not one of 'text', 'json', 'junit', 'openmetrics'.",
+        ),
+        (["--fail-on", "never"], "Invalid value for '--fail-on': 'never' is not one of 'error', 'warn'."),
     ],
 )
 def test_cli_bad_options_exit_2_with_one_line(args: list[str], message: str, empty_settings: Settings) -> None:

@@ -19,11 +19,12 @@ from flowfix import catalog, ledger, privileges
 from flowfix.backfill import outcome, steps
 from flowfix.backfill.model import Counts, Link, Options, Plan, Reporter, Result, Silent
 from flowfix.backfill.plan import CHANGED_SINCE_PLANNING, make_plan
-from flowfix.batches import ReplicaThrottle
+from flowfix.batches import REPLICA_LAG, Throttle
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.errors import RunInterrupted
-from flowfix.models import MASTER_TABLE
+from flowfix.estimate import estimate
+from flowfix.models import CHILD_TABLES, MASTER_TABLE
 
 
 async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: Reporter | None = None) -> Result:
@@ -35,10 +36,14 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
             await conn.run_sync(catalog.require_full_visibility, "the backfill")
             await conn.run_sync(catalog.require_not_part_done, "the backfill")
             if opts.dry_run:  # the same planning call as the real run: it would resume this one
+                started = time.perf_counter()
                 pending = await ledger.interrupted_run(conn, "backfill", opts.arguments())
                 plan = await make_plan(conn, opts, pending.id if pending else None)
+                guess = await estimate(conn, time.perf_counter() - started, plan.totals(), opts.jobs)
                 resumes = pending.id if pending else None
-                return Result(resumes, True, opts.window_seconds, plan, None, resumed=pending is not None)
+                return Result(
+                    resumes, True, opts.window_seconds, plan, None, resumed=pending is not None, estimate=guess
+                )
             await privileges.require(conn, "backfill", "write", *(("masters",) if opts.create_missing_masters else ()))
         async with ledger.run_lock(conn):
             started = time.perf_counter()
@@ -89,7 +94,12 @@ async def _apply(
 ) -> dict[str, int]:
     """The steps in order, then the outcome read back from the database: the rows in
     scope still NULL, per table."""
-    throttle = ReplicaThrottle(opts.max_replica_lag, reporter.paused, reporter.resumed)
+    throttle = Throttle(
+        opts.max_replica_lag, opts.max_archive_backlog, (MASTER_TABLE, *CHILD_TABLES), reporter.paused, reporter.resumed
+    )
+    for blind in await throttle.probe(conn):  # said once, at start, and kept for the report
+        reporter.note(f"throttle blind: {blind}")
+    counts.blind = list(throttle.blind)
     ctx = steps.Context(conn, run_, opts, counts, reporter, throttle)
     with _lap(counts, "discovery_flows"):
         await steps.create_masters(ctx, plan)
@@ -98,8 +108,9 @@ async def _apply(
         await steps.link_imports(ctx, len(plan.import_links))
     with _lap(counts, "raw_import_records"):
         await steps.link_records(ctx, engine, settings, plan.records_to_link)
-    counts.replica_pauses = throttle.pauses
-    counts.replica_paused_seconds = round(throttle.paused_seconds, 3)
+    counts.pauses = throttle.pauses
+    lag = throttle.pauses.get(REPLICA_LAG, {})
+    counts.replica_pauses, counts.replica_paused_seconds = int(lag.get("pauses", 0)), lag.get("seconds", 0.0)
     async with conn.begin():
         left = await outcome.read_back(conn, opts, plan)
         _whole_run(counts, await ledger.run_totals(conn, run_.id))

@@ -9,6 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from flowfix.batches import Pause
+from flowfix.estimate import Estimate
 from flowfix.exitcodes import Exit
 from flowfix.models import CHILD_TABLES
 
@@ -32,6 +34,9 @@ class Options:
     #: pause before a batch while a streaming replica replays more than this many seconds
     #: behind; 0 never pauses (not part of a run's identity)
     max_replica_lag: float = 30.0
+    #: pause before a batch while more than this many WAL segments wait to be archived; 0
+    #: never pauses (not part of a run's identity)
+    max_archive_backlog: int = 64
     #: the records walk: "auto" (by physical ranges where the server has TID range scans,
     #: PostgreSQL 14+, else by primary key), or one of "ctid", "key" (tests and benchmarks)
     walk: str = "auto"
@@ -152,6 +157,10 @@ class Counts:
     #: pauses for replica lag, and their total length
     replica_pauses: int = 0
     replica_paused_seconds: float = 0.0
+    #: every pause, per health signal (flowfix.batches.SIGNALS): {"pauses": n, "seconds": s}
+    pauses: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the health signals the run could not watch, and why (said at start, too)
+    blind: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def linked(self, table: str) -> int:
@@ -170,6 +179,8 @@ class Result:
     resumed: bool = False
     #: a run: the rows in scope still NULL after it, per table, read back from the database
     left: dict[str, int] | None = None
+    #: a dry run's estimate of how long the real run takes, per step
+    estimate: Estimate | None = None
 
     @property
     def exit_code(self) -> Exit:
@@ -189,9 +200,12 @@ class Reporter(Protocol):
 
     def advance(self, step: str, n: int) -> None: ...
 
-    def paused(self, lag_seconds: float) -> None: ...
+    def paused(self, pause: Pause) -> None: ...
 
     def resumed(self) -> None: ...
+
+    def note(self, line: str) -> None:
+        """A line the operator must read (a health signal the run cannot watch)."""
 
 
 class Silent:
@@ -203,8 +217,11 @@ class Silent:
     def advance(self, step: str, n: int) -> None:
         pass
 
-    def paused(self, lag_seconds: float) -> None:
+    def paused(self, pause: Pause) -> None:
         pass
 
     def resumed(self) -> None:
+        pass
+
+    def note(self, line: str) -> None:
         pass

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from flowfix import ledger, walk
 from flowfix.backfill.model import Counts, Options, Plan, Reporter
-from flowfix.batches import BatchSizer, ReplicaThrottle, timed
+from flowfix.batches import BatchSizer, Throttle, timed
 from flowfix.config import Settings
 from flowfix.db import connect
 from flowfix.evidence import Evidence
@@ -131,10 +131,10 @@ class Context:
     opts: Options
     counts: Counts
     reporter: Reporter
-    throttle: ReplicaThrottle
+    throttle: Throttle
 
     async def batch(self, sizer: BatchSizer, work: Callable[[AsyncConnection], Awaitable[T]], units: int) -> T:
-        """One batch: wait for the replicas, then one timed, retried transaction."""
+        """One batch: wait while a health signal says so, then one timed, retried transaction."""
         await self.throttle.wait(self.conn)
         out = await timed(self.conn, sizer, self.opts.lock_retries, work, units)
         self.counts.batches += 1
