@@ -9,8 +9,9 @@ fix_master_flow_fk, and measures on identical copies, in one run:
   flowfix -j2   the same with --jobs 2
   floor         records only: one UPDATE ... FROM linking every record to its import's
                 master (imports already carry flowfix's links), one transaction
-  floor+ledger  the same statement also writing flowfix's ledger rows (one per import,
-                with the record ids), as flowfix's batches do
+  floor+ledger  flowfix's own record link as one statement: the same, with the tenant
+                check, also writing flowfix's ledger rows (one per import, with the record
+                ids), as flowfix's batches do (bench.common.FLOOR_WITH_LEDGER)
 
 Prints wall time, the records step's time and rows/s, the longest transaction, and the
 ratio of flowfix's records throughput to the floor with a ledger (target: 0.9 or more).
@@ -25,22 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-import uuid
 
-from bench.common import SHAPE, build_legacy_dataset, connect, fresh_database, server, settings_for
+from bench.common import SHAPE, build_legacy_dataset, fresh_database, run_floor, server, settings_for
 from flowfix import alembic_runner, backfill
 from flowfix.db import make_engine
-
-FLOOR = """UPDATE raw_import_records r SET master_flow_id = d.master_flow_id FROM data_imports d
-WHERE d.id = r.data_import_id AND r.master_flow_id IS NULL AND d.master_flow_id IS NOT NULL"""
-
-FLOOR_WITH_LEDGER = f"""
-WITH changed AS ({FLOOR} RETURNING r.id, r.data_import_id, r.master_flow_id)
-INSERT INTO flowfix_changes (run_id, table_name, row_id, column_name, old_value, new_value, evidence, row_ids, applied_at)
-SELECT $1, 'raw_import_records', data_import_id, 'master_flow_id', NULL, master_flow_id, 'via_import',
-       array_agg(id ORDER BY id), now()
-FROM changed GROUP BY data_import_id, master_flow_id
-"""
 
 
 async def run_flowfix(url: str, jobs: int) -> tuple[float, backfill.Result]:
@@ -52,29 +41,6 @@ async def run_flowfix(url: str, jobs: int) -> tuple[float, backfill.Result]:
         return time.perf_counter() - t0, result
     finally:
         await engine.dispose()
-
-
-async def run_floor(url: str, links: list[tuple[uuid.UUID, uuid.UUID]], *, ledger: bool) -> tuple[float, int]:
-    conn = await connect(url)
-    try:
-        await conn.execute(
-            "UPDATE data_imports d SET master_flow_id = x.flow FROM unnest($1::uuid[], $2::uuid[]) AS x(id, flow)"
-            " WHERE d.id = x.id",
-            [i for i, _ in links],
-            [f for _, f in links],
-        )
-        await conn.execute("VACUUM ANALYZE data_imports")
-        run_id = await conn.fetchval("INSERT INTO flowfix_runs (command) VALUES ('bench') RETURNING id")
-        t0 = time.perf_counter()
-        if ledger:
-            await conn.execute(FLOOR_WITH_LEDGER, run_id)
-        else:
-            await conn.execute(FLOOR)
-        seconds = time.perf_counter() - t0
-        linked = await conn.fetchval("SELECT count(*) FROM raw_import_records WHERE master_flow_id IS NOT NULL")
-        return seconds, int(linked)
-    finally:
-        await conn.close()
 
 
 def prepare(srv: str, imports: int, *, scattered: bool = False) -> None:
@@ -94,7 +60,9 @@ def main() -> None:
 
     with server() as srv:
         prepare(srv, args.imports, scattered=args.scattered)
-        copy = lambda name: fresh_database(srv, name, template="bench_backfill_src")  # noqa: E731
+
+        def copy(name: str) -> str:
+            return fresh_database(srv, name, template="bench_backfill_src")
 
         rows = []
         results = {}

@@ -15,17 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
+import socket
 import statistics
+import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
-from flowfix import alembic_runner, embedded
+from flowfix import alembic_runner, embedded, ledger
 from flowfix.config import Settings, libpq_url, normalize_url
 from flowfix.db import admin
+from flowfix.evidence import Evidence
+from flowfix.models import TENANT_SCOPE
+from flowfix.tenancy import unknown_matches_sql
 from tests.shapes import SHAPES
 
 TENANTS = 8  # client accounts, two engagements each
@@ -42,17 +52,75 @@ def use_shape(name: str) -> None:
 BENCH_USER = "00000000-0000-4000-8000-00000000a11c"
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server to run on: its URL, its log file when the bench can read it, and whether
+    the bench started it (then it may change the server's settings for the run)."""
+
+    url: str
+    log: Path | None
+    owned: bool
+
+
 @contextmanager
 def server() -> Iterator[str]:
     """DATABASE_URL's server if set (databases are created on it), else an embedded one."""
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-        return
-    srv = embedded.start()
-    try:
+    with bench_server() as srv:
         yield srv.url
+
+
+@contextmanager
+def bench_server(postgres: str = "") -> Iterator[Server]:
+    """DATABASE_URL's server if set; else, with ``postgres="15"``, a throwaway cluster of
+    the system's PostgreSQL 15 (as .ci/run starts it, default settings); else an
+    embedded PostgreSQL 18."""
+    if os.environ.get("DATABASE_URL") and not postgres:
+        yield Server(os.environ["DATABASE_URL"], None, owned=False)
+        return
+    if postgres == "15":
+        with system_postgres_15() as srv:
+            yield srv
+        return
+    emb = embedded.start()
+    try:
+        yield Server(emb.url, emb.data_dir / "log", owned=True)
     finally:
-        srv.stop()
+        emb.stop()
+
+
+@contextmanager
+def system_postgres_15() -> Iterator[Server]:
+    """Debian's postgresql-15 in a temporary directory on 127.0.0.1 (it refuses to run
+    as root, so as the ``postgres`` user), stopped and removed afterwards."""
+    listing = subprocess.run(["dpkg", "-L", "postgresql-15"], capture_output=True, text=True, check=True).stdout
+    bindir = next(Path(line).parent for line in listing.splitlines() if line.endswith("/bin/initdb"))
+    base = Path(tempfile.mkdtemp(prefix="flowfix-bench-pg15-"))
+    shutil.chown(base, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, log = base / "data", base / "log"
+
+    def as_postgres(*argv: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, stdout=subprocess.DEVNULL)
+
+    as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    as_postgres(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(log),
+        "-w",
+        "-o",
+        f"-h 127.0.0.1 -p {port} -k {base}",
+        "start",
+    )
+    try:
+        yield Server(f"postgresql://postgres@127.0.0.1:{port}/postgres", log, owned=True)
+    finally:
+        as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def settings_for(url: str) -> Settings:
@@ -82,8 +150,12 @@ async def connect(url: str) -> asyncpg.Connection:
     return await asyncpg.connect(url, server_settings={"search_path": SHAPE.schema})
 
 
-def fresh_database(server_url: str, name: str, template: str | None = None) -> str:
+def fresh_database(server_url: str, name: str, template: str | None = None, *, file_copy: bool = False) -> str:
+    """A new empty database ``name`` (or a copy of ``template``, which must have no other
+    session); ``file_copy`` copies the files after a checkpoint instead of through the WAL
+    (PostgreSQL 15+: much faster for a big template)."""
     clause = f" TEMPLATE {template}" if template else ""
+    clause += " STRATEGY FILE_COPY" if template and file_copy else ""
     asyncio.run(admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}{clause}"))
     return libpq_url(server_url, name)
 
@@ -205,3 +277,80 @@ def timed(fn, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
     t0 = time.perf_counter()
     fn(*args, **kwargs)
     return time.perf_counter() - t0
+
+
+async def app_transaction(conn: asyncpg.Connection, writes: tuple[str, str, str]) -> None:
+    """The application's transaction (:func:`app_writes`): a master, an import, five records."""
+    master, import_, records = writes
+    async with conn.transaction():
+        await conn.execute(master)
+        imp = await conn.fetchval(import_)
+        await conn.execute(records, imp)
+
+
+# --- the floor: what flowfix's records step does, as one statement ----------------------------
+
+#: The bare floor: every record takes its import's master, no guard, no ledger.
+FLOOR = """UPDATE raw_import_records r SET master_flow_id = d.master_flow_id FROM data_imports d
+WHERE d.id = r.data_import_id AND r.master_flow_id IS NULL AND d.master_flow_id IS NOT NULL"""
+
+#: The floor for what flowfix does: flowfix's own record link (the master present, the
+#: tenant check, the --client-account / --engagement scope) and its ledger rows (one per
+#: import, with the record ids), over the whole table in one statement. Built from
+#: flowfix's pieces, so it follows them.
+FLOOR_WITH_LEDGER = f"""
+WITH changed AS (
+    UPDATE raw_import_records r SET master_flow_id = t.master_flow_id
+    FROM data_imports t JOIN crewai_flow_state_extensions m ON m.flow_id = t.master_flow_id
+    WHERE r.master_flow_id IS NULL AND t.id = r.data_import_id AND {TENANT_SCOPE} AND {unknown_matches_sql("r", "m")}
+    RETURNING r.id, r.data_import_id, r.master_flow_id
+), logged AS ({ledger.LOG_RECORD_LINKS})
+SELECT count(*) FROM changed
+"""
+
+
+def positional(sql: str, params: dict[str, object]) -> tuple[str, list[object]]:
+    """SQLAlchemy-style ``:name`` parameters as asyncpg's ``$n`` (``::`` casts untouched)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    out = re.sub(r"(?<![:\w]):([a-z_]+)\b", lambda m: number(m) if m.group(1) in params else m.group(0), sql)
+    return out, [params[name] for name in names]
+
+
+async def link_imports(conn: asyncpg.Connection, links: list[tuple[uuid.UUID, uuid.UUID]]) -> None:
+    """Give the imports the masters flowfix linked them to (the state the records step
+    starts from), then VACUUM ANALYZE them."""
+    await conn.execute(
+        "UPDATE data_imports d SET master_flow_id = x.flow FROM unnest($1::uuid[], $2::uuid[]) AS x(id, flow)"
+        " WHERE d.id = x.id",
+        [i for i, _ in links],
+        [f for _, f in links],
+    )
+    await conn.execute("VACUUM ANALYZE data_imports")
+
+
+async def run_floor(url: str, links: list[tuple[uuid.UUID, uuid.UUID]], *, ledger: bool = True) -> tuple[float, int]:
+    """Link the imports as ``links`` say, then time the floor (with the ledger unless
+    ``ledger=False``) in one transaction: (seconds, records linked)."""
+    conn = await connect(url)
+    try:
+        await link_imports(conn, links)
+        run_id = await conn.fetchval("INSERT INTO flowfix_runs (command) VALUES ('bench') RETURNING id")
+        t0 = time.perf_counter()
+        if ledger:
+            sql, args = positional(
+                FLOOR_WITH_LEDGER, {**Evidence.params(), "run": run_id, "client": None, "engagement": None}
+            )
+            await conn.fetchval(sql, *args)
+        else:
+            await conn.execute(FLOOR)
+        seconds = time.perf_counter() - t0
+        linked = await conn.fetchval("SELECT count(*) FROM raw_import_records WHERE master_flow_id IS NOT NULL")
+        return seconds, int(linked)
+    finally:
+        await conn.close()

@@ -26,6 +26,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from bench import common
 from bench.common import Latencies, build_legacy_dataset, connect, fresh_database, ms, server, settings_for
@@ -66,17 +67,14 @@ class Writer(threading.Thread):
             self.error = exc
 
     async def _loop(self) -> None:
-        master, import_, records = common.app_writes()
+        writes = common.app_writes()
         conn = await connect(self.url)
         n = 0
         try:
             while not self.stop.is_set():
                 n += 1
                 t0 = time.perf_counter()
-                async with conn.transaction():
-                    await conn.execute(master)
-                    imp = await conn.fetchval(import_)
-                    await conn.execute(records, imp)
+                await common.app_transaction(conn, writes)
                 self.latencies.append(time.perf_counter() - t0)
                 if n == 20:
                     self.ready.set()
@@ -121,8 +119,8 @@ class Reader(threading.Thread):
 
 
 def measure(
-    url: str, migrate, reader_seconds: float = 0.0, reader_table: str = "data_imports"
-) -> tuple[float, Latencies, int]:  # type: ignore[no-untyped-def]
+    url: str, migrate: Callable[[str], None], reader_seconds: float = 0.0, reader_table: str = "data_imports"
+) -> tuple[float, Latencies, int]:
     writer = Writer(url)
     writer.start()
     writer.ready.wait(30)

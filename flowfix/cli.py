@@ -446,9 +446,7 @@ def backfill(
             help="Before each batch, wait while more than this many WAL segments wait to be archived (0: never wait).",
         ),
     ] = 64,
-    format: Annotated[
-        TextOrJson, typer.Option("--format", help="Report format (on stdout).")
-    ] = TextOrJson.text,
+    format: Annotated[TextOrJson, typer.Option("--format", help="Report format (on stdout).")] = TextOrJson.text,
     report: Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")] = None,
     client_account: ClientOpt = None,
     engagement: EngagementOpt = None,
