@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from sqlalchemy import text
@@ -152,6 +153,13 @@ WRAPAROUND_SQL = """(CASE WHEN EXISTS (SELECT FROM pg_stat_activity WHERE backen
 #: WAL segments waiting for the archiver (archive_command failing or slow).
 ARCHIVE_SQL = "(SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready')"
 
+#: Each signal's read, named as the signal.
+SIGNAL_SQL = {
+    REPLICA_LAG: f"{REPLICA_LAG_SQL} AS {REPLICA_LAG}",
+    WRAPAROUND_VACUUM: f"{WRAPAROUND_SQL} AS {WRAPAROUND_VACUUM}",
+    WAL_ARCHIVE: f"{ARCHIVE_SQL} AS {WAL_ARCHIVE}",
+}
+
 
 class Throttle:
     """Before each batch: wait while a health signal says the database is under strain
@@ -160,7 +168,10 @@ class Throttle:
     turns a limit off). :meth:`probe` says, once, which signals this role cannot see or
     that have nothing to watch (``blind``); a blind signal is skipped, never taken for
     healthy in silence. ``on_pause(pause)`` is called at each poll of a pause,
-    ``on_resume()`` when it ends; ``pauses`` counts them per signal."""
+    ``on_resume()`` when it ends; ``pauses`` counts them per signal. ``on_state(conn,
+    state)``, if set, is given :meth:`state` when a pause begins or ends, on the
+    connection that waits (idle between batches), so that another shell can see it
+    (the backfill keeps it in the ledger: ``flowfix runs RUN``)."""
 
     POLL_SECONDS = 1.0
 
@@ -178,15 +189,21 @@ class Throttle:
         #: signal -> {"pauses": n, "seconds": s}
         self.pauses: dict[str, dict[str, float]] = {}
         self.blind: list[str] = []
-        self.sql: str | None = None
+        self.signals: list[str] = []  # the signals it reads before each batch (keys of SIGNAL_SQL)
         self.relids: list[int] = []
+        self.on_state: Callable[[AsyncConnection, dict[str, object]], Awaitable[None]] | None = None
+        self.current: dict[str, object] | None = None
+
+    def state(self) -> dict[str, object]:
+        """What the throttle is doing: the pause it is in (signal, why, since), pauses so
+        far per signal, and its blind spots."""
+        return {"paused": self.current, "pauses": self.pauses, "blind": self.blind}
 
     async def probe(self, conn: AsyncConnection) -> list[str]:
         """Read what this role can watch; returns the blind spots (also in ``blind``)."""
         async with conn.begin():
             p = (await conn.execute(text(PROBE), {"tables": list(self.tables)})).one()
         grant = f"GRANT pg_monitor TO {p.role}"
-        parts = []
         if self.max_lag > 0:
             if not p.stats:
                 self.blind.append(
@@ -197,11 +214,11 @@ class Throttle:
             elif not p.streaming:
                 self.blind.append("replica lag: no streaming replica, so --max-replica-lag has nothing to watch")
             else:
-                parts.append(f"{REPLICA_LAG_SQL} AS {REPLICA_LAG}")
+                self.signals.append(REPLICA_LAG)
         if self.tables:
             if p.stats:
                 self.relids = list(p.relids or [])
-                parts.append(f"{WRAPAROUND_SQL} AS {WRAPAROUND_VACUUM}")
+                self.signals.append(WRAPAROUND_VACUUM)
             else:
                 self.blind.append(
                     f"wraparound autovacuum: role {p.role} cannot see autovacuum workers, so the run cannot wait for"
@@ -209,21 +226,21 @@ class Throttle:
                 )
         if self.max_archive_backlog > 0 and p.archiving:
             if p.archive_dir:
-                parts.append(f"{ARCHIVE_SQL} AS {WAL_ARCHIVE}")
+                self.signals.append(WAL_ARCHIVE)
             else:
                 self.blind.append(
                     f"WAL archiving: role {p.role} may not list the archive status directory, so"
                     f" --max-archive-backlog cannot pause the run: {grant}"
                 )
-        self.sql = f"SELECT {', '.join(parts)}" if parts else None
         return self.blind
 
     async def check(self, conn: AsyncConnection) -> Pause | None:
         """The first signal that says wait, or None."""
-        if self.sql is None:
+        if not self.signals:
             return None
+        sql = "SELECT " + ", ".join(SIGNAL_SQL[signal] for signal in self.signals)
         async with conn.begin():
-            row = (await conn.execute(text(self.sql), {"relids": self.relids})).mappings().one()
+            row = (await conn.execute(text(sql), {"relids": self.relids})).mappings().one()
         lag = row.get(REPLICA_LAG)
         if lag is not None and float(lag) > self.max_lag:
             return Pause(REPLICA_LAG, float(lag), f"a streaming replica is {float(lag):.1f} s behind")
@@ -243,11 +260,19 @@ class Throttle:
                     self._count(signal, started)
                 started, signal = time.perf_counter(), pause.signal
                 self.pauses.setdefault(signal, {"pauses": 0, "seconds": 0.0})["pauses"] += 1
+                self.current = {"signal": signal, "why": pause.detail, "since": datetime.now(UTC).isoformat()}
+                await self._tell(conn)
             self.on_pause(pause)
             await asyncio.sleep(self.POLL_SECONDS)
         if started is not None:
             self._count(signal, started)
+            self.current = None
+            await self._tell(conn)
             self.on_resume()
+
+    async def _tell(self, conn: AsyncConnection) -> None:
+        if self.on_state is not None:
+            await self.on_state(conn, self.state())
 
     def _count(self, signal: str, started: float) -> None:
         entry = self.pauses[signal]

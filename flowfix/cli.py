@@ -378,6 +378,12 @@ def status() -> None:
             f"  dangling {report.check(f'{table}.dangling').count:>7,}  FK: {fk.message}"
         )
     typer.echo(f"tenant mismatches {report.check('tenant_mismatch').count:,}")
+    from flowfix import render
+    from flowfix.watch import active_run
+
+    running = run_async(settings, active_run)
+    if running is not None:
+        typer.echo("RUNNING   " + render.run_progress_text(running).replace("\n", "\n          "))
     rls = report.check("rls_visibility")
     if rls.status != "pass":
         typer.echo(f"WARNING: {rls.message}: the counts above may be partial")
@@ -567,30 +573,54 @@ def undo(run_id: Annotated[str, typer.Argument(help="The id of the run to revert
     typer.echo(render.undo_text(report))
 
 
-@app.command(context_settings=HELP, epilog=example("flowfix runs --limit 5", "flowfix runs RUN_ID --format json"))
+@app.command(
+    context_settings=HELP,
+    epilog=example("flowfix runs --limit 5", "flowfix runs RUN_ID --watch", "flowfix runs RUN_ID --format json"),
+)
 def runs(
     run_id: Annotated[
-        str | None, typer.Argument(help="A run's id: its steps, ranges and batches (from the progress rows).")
+        str | None,
+        typer.Argument(help="A run's id: per step done/total, rate, ETA, workers, pauses, attempts, last error."),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs, newest first.")] = 20,
     format: Annotated[TextOrJson, typer.Option("--format", help="Output format (on stdout).")] = TextOrJson.text,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="With RUN_ID: show it again every --interval seconds until no process works on it"
+            " (json: one object per line). Ctrl-C stops watching, not the run.",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, max=3600, help="Seconds between readings with --watch.")
+    ] = 2.0,
 ) -> None:
-    """List the ledger's runs (backfill, link, undo), newest first; or, given RUN_ID, that
-    run's steps: ranges done/total, rows changed, batches, attempts, last error."""
+    """List the ledger's runs (backfill, link, undo), newest first; or, given RUN_ID, where
+    that run is, read from the ledger's progress rows by any shell while it runs: per
+    step done/total, rows changed, rate, ETA, workers, attempts, last error; the pause it
+    is in and why; whether a process holds it (ACTIVE) or it was interrupted."""
     check_bound(limit, "--limit", MAX_LIMIT)
-    fmt = format
     target = parse_uuid(run_id, "RUN_ID")
+    if watch and target is None:
+        fail("--watch needs RUN_ID (see `flowfix runs` for the ids)")
     settings = load_settings()
     from flowfix import ledger, render
+    from flowfix.watch import watch as watch_run
 
     if target is not None:
+        clear = watch and format == TextOrJson.text and sys.stdout.isatty()
 
-        async def one(engine):  # type: ignore[no-untyped-def]
-            async with engine.connect() as conn:
-                return await ledger.run_progress(conn, target)
+        def show(progress: ledger.RunProgress) -> None:
+            if format == TextOrJson.json:
+                body = render.run_progress_dict(progress)
+                typer.echo(render.to_json(body, indent=None if watch else 2))
+                return
+            typer.echo(
+                ("\x1b[2J\x1b[H" if clear else "") + render.run_progress_text(progress) + ("\n" if watch else "")
+            )
 
-        progress = run_async(settings, one)
-        typer.echo(render.run_progress_json(progress) if fmt == "json" else render.run_progress_text(progress))
+        run_async(settings, lambda engine: watch_run(engine, target, show, interval=interval, once=not watch))
         return
 
     async def work(engine):  # type: ignore[no-untyped-def]
@@ -598,7 +628,7 @@ def runs(
             return await ledger.list_runs(conn, limit)
 
     found = run_async(settings, work)
-    if fmt == "json":
+    if format == TextOrJson.json:
         typer.echo(render.to_json([render.run_dict(run) for run in found]))
         return
     for run in found:

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from flowfix import catalog
+from flowfix.sql import quote_qualified
 
 RECORDS = "raw_import_records"
 #: Slices read to calibrate, spread over the table; together at most SAMPLE_SHARE of its
@@ -82,7 +83,10 @@ async def calibrate(conn: AsyncConnection) -> tuple[float, float, int]:
     for k in range(SAMPLE_SLICES):
         lo = min(leaf.pages * k // SAMPLE_SLICES, max(0, leaf.pages - size))
         got = (
-            await conn.execute(text(SLICE_READ_SQL.format(relation=leaf.name)), {"lo": (lo, 0), "hi": (lo + size, 0)})
+            await conn.execute(
+                text(SLICE_READ_SQL.format(relation=quote_qualified(leaf.schema, leaf.relname))),
+                {"lo": (lo, 0), "hi": (lo + size, 0)},
+            )
         ).one()
         rows, read = rows + got.rows, read + size
         if lo + size >= leaf.pages or time.perf_counter() - started > SAMPLE_SECONDS:

@@ -775,7 +775,11 @@ async def closing_range(conn: Executor, run_id: uuid.UUID, step: str, table: str
 
 @dataclass
 class StepProgress:
-    """One step of a run, summed over its ranges (every process that worked on it)."""
+    """One step of a run, summed over its progress rows (every process that worked on it):
+    the records walk's ranges, or the import links the run stored (``walk`` "plan").
+    ``units_done``/``units_total``: how much of the step is behind it (pages of a page
+    walk, the key space of a key walk, links of the plan); ``workers``: ranges claimed
+    right now."""
 
     step: str
     walk: str
@@ -789,12 +793,68 @@ class StepProgress:
     last_error: str | None
     started_at: datetime | None
     updated_at: datetime | None
+    units_done: float = 0.0
+    units_total: float = 0.0
+    workers: int = 0
+    closing_done: bool = False
+
+    @property
+    def fraction(self) -> float | None:
+        """How much of the step is done, 0..1 (None: nothing to measure it by yet)."""
+        if self.walk == "plan" or self.units_total > 0:
+            return 1.0 if self.units_total <= 0 else min(1.0, self.units_done / self.units_total)
+        return 1.0 if self.closing_done else None
+
+    @property
+    def finished(self) -> bool:
+        return self.closing_done or (self.walk == "plan" and self.done >= self.ranges)
+
+    def elapsed(self, now: datetime) -> float:
+        return max(0.0, (now - self.started_at).total_seconds()) if self.started_at else 0.0
+
+    def rate(self, now: datetime) -> float | None:
+        """Rows changed per second of wall time since the step began."""
+        elapsed = self.elapsed(now)
+        return self.rows_changed / elapsed if elapsed > 0 else None
+
+    def eta_seconds(self, now: datetime) -> float | None:
+        """Seconds left at the pace so far (wall time since the step began, so pauses and
+        a resumed run's gap count against it: an ETA that errs late)."""
+        fraction = self.fraction
+        if self.finished or fraction is None or fraction <= 0:
+            return None if not self.finished else 0.0
+        return self.elapsed(now) * (1 - fraction) / fraction
 
 
 @dataclass
 class RunProgress:
+    """``flowfix runs RUN``: the run, its steps, whether a process works on it now (holds
+    the run lock), and what it said about its pauses (``live``)."""
+
     run: RunInfo
     steps: list[StepProgress]
+    active: bool = False
+    now: datetime | None = None
+
+    @property
+    def live(self) -> dict[str, Any]:
+        found = self.run.counts.get(LIVE)
+        return found if isinstance(found, dict) else {}
+
+
+#: The key of a running run's ``counts`` where it keeps what another shell shows: the
+#: pause it is in (signal, why, since), pauses so far per signal, throttle blind spots.
+#: The finished run's counts replace it.
+LIVE = "live"
+
+#: Record a run's live state (one short transaction between batches).
+NOTE_LIVE = """UPDATE flowfix_runs SET counts = jsonb_set(COALESCE(counts, '{}'::jsonb), '{live}', CAST(:live AS jsonb))
+WHERE id = :run AND status = 'running'"""
+
+
+async def note_live(conn: AsyncConnection, run_id: uuid.UUID, live: dict[str, Any]) -> None:
+    async with conn.begin():
+        await conn.execute(text(NOTE_LIVE), {"run": run_id, "live": json.dumps(live, default=str)})
 
 
 #: Per step: ranges done/total, rows, attempts, the newest error (closing pass included).
@@ -810,13 +870,59 @@ SELECT step,
        COALESCE(sum(seconds), 0)::float8 AS seconds,
        (array_agg(last_error ORDER BY updated_at DESC) FILTER (WHERE last_error IS NOT NULL))[1] AS last_error,
        min(started_at) AS started_at,
-       max(updated_at) AS updated_at
+       max(updated_at) AS updated_at,
+       count(*) FILTER (WHERE status = 'running' AND walk <> 'closing')::int AS workers,
+       COALESCE(bool_or(walk = 'closing' AND status = 'done'), false) AS closing_done
 FROM flowfix_walk_ranges WHERE run_id = :run GROUP BY step ORDER BY min(id)
 """
 
+#: Each range of a walk: how far it got (pages, or keys, whose share of the key space
+#: :func:`_units` computes: uuids are spread evenly, so it tracks rows too).
+RANGE_UNITS = """
+SELECT step, walk, status, lo_page, hi_page, next_page, lo_key, hi_key, next_key
+FROM flowfix_walk_ranges WHERE run_id = :run AND walk <> 'closing'
+"""
+
+#: The import links a backfill stored: planned, applied or skipped (done), when.
+IMPORT_PROGRESS = """
+SELECT count(*)::int AS ranges,
+       count(*) FILTER (WHERE applied_at IS NOT NULL OR skipped IS NOT NULL)::int AS done,
+       count(*) FILTER (WHERE applied_at IS NOT NULL)::bigint AS rows_changed,
+       min(applied_at) AS started_at, max(applied_at) AS updated_at
+FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports' AND column_name = 'master_flow_id'
+"""
+
+#: Whether some session holds the run lock (:func:`run_lock`: a session-level advisory
+#: lock on ``hashtext(key)``, which pg_locks shows as its high and low 32 bits).
+RUN_LOCK_HELD = """
+WITH k AS (SELECT hashtext(:k)::bigint AS v)
+SELECT EXISTS (
+  SELECT 1 FROM pg_locks l, k
+  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid)
+"""
+
+
+def _units(r: Any) -> tuple[float, float]:
+    """(done, total) of one range: pages, or its share of the key space."""
+    if r.walk == "ctid":
+        total = float(r.hi_page - r.lo_page)
+        at = r.hi_page if r.status == "done" else min(r.next_page if r.next_page is not None else r.lo_page, r.hi_page)
+        return float(at - r.lo_page), total
+    lo, hi = r.lo_key.int, r.hi_key.int
+    at = hi if r.status == "done" else min(max((r.next_key or r.lo_key).int, lo), hi)
+    scale = float(2**128)
+    return (at - lo) / scale, (hi - lo) / scale
+
+
+async def run_lock_held(conn: Executor) -> bool:
+    return bool((await conn.execute(text(RUN_LOCK_HELD), {"k": ADVISORY_LOCK_KEY})).scalar_one())
+
 
 async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
-    """``flowfix runs RUN``: the run and, per step, its ranges from the progress rows."""
+    """``flowfix runs RUN``: the run and, per step, its progress rows; whether a process
+    holds the run lock now (a run marked running without one was interrupted)."""
     await require_ledger(conn)
     row = (
         (
@@ -833,8 +939,35 @@ async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
     )
     if row is None:
         raise UnknownRun(f"no flowfix run with id {run_id} (see `flowfix runs`)")
-    present = (await conn.execute(text("SELECT to_regclass('flowfix_walk_ranges') IS NOT NULL"))).scalar_one()
+    now = (await conn.execute(text("SELECT now()"))).scalar_one()
     steps: list[StepProgress] = []
+    if row["command"] == "backfill":
+        imports = (await conn.execute(text(IMPORT_PROGRESS), {"run": run_id})).mappings().one()
+        if imports["ranges"]:
+            steps.append(
+                StepProgress(
+                    step="data_imports",
+                    walk="plan",
+                    closing_rows=0,
+                    batches=0,
+                    attempts=0,
+                    seconds=0.0,
+                    last_error=None,
+                    units_done=float(imports["done"]),
+                    units_total=float(imports["ranges"]),
+                    **imports,
+                )
+            )
+    present = (await conn.execute(text("SELECT to_regclass('flowfix_walk_ranges') IS NOT NULL"))).scalar_one()
     if present:
-        steps = [StepProgress(**r) for r in (await conn.execute(text(RUN_PROGRESS), {"run": run_id})).mappings()]
-    return RunProgress(RunInfo(**row), steps)
+        units: dict[str, list[float]] = {}
+        for r in await conn.execute(text(RANGE_UNITS), {"run": run_id}):
+            done, total = _units(r)
+            units.setdefault(r.step, [0.0, 0.0])
+            units[r.step][0] += done
+            units[r.step][1] += total
+        for step in (await conn.execute(text(RUN_PROGRESS), {"run": run_id})).mappings():
+            done, total = units.get(step["step"], [0.0, 0.0])
+            steps.append(StepProgress(**step, units_done=done, units_total=total))
+    active = row["status"] == "running" and await run_lock_held(conn)
+    return RunProgress(RunInfo(**row), steps, active=active, now=now)

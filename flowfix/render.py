@@ -8,6 +8,7 @@ import json
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # rendering never needs the database modules loaded
 
     from flowfix.backfill import Result
     from flowfix.estimate import Estimate
-    from flowfix.ledger import RunInfo, RunProgress, UndoReport
+    from flowfix.ledger import RunInfo, RunProgress, StepProgress, UndoReport
     from flowfix.validate import Report
 
 
@@ -36,8 +37,9 @@ class TextOrJson(StrEnum):
     json = "json"
 
 
-def to_json(data: Any) -> str:
-    return json.dumps(data, indent=2, default=str)
+def to_json(data: Any, indent: int | None = 2) -> str:
+    """JSON as flowfix prints it (``indent=None``: one line, as ``--watch`` streams it)."""
+    return json.dumps(data, indent=indent, default=str)
 
 
 # --- validate ------------------------------------------------------------------------------
@@ -286,7 +288,7 @@ def undo_text(report: UndoReport) -> str:
 
 def run_line(run: RunInfo) -> str:
     finished = run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
-    counts = {k: v for k, v in run.counts.items() if k not in ("walk", "blind")}
+    counts = {k: v for k, v in run.counts.items() if k not in ("walk", "blind", "live")}
     return (
         f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
         f"  {finished}  {json.dumps(counts, sort_keys=True)}"
@@ -297,10 +299,33 @@ def run_dict(run: RunInfo) -> dict[str, Any]:
     return {**asdict(run), "counts": {k: v for k, v in run.counts.items() if k != "walk"}}
 
 
+def step_dict(step: StepProgress, now: datetime | None) -> dict[str, Any]:
+    """A step's progress rows summed, with what follows from them at ``now``: the share
+    done, the rate (rows per second of wall time since the step began) and the ETA."""
+    out = {**asdict(step), "fraction": step.fraction, "finished": step.finished}
+    if now is not None:
+        rate, eta = step.rate(now), step.eta_seconds(now)
+        out["rows_per_second"] = None if rate is None else round(rate, 1)
+        out["eta_seconds"] = None if eta is None else round(eta, 1)
+        out["eta_at"] = None if eta is None else now + timedelta(seconds=eta)
+    return out
+
+
 def run_progress_dict(progress: RunProgress) -> dict[str, Any]:
-    """``flowfix runs RUN --format json``: the run, and per step its progress rows summed
-    (``ranges``/``done``, ``rows_changed``, ``started_at``/``updated_at`` for a rate)."""
-    return {"run": run_dict(progress.run), "steps": [asdict(step) for step in progress.steps]}
+    """``flowfix runs RUN --format json``: the run; whether a process works on it now
+    (``active``: it holds the run lock); per step its progress rows summed with rate and
+    ETA; the pause it is in, pauses so far and throttle blind spots (``live``)."""
+    live = progress.live
+    return {
+        "run": run_dict(progress.run),
+        "active": progress.active,
+        "now": progress.now,
+        "workers": sum(step.workers for step in progress.steps),
+        "paused": live.get("paused") if progress.active else None,
+        "pauses": live.get("pauses") or progress.run.counts.get("pauses") or {},
+        "blind": live.get("blind") or progress.run.counts.get("blind") or [],
+        "steps": [step_dict(step, progress.now) for step in progress.steps],
+    }
 
 
 def run_progress_json(progress: RunProgress) -> str:
@@ -308,19 +333,50 @@ def run_progress_json(progress: RunProgress) -> str:
 
 
 def run_progress_text(progress: RunProgress) -> str:
-    lines = [run_line(progress.run)]
-    if not progress.steps:
-        lines.append("  no walk recorded for this run (no progress rows)")
-    for step in progress.steps:
-        walk = {"ctid": "page ranges", "key": "key ranges"}.get(step.walk, "closing pass only")
-        line = (
-            f"  {step.step}: {step.done}/{step.ranges} {walk} done, {step.rows_changed:,} rows changed"
-            f" ({step.closing_rows:,} by the closing pass), {step.batches:,} batches, {step.attempts} attempts,"
-            f" {step.seconds:.1f} s"
+    """What another shell shows of a run: a line for the run, then one per step (done,
+    rate, ETA, workers, attempts, last error), then the pause it is in and why."""
+    view = run_progress_dict(progress)
+    state = (
+        "ACTIVE"
+        if progress.active
+        else (
+            "INTERRUPTED (no process holds the run lock)" if progress.run.status == "running" else progress.run.status
         )
+    )
+    lines = [run_line(progress.run), f"  state: {state}"]
+    if not progress.steps:
+        lines.append("  no progress rows for this run")
+    for step, shown in zip(progress.steps, view["steps"], strict=True):
+        unit = {"ctid": "pages", "key": "key space", "plan": "planned links"}.get(step.walk, "closing pass only")
+        fraction = shown["fraction"]
+        share = "-" if fraction is None else f"{fraction:.0%}"
+        line = f"  {step.step}: {share} of {unit}"
+        if step.walk in ("ctid", "key"):
+            line += f" ({step.done}/{step.ranges} ranges)"
+        elif step.walk == "plan":
+            line += f" ({step.done:,}/{step.ranges:,})"
+        line += f", {step.rows_changed:,} rows changed"
+        if step.walk != "plan":
+            line += f" ({step.closing_rows:,} by the closing pass), {step.batches:,} batches, {step.attempts} attempts"
+        if progress.active and not step.finished:
+            if shown.get("rows_per_second") is not None:
+                line += f", {shown['rows_per_second']:,.0f} rows/s"
+            if shown.get("eta_at") is not None:
+                line += f", ETA {shown['eta_at'].strftime('%H:%M:%S %Z')} (in {_duration(shown['eta_seconds'])})"
+            if step.workers:
+                line += f", {step.workers} worker{'s' if step.workers != 1 else ''}"
+        elif step.finished:
+            line += ", done"
         if step.last_error:
             line += f"; last error: {step.last_error}"
         lines.append(line)
+    if view["paused"]:
+        p = view["paused"]
+        lines.append(f"  PAUSED since {p.get('since')}: {p.get('why')} ({p.get('signal')})")
+    for signal, n in (view["pauses"] or {}).items():
+        lines.append(f"  pauses for {signal}: {int(n.get('pauses', 0))}, {float(n.get('seconds', 0.0)):.1f} s")
+    for blind in view["blind"]:
+        lines.append(f"  throttle blind: {blind}")
     return "\n".join(lines)
 
 

@@ -325,40 +325,48 @@ class Gate:
     A real statement trigger on ``table`` makes the ``at``-th UPDATE statement on it wait
     for an advisory lock that this test holds (``lock_timeout`` lifted for that wait), so
     every statement before it has run and committed as it would, and the command is
-    caught mid-run at a known point whatever the machine's speed. :meth:`wait` returns the
-    waiting backend's pid once the command is parked there; :meth:`open` lets it go on.
-    Use as a context manager: leaving it opens the gate and removes the trigger."""
+    caught mid-run at a known point whatever the machine's speed. ``at`` may name several
+    statements, each with its own lock: :meth:`wait` returns the pid of the backend parked
+    at the ``point``-th of them; :meth:`open` lets it go on (``point`` None: all of them).
+    Use as a context manager: leaving it opens every gate and removes the trigger."""
 
     KEY = 710017
 
-    def __init__(self, settings: Settings, table: str, at: int) -> None:
-        self.settings, self.table, self.at = settings, table, at
+    def __init__(self, settings: Settings, table: str, at: int | tuple[int, ...]) -> None:
+        self.settings, self.table = settings, table
+        self.at = (at,) if isinstance(at, int) else tuple(at)
         self._holder: Any = None
+        self._held: set[int] = set()
 
     def __enter__(self) -> Gate:
         import asyncpg
 
+        points = " ".join(
+            f"WHEN {int(n)} THEN PERFORM set_config('lock_timeout', '0', true);"
+            f" PERFORM pg_advisory_xact_lock({self.KEY + i});"
+            for i, n in enumerate(self.at)
+        )
         script(
             self.settings,
             "CREATE SEQUENCE flowfix_test_gate_seq",
             "CREATE FUNCTION flowfix_test_gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-            f" IF nextval('flowfix_test_gate_seq') = {int(self.at)} THEN"
-            " PERFORM set_config('lock_timeout', '0', true);"
-            f" PERFORM pg_advisory_xact_lock({self.KEY}); END IF; RETURN NULL; END $$",
+            f" CASE nextval('flowfix_test_gate_seq') {points} ELSE NULL; END CASE; RETURN NULL; END $$",
             f"CREATE TRIGGER flowfix_test_gate BEFORE UPDATE ON {self.table}"
             " FOR EACH STATEMENT EXECUTE FUNCTION flowfix_test_gate()",
         )
 
         async def hold() -> Any:
             conn = await asyncpg.connect(plain_url(self.settings))
-            await conn.execute(f"SELECT pg_advisory_lock({self.KEY})")
+            for i in range(len(self.at)):
+                await conn.execute(f"SELECT pg_advisory_lock({self.KEY + i})")
             return conn
 
         self._holder = _on_loop(hold())
+        self._held = set(range(len(self.at)))
         return self
 
-    def wait(self, timeout: float = 60) -> int:
-        """Block until a session waits at the gate; return its pid."""
+    def wait(self, timeout: float = 60, point: int = 0) -> int:
+        """Block until a session waits at the ``point``-th gate; return its pid."""
         import time
 
         deadline = time.monotonic() + timeout
@@ -367,17 +375,22 @@ class Gate:
                 self.settings,
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
                 " AND objid = :key AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                {"key": self.KEY},
+                {"key": self.KEY + point},
             )
             if rows:
                 return int(rows[0]["pid"])
-            assert time.monotonic() < deadline, f"nothing reached the gate on {self.table} (statement {self.at})"
+            assert time.monotonic() < deadline, f"nothing reached the gate on {self.table} (statement {self.at[point]})"
             time.sleep(0.01)
 
-    def open(self) -> None:
-        if self._holder is not None:
-            holder, self._holder = self._holder, None
+    def open(self, point: int | None = None) -> None:
+        if self._holder is None:
+            return
+        if point is None or self._held == {point}:
+            holder, self._holder, self._held = self._holder, None, set()
             _on_loop(holder.close())
+            return
+        self._held.discard(point)
+        _on_loop(self._holder.execute(f"SELECT pg_advisory_unlock({self.KEY + int(point)})"))
 
     def __exit__(self, *exc: object) -> None:
         self.open()

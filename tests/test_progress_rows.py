@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flowfix import ledger
+from flowfix.backfill.model import Silent
 from flowfix.cli import app
 from flowfix.config import Settings
 from flowfix.db import run_with_engine
@@ -44,8 +45,10 @@ def test_a_resumed_backfill_reports_the_whole_runs_work_in_its_summary_and_in_ru
     shown = CliRunner().invoke(app, ["runs", str(resumed.run_id), "--format", "json"], env=cli_env(s))
     assert shown.exit_code == 0, shown.output
     body = json.loads(shown.output)
-    (step,) = body["steps"]
-    assert step["step"] == "raw_import_records" and step["walk"] == "ctid"
+    imports, step = body["steps"]  # the stored import plan, then the records walk
+    assert imports["step"] == "data_imports" and imports["walk"] == "plan"
+    assert imports["done"] == imports["ranges"] == len(expected) and imports["fraction"] == 1.0
+    assert step["step"] == "raw_import_records" and step["walk"] == "ctid" and step["fraction"] == 1.0
     assert step["done"] == step["ranges"] >= 2
     assert step["rows_changed"] == records
     assert step["attempts"] > step["ranges"]  # the range the crash stopped was claimed again
@@ -53,7 +56,7 @@ def test_a_resumed_backfill_reports_the_whole_runs_work_in_its_summary_and_in_ru
     listed = CliRunner().invoke(app, ["runs", "--format", "json"], env=cli_env(s))
     assert listed.exit_code == 0 and [r["id"] for r in json.loads(listed.output)] == [str(resumed.run_id)]
     text = CliRunner().invoke(app, ["runs", str(resumed.run_id)], env=cli_env(s))
-    assert text.exit_code == 0 and f"{step['done']}/{step['ranges']} page ranges done" in text.output, text.output
+    assert text.exit_code == 0 and f"100% of pages ({step['done']}/{step['ranges']} ranges)" in text.output, text.output
 
 
 #: The first UPDATE of data_imports (undo's batch for imports, after its records' batch
@@ -111,20 +114,11 @@ def test_a_rerun_with_no_record_planned_skips_the_walk_but_not_the_closing_pass(
     imp = next(iter(expected))
     added: list[uuid.UUID] = []
 
-    class Writer:
+    class Writer(Silent):
         def start(self, step: str, total: int | None) -> None:
             if step == "raw_import_records":
                 assert total == 0  # the precondition: nothing planned
                 in_another_thread(lambda: added.append(add_record(s, data_import=imp, master=None, row=99_999)))
-
-        def advance(self, step: str, n: int) -> None:
-            pass
-
-        def paused(self, lag_seconds: float) -> None:
-            pass
-
-        def resumed(self) -> None:
-            pass
 
     again = run(s, Writer(), walk="ctid")
     assert again.exit_code == 0 and again.counts is not None and added

@@ -100,6 +100,12 @@ async def _apply(
     for blind in await throttle.probe(conn):  # said once, at start, and kept for the report
         reporter.note(f"throttle blind: {blind}")
     counts.blind = list(throttle.blind)
+
+    async def tell(c: AsyncConnection, state: dict[str, object]) -> None:  # for `flowfix runs RUN`
+        await ledger.note_live(c, run_.id, state)
+
+    throttle.on_state = tell
+    await tell(conn, throttle.state())
     ctx = steps.Context(conn, run_, opts, counts, reporter, throttle)
     with _lap(counts, "discovery_flows"):
         await steps.create_masters(ctx, plan)

@@ -1,0 +1,49 @@
+"""Watching a run from another shell: ``flowfix runs RUN --watch`` and ``flowfix status``.
+
+Everything shown comes from the ledger (:func:`flowfix.ledger.run_progress`: the progress
+rows, the stored import plan, the run's live state, whether the run lock is held), never
+from the running process, so it works from any machine that can read the database, and
+it says the same of a run resumed by another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flowfix import ledger
+
+
+async def watch(
+    engine: AsyncEngine, run_id: uuid.UUID, show: Callable[[ledger.RunProgress], None], *, interval: float, once: bool
+) -> ledger.RunProgress:
+    """Show the run's progress (``once``), or every ``interval`` seconds until no process
+    works on it (it finished, failed, or its process died); returns the last reading."""
+    async with engine.connect() as conn:
+        while True:
+            async with conn.begin():  # one snapshot per reading
+                progress = await ledger.run_progress(conn, run_id)
+            show(progress)
+            if once or not progress.active:
+                return progress
+            await asyncio.sleep(interval)
+
+
+#: The newest run marked running (an active one holds the run lock; see run_progress).
+NEWEST_RUNNING = "SELECT id FROM flowfix_runs WHERE status = 'running' ORDER BY started_at DESC LIMIT 1"
+
+
+async def active_run(engine: AsyncEngine) -> ledger.RunProgress | None:
+    """The run a process works on now, if any (for ``flowfix status``); None also where
+    the ledger does not exist yet."""
+    async with engine.connect() as conn:
+        if not (await conn.execute(text("SELECT to_regclass('flowfix_runs') IS NOT NULL"))).scalar_one():
+            return None
+        found = (await conn.execute(text(NEWEST_RUNNING))).scalar_one_or_none()
+        if found is None or not await ledger.run_lock_held(conn):
+            return None
+        return await ledger.run_progress(conn, found)
