@@ -126,7 +126,7 @@ def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_
     assert printed.exit_code == 0, printed.output
     ran = subprocess.run(
         ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", plain_url(s)],
-        input=printed.output,
+        input=printed.stdout,
         capture_output=True,
         text=True,
         check=False,
