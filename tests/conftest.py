@@ -171,7 +171,13 @@ def shape_template(pg_server: str) -> Iterator[Callable[..., str]]:
         if revision is None:
             asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"))
             if shape is not None:
-                asyncio.run(_run_scripts(libpq_url(pg_server, name), shape.sql()))
+                asyncio.run(
+                    _run_scripts(
+                        libpq_url(pg_server, name),
+                        shape.sql(),
+                        serial=libpq_url(pg_server, normalize_url(pg_server).database or "postgres"),
+                    )
+                )
         else:
             base = template(shape, REVISIONS[REVISIONS.index(revision) - 1] if revision != "legacy" else None)
             asyncio.run(
@@ -193,15 +199,26 @@ def shape_template(pg_server: str) -> Iterator[Callable[..., str]]:
 REVISIONS = ("legacy", "fix_master_flow_fk")
 
 
-async def _run_scripts(url: str, scripts: list[str]) -> None:
+#: The advisory lock (in the server's maintenance database, which every worker shares)
+#: under which shape scripts run: they create cluster-wide roles "if not exists", which
+#: two workers sharing one server (DATABASE_URL) would otherwise both try to create.
+SHAPE_SCRIPT_LOCK = 710018
+
+
+async def _run_scripts(url: str, scripts: list[str], *, serial: str | None = None) -> None:
     import asyncpg
 
+    guard = await asyncpg.connect(serial) if serial else None
     conn = await asyncpg.connect(url)
     try:
+        if guard is not None:
+            await guard.execute(f"SELECT pg_advisory_lock({SHAPE_SCRIPT_LOCK})")
         for body in scripts:
             await conn.execute(body)
     finally:
         await conn.close()
+        if guard is not None:
+            await guard.close()
 
 
 def shape_settings(

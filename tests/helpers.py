@@ -249,6 +249,30 @@ def add_record(settings: Settings, *, data_import: uuid.UUID, master: uuid.UUID 
     return id_
 
 
+def orphans_by_time(
+    settings: Settings, n: int, *, client: uuid.UUID, engagement: uuid.UUID
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """``n`` orphan imports, a record each, that the backfill links by time: each created
+    at its own master's moment (a day apart). Returns (import, flow_id) pairs."""
+    from datetime import UTC, datetime
+
+    made = []
+    for k in range(n):
+        _, flow = add_master(
+            settings, client=client, engagement=engagement, created_at=datetime(2026, 1, 1 + k, tzinfo=UTC)
+        )
+        imp = add_import(settings, master=None, client=client, engagement=engagement)
+        add_record(settings, data_import=imp, master=None, row=k)
+        sql(
+            settings,
+            "UPDATE data_imports SET created_at = m.created_at FROM crewai_flow_state_extensions m"
+            " WHERE data_imports.id = :i AND m.flow_id = :f",
+            {"i": imp, "f": flow},
+        )
+        made.append((imp, flow))
+    return made
+
+
 def add_discovery_flow(
     settings: Settings,
     *,

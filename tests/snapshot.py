@@ -93,14 +93,19 @@ FINGERPRINT_CATALOG = (
     "SELECT table_schema, table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
     " WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2, 3",
     "SELECT schemaname, tablename, policyname, qual FROM pg_policies ORDER BY 1, 2, 3",
-    "SELECT rolname, rolsuper, rolbypassrls FROM pg_roles WHERE rolname NOT LIKE 'pg_%' ORDER BY 1",
+    # roles are the cluster's: only those this database's tables name (owner, grantee,
+    # policy), so that roles other tests create on a shared server are not a change here
+    "SELECT r.rolname, r.rolsuper, r.rolbypassrls FROM pg_roles r WHERE r.rolname NOT LIKE 'pg_%' AND ("
+    " EXISTS (SELECT 1 FROM pg_class c WHERE c.relkind IN ('r', 'p') AND (c.relowner = r.oid"
+    " OR EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = r.oid)))"
+    " OR EXISTS (SELECT 1 FROM pg_policy p WHERE r.oid = ANY (p.polroles))) ORDER BY 1",
 )
 
 
 def fingerprint(url: str) -> str:
     """The whole database as text, over one connection: every row of every table (all
     schemas, flowfix's own included), constraints with definition and validation, indexes,
-    columns, policies, roles. Two equal fingerprints: nothing changed."""
+    columns, policies, the roles its tables name. Two equal fingerprints: nothing changed."""
     import asyncio
 
     import asyncpg

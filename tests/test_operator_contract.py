@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from typer.testing import CliRunner
@@ -21,7 +20,7 @@ from flowfix.config import Settings
 from flowfix.db import admin
 from tests import snapshot
 from tests.conftest import ROOT
-from tests.helpers import Gate, add_import, add_master, add_record, cli_env, plain_url, sql
+from tests.helpers import Gate, cli_env, orphans_by_time, plain_url, sql
 
 runner = CliRunner()
 C, E = uuid.uuid4(), uuid.uuid4()
@@ -36,16 +35,7 @@ def one_line(result) -> str:  # type: ignore[no-untyped-def]
 
 def orphans(s: Settings, n: int = 3) -> None:
     """``n`` imports (a record each) that the backfill links by time, one master each."""
-    for k in range(n):
-        _, flow = add_master(s, client=C, engagement=E, created_at=datetime(2026, 1, 1 + k, tzinfo=UTC))
-        imp = add_import(s, master=None, client=C, engagement=E)
-        add_record(s, data_import=imp, master=None, row=k)
-        sql(
-            s,
-            "UPDATE data_imports SET created_at = m.created_at FROM crewai_flow_state_extensions m"
-            " WHERE data_imports.id = :i AND m.flow_id = :f",
-            {"i": imp, "f": flow},
-        )
+    orphans_by_time(s, n, client=C, engagement=E)
 
 
 def role(s: Settings, *grants: str) -> Settings:

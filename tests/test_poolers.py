@@ -27,7 +27,14 @@ from flowfix.config import Settings
 from flowfix.db import run_with_engine
 from tests import snapshot
 from tests.conftest import upgrade
-from tests.helpers import add_discovery_flow, add_import, add_master, add_record, cli_env, revision, sql
+from tests.helpers import (
+    add_discovery_flow,
+    add_master,
+    cli_env,
+    orphans_by_time,
+    revision,
+    sql,
+)
 from tests.pgbouncer import SKIP_REASON, Bouncer, binary, pgbouncer
 
 pytestmark = pytest.mark.skipif(binary() is None, reason=SKIP_REASON)
@@ -53,16 +60,7 @@ def bouncers(pg_server: str) -> Iterator[Callable[[str], Bouncer]]:
 def broken(s: Settings) -> None:
     """Imports and records the backfill links by time, and a discovery flow linked by its
     flow_id (what upgrade head then enforces)."""
-    for k in range(3):
-        _, flow = add_master(s, client=C, engagement=E, created_at=datetime(2026, 1, 1 + k, tzinfo=UTC))
-        imp = add_import(s, master=None, client=C, engagement=E)
-        add_record(s, data_import=imp, master=None, row=k)
-        sql(
-            s,
-            "UPDATE data_imports SET created_at = m.created_at FROM crewai_flow_state_extensions m"
-            " WHERE data_imports.id = :i AND m.flow_id = :f",
-            {"i": imp, "f": flow},
-        )
+    orphans_by_time(s, 3, client=C, engagement=E)
     _, flow = add_master(s, client=C, engagement=E, created_at=datetime(2025, 6, 1, tzinfo=UTC))
     add_discovery_flow(s, flow_id=flow, master=None, client=C, engagement=E)
 

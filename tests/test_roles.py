@@ -18,7 +18,6 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,14 @@ from flowfix.cli import Exit, app
 from flowfix.config import Settings
 from tests import snapshot
 from tests.conftest import ROOT
-from tests.helpers import add_discovery_flow, add_import, add_master, add_record, cli_env, plain_url, revision, sql
+from tests.helpers import (
+    add_discovery_flow,
+    cli_env,
+    orphans_by_time,
+    plain_url,
+    revision,
+    sql,
+)
 
 DOC = ROOT / "docs" / "roles-and-poolers.md"
 RECIPE_RE = re.compile(r"<!-- recipe: (\w+) -->\n```sql\n(.*?)```", re.DOTALL)
@@ -80,16 +86,7 @@ class Roles:
 def broken(s: Settings) -> None:
     """Imports (a record each) linked by time, and a discovery flow whose master is
     missing (``--create-missing-masters`` creates it)."""
-    for k in range(2):
-        _, flow = add_master(s, client=C, engagement=E, created_at=datetime(2026, 1, 1 + k, tzinfo=UTC))
-        imp = add_import(s, master=None, client=C, engagement=E)
-        add_record(s, data_import=imp, master=None, row=k)
-        sql(
-            s,
-            "UPDATE data_imports SET created_at = m.created_at FROM crewai_flow_state_extensions m"
-            " WHERE data_imports.id = :i AND m.flow_id = :f",
-            {"i": imp, "f": flow},
-        )
+    orphans_by_time(s, 2, client=C, engagement=E)
     add_discovery_flow(s, flow_id=uuid.uuid4(), master=None, client=C, engagement=E)
 
 

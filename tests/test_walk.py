@@ -95,17 +95,24 @@ def assert_moved_past_the_end_and_translated(s: Settings, flow: uuid.UUID, pages
 TRANSLATED_SHAPES = ("friendly", "deployed", "between")
 
 
+def small_batches_by(monkeypatch: pytest.MonkeyPatch, by: str, s: Settings) -> tuple[uuid.UUID, int]:
+    """The revision walks in batches of 2 pages or 50 keys (``by`` "key": as on a server
+    without TID Range Scans), over the planted rows; returns (flow, pages)."""
+    monkeypatch.setattr(revision_helpers, "BATCH_PAGES", 2)
+    monkeypatch.setattr(revision_helpers, "BATCH_ROWS", 50)
+    if by == "key":
+        monkeypatch.setattr(walk, "TID_RANGE_SCAN_VERSION", 10**9)
+    _, flow, pages = planted(s)
+    return flow, pages
+
+
 @pytest.mark.parametrize("shape", TRANSLATED_SHAPES)
 @pytest.mark.parametrize("by", ["pages", "key"])
 def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_online(
     make_shape: Callable[..., Settings], shape: str, by: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = make_shape(shape)
-    monkeypatch.setattr(revision_helpers, "BATCH_PAGES", 2)
-    monkeypatch.setattr(revision_helpers, "BATCH_ROWS", 50)
-    if by == "key":  # as on a server without TID Range Scans
-        monkeypatch.setattr(walk, "TID_RANGE_SCAN_VERSION", 10**9)
-    _, flow, pages = planted(s)
+    flow, pages = small_batches_by(monkeypatch, by, s)
     upgrade(s, "fix_master_flow_fk")
     assert revision(s) == "fix_master_flow_fk"
     assert_moved_past_the_end_and_translated(s, flow, pages)
@@ -117,11 +124,7 @@ def test_a_row_the_application_moves_mid_walk_is_translated_by_the_closing_pass_
     make_shape: Callable[..., Settings], shape: str, by: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = make_shape(shape)
-    monkeypatch.setattr(revision_helpers, "BATCH_PAGES", 2)
-    monkeypatch.setattr(revision_helpers, "BATCH_ROWS", 50)
-    if by == "key":  # as on a server without TID Range Scans
-        monkeypatch.setattr(walk, "TID_RANGE_SCAN_VERSION", 10**9)
-    _, flow, pages = planted(s)
+    flow, pages = small_batches_by(monkeypatch, by, s)
     printed = CliRunner().invoke(app, ["upgrade", "legacy:fix_master_flow_fk", "--sql"], env=cli_env(s))
     assert printed.exit_code == 0, printed.output
     ran = subprocess.run(
