@@ -5,6 +5,7 @@ next batch and says so; replay resumed, it finishes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -12,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from typer.testing import CliRunner
 
 from flowfix import backfill as bf
 from flowfix.batches import Pause
+from flowfix.cli import app
 from flowfix.config import Settings, normalize_url
 from flowfix.db import make_engine
 from tests.conftest import upgrade
-from tests.helpers import add_master, add_record, insert, links, script
+from tests.helpers import add_master, add_record, cli_env, insert, links, script, sql
 from tests.servers import Server, custom_server
 
 TRUST = ["host all all 127.0.0.1/32 trust", "host replication all 127.0.0.1/32 trust"]
@@ -126,6 +129,13 @@ def test_the_backfill_waits_while_a_replica_lags_and_finishes_once_it_catches_up
             worker = threading.Thread(target=backfill)
             worker.start()
             wait_for(lambda: bool(listener.lags), "the backfill to pause")
+            # another shell sees the pause and why, from the ledger (issue 18)
+            (run,) = sql(s, "SELECT id::text AS id FROM flowfix_runs WHERE status = 'running'")
+            shown = CliRunner().invoke(app, ["runs", run["id"], "--format", "json"], env=cli_env(s))
+            assert shown.exit_code == 0, shown.output
+            body = json.loads(shown.stdout)
+            assert body["active"] and body["paused"]["signal"] == "replica_lag", body
+            assert "behind" in body["paused"]["why"] and body["pauses"]["replica_lag"]["pauses"] == 1
             time.sleep(1.5)
             assert worker.is_alive() and links(s, "data_imports") == {imp: None}  # waiting, nothing written
             query(replica, "SELECT pg_wal_replay_resume()")
