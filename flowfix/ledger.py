@@ -857,6 +857,18 @@ async def note_live(conn: AsyncConnection, run_id: uuid.UUID, live: dict[str, An
         await conn.execute(text(NOTE_LIVE), {"run": run_id, "live": json.dumps(live, default=str)})
 
 
+#: The backend that holds the run lock for this run (the process working on it now), so
+#: that another shell tells this run's lock from one a link or undo holds meanwhile.
+NOTE_HOLDER = """UPDATE flowfix_runs SET counts = jsonb_set(COALESCE(counts, '{}'::jsonb), '{holder}',
+    to_jsonb(pg_backend_pid())) WHERE id = :run"""
+
+
+async def note_holder(conn: AsyncConnection, run_id: uuid.UUID) -> None:
+    """Call on the connection that holds the run lock, once the run has started."""
+    async with conn.begin():
+        await conn.execute(text(NOTE_HOLDER), {"run": run_id})
+
+
 #: Per step: ranges done/total, rows, attempts, the newest error (closing pass included).
 RUN_PROGRESS = """
 SELECT step,
@@ -892,15 +904,17 @@ SELECT count(*)::int AS ranges,
 FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports' AND column_name = 'master_flow_id'
 """
 
-#: Whether some session holds the run lock (:func:`run_lock`: a session-level advisory
-#: lock on ``hashtext(key)``, which pg_locks shows as its high and low 32 bits).
+#: Whether some session (``:pid``, if not NULL) holds the run lock (:func:`run_lock`: a
+#: session-level advisory lock on ``hashtext(key)``, which pg_locks shows as its high and
+#: low 32 bits).
 RUN_LOCK_HELD = """
 WITH k AS (SELECT hashtext(:k)::bigint AS v)
 SELECT EXISTS (
   SELECT 1 FROM pg_locks l, k
   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-    AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid)
+    AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid
+    AND (CAST(:pid AS int) IS NULL OR l.pid = CAST(:pid AS int)))
 """
 
 
@@ -916,8 +930,10 @@ def _units(r: Any) -> tuple[float, float]:
     return (at - lo) / scale, (hi - lo) / scale
 
 
-async def run_lock_held(conn: Executor) -> bool:
-    return bool((await conn.execute(text(RUN_LOCK_HELD), {"k": ADVISORY_LOCK_KEY})).scalar_one())
+async def run_lock_held(conn: Executor, pid: int | None = None) -> bool:
+    """Whether the run lock is held (by backend ``pid``, if given)."""
+    found = await conn.execute(text(RUN_LOCK_HELD), {"k": ADVISORY_LOCK_KEY, "pid": pid})
+    return bool(found.scalar_one())
 
 
 async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
@@ -969,5 +985,6 @@ async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
         for step in (await conn.execute(text(RUN_PROGRESS), {"run": run_id})).mappings():
             done, total = units.get(step["step"], [0.0, 0.0])
             steps.append(StepProgress(**step, units_done=done, units_total=total))
-    active = row["status"] == "running" and await run_lock_held(conn)
+    holder = row["counts"].get("holder") if isinstance(row["counts"], dict) else None
+    active = row["status"] == "running" and holder is not None and await run_lock_held(conn, int(holder))
     return RunProgress(RunInfo(**row), steps, active=active, now=now)

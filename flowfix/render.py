@@ -288,7 +288,7 @@ def undo_text(report: UndoReport) -> str:
 
 def run_line(run: RunInfo) -> str:
     finished = run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
-    counts = {k: v for k, v in run.counts.items() if k not in ("walk", "blind", "live")}
+    counts = {k: v for k, v in run.counts.items() if k not in ("walk", "blind", "live", "holder")}
     return (
         f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
         f"  {finished}  {json.dumps(counts, sort_keys=True)}"

@@ -46,4 +46,5 @@ async def active_run(engine: AsyncEngine) -> ledger.RunProgress | None:
         found = (await conn.execute(text(NEWEST_RUNNING))).scalar_one_or_none()
         if found is None or not await ledger.run_lock_held(conn):
             return None
-        return await ledger.run_progress(conn, found)
+        progress = await ledger.run_progress(conn, found)
+        return progress if progress.active else None

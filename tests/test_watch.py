@@ -12,13 +12,14 @@ import subprocess
 import sys
 from typing import Any
 
+import asyncpg
 from typer.testing import CliRunner
 
 from flowfix import ledger
 from flowfix.cli import app
 from flowfix.config import Settings
 from tests.conftest import ROOT
-from tests.helpers import Gate, cli_env, links, sql
+from tests.helpers import Gate, _on_loop, cli_env, links, plain_url, sql
 from tests.test_records_walk import dataset, record_links
 
 
@@ -110,6 +111,7 @@ def test_a_pause_is_shown_with_its_signal_and_why_while_the_run_is_active(shaped
     sql(s, ledger.NOTE_LIVE, {"run": run["id"], "live": json.dumps(state)})
     # the helpers' connection stays open between statements: it holds the lock as a run would
     sql(s, "SELECT pg_advisory_lock(hashtext(:k))", {"k": ledger.ADVISORY_LOCK_KEY})
+    sql(s, ledger.NOTE_HOLDER, {"run": run["id"]})
     try:
         held = CliRunner().invoke(app, ["runs", run["id"]], env=cli_env(s))
     finally:
@@ -120,3 +122,13 @@ def test_a_pause_is_shown_with_its_signal_and_why_while_the_run_is_active(shaped
     assert "pauses for replica_lag: 1, 3.0 s" in held.output
     later = CliRunner().invoke(app, ["runs", run["id"]], env=cli_env(s))
     assert "PAUSED" not in later.output and "INTERRUPTED" in later.output, later.output
+    # another session's lock (a link or an undo meanwhile) is not this run at work
+    other = _on_loop(asyncpg.connect(plain_url(s)))
+    try:
+        _on_loop(other.execute("SELECT pg_advisory_lock(hashtext($1))", ledger.ADVISORY_LOCK_KEY))
+        meanwhile = CliRunner().invoke(app, ["runs", run["id"]], env=cli_env(s))
+        status = CliRunner().invoke(app, ["status"], env=cli_env(s))
+    finally:
+        _on_loop(other.close())
+    assert "INTERRUPTED" in meanwhile.output, meanwhile.output
+    assert "RUNNING" not in status.output, status.output

@@ -105,6 +105,7 @@ async def _apply(
         await ledger.note_live(c, run_.id, state)
 
     throttle.on_state = tell
+    await ledger.note_holder(conn, run_.id)  # this connection holds the run lock
     await tell(conn, throttle.state())
     ctx = steps.Context(conn, run_, opts, counts, reporter, throttle)
     with _lap(counts, "discovery_flows"):
