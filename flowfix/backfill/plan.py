@@ -50,7 +50,7 @@ def json_uuid(expr: str) -> str:
 #: ones still pending); ``flowfix_plan_orphans``: the imports left to decide.
 WORK_TABLES = (
     "CREATE TEMPORARY TABLE flowfix_plan_links (tbl text NOT NULL, id uuid NOT NULL, master uuid NOT NULL,"
-    " evidence text NOT NULL, client_account_id uuid, engagement_id uuid) ON COMMIT DROP",
+    " evidence text NOT NULL, client_account_id uuid, engagement_id uuid, distance_seconds float8) ON COMMIT DROP",
     "CREATE TEMPORARY TABLE flowfix_plan_orphans (id uuid NOT NULL, client_account_id uuid, engagement_id uuid,"
     " created_at timestamptz) ON COMMIT DROP",
 )
@@ -143,27 +143,71 @@ WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
     "ANALYZE flowfix_plan_free",
 )
 
-#: Candidate (import, master) pairs within the window for the orphans with a tenant and no
-#: exact evidence, as three arrays (one row: no per-row cost in the client).
-TIME_CANDIDATES = f"""
-SELECT array_agg(o.id) AS imports, array_agg(near.flow_id) AS flows, array_agg(near.distance) AS distances
-FROM flowfix_plan_orphans o
-CROSS JOIN LATERAL (
-    SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
-    FROM flowfix_plan_free f
-    WHERE {known_and_equal_sql("o", "f")}
-      AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
-                           AND o.created_at + make_interval(secs => :window)
-) near
-WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
+#: Candidate (import, master) pairs within the window, for the orphans with a tenant and
+#: no exact evidence, kept server-side. Masters a planned or stored link already claims
+#: (exact evidence, a resumed run's pending links) are left out: they are in the ANALYZEd
+#: links table by now, so this anti-join is planned on its true size.
+TIME_PAIRS = f"""
+CREATE TEMPORARY TABLE flowfix_plan_pairs ON COMMIT DROP AS
+SELECT import_id, flow_id, distance,
+       -- whether this is the import's only nearest master (ranked per import, see TIME_SURE_LINKS)
+       distance = min(distance) OVER w
+       AND count(*) OVER (w ORDER BY distance RANGE BETWEEN CURRENT ROW AND CURRENT ROW) = 1 AS import_nearest
+FROM (
+    SELECT o.id AS import_id, near.flow_id, near.distance
+    FROM flowfix_plan_orphans o
+    CROSS JOIN LATERAL (
+        SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
+        FROM flowfix_plan_free f
+        WHERE {known_and_equal_sql("o", "f")}
+          AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
+                               AND o.created_at + make_interval(secs => :window)
+    ) near
+    WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
+      AND NOT EXISTS (SELECT 1 FROM flowfix_plan_links p WHERE p.tbl = 'data_imports' AND p.master = near.flow_id)
+) pairs
+WINDOW w AS (PARTITION BY import_id)
+"""
+
+#: The pairs matching decides without looking further, stored as links at once: the
+#: import's only nearest master is also the master's only nearest import. Taking pairs
+#: by increasing distance (:func:`assign_by_time`) meets such a pair before anything else
+#: of either side, alone at its distance, so it links them whatever the other pairs are;
+#: and it removes nothing but the pairs of those two. So these links, plus
+#: :func:`assign_by_time` over the pairs left (:data:`TIME_PAIRS_LEFT`), are exactly its
+#: answer over all pairs; the client sees only the links and the tangled rest.
+TIME_SURE_LINKS = """
+WITH ranked AS (
+    SELECT import_id, flow_id, distance, import_nearest,
+           min(distance) OVER w AS master_nearest,
+           count(*) OVER (w ORDER BY distance RANGE BETWEEN CURRENT ROW AND CURRENT ROW) AS master_at
+    FROM flowfix_plan_pairs
+    WINDOW w AS (PARTITION BY flow_id)
+), stored AS (
+    INSERT INTO flowfix_plan_links (tbl, id, master, evidence, distance_seconds)
+    SELECT 'data_imports', import_id, flow_id, CAST(:ev_time_window AS text), distance
+    FROM ranked
+    WHERE import_nearest AND distance = master_nearest AND master_at = 1
+    RETURNING id, master, distance_seconds
+)
+SELECT array_agg(id) AS imports, array_agg(master) AS flows, array_agg(distance_seconds) AS distances FROM stored
+"""
+
+#: The pairs neither of whose sides a sure link took: :func:`assign_by_time` decides them.
+TIME_PAIRS_LEFT = """
+SELECT array_agg(p.import_id) AS imports, array_agg(p.flow_id) AS flows, array_agg(p.distance) AS distances
+FROM flowfix_plan_pairs p
+WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_links l WHERE l.tbl = 'data_imports' AND l.id = p.import_id)
+  AND NOT EXISTS (SELECT 1 FROM flowfix_plan_links l WHERE l.tbl = 'data_imports' AND l.master = p.flow_id)
 """
 
 #: Store links in the work table; the arrays only feed an INSERT (no join is planned on them).
 STORE_LINKS = """
-INSERT INTO flowfix_plan_links (tbl, id, master, evidence, client_account_id, engagement_id)
-SELECT CAST(:tbl AS text), x.id, x.master, x.evidence, x.client, x.engagement
+INSERT INTO flowfix_plan_links (tbl, id, master, evidence, client_account_id, engagement_id, distance_seconds)
+SELECT CAST(:tbl AS text), x.id, x.master, x.evidence, x.client, x.engagement, x.distance
 FROM unnest(CAST(:ids AS uuid[]), CAST(:masters AS uuid[]), CAST(:evidence AS text[]), CAST(:clients AS uuid[]),
-            CAST(:engagements AS uuid[])) AS x(id, master, evidence, client, engagement)
+            CAST(:engagements AS uuid[]), CAST(:distances AS float8[])) AS x(id, master, evidence, client, engagement,
+                                                                       distance)
 """
 
 UNPLAN_IMPORTS = "DELETE FROM flowfix_plan_links WHERE tbl = 'data_imports' AND id = ANY(CAST(:ids AS uuid[]))"
@@ -280,17 +324,21 @@ async def make_plan(conn: AsyncConnection, opts: Options, resuming: uuid.UUID | 
         await conn.execute(text(statement))
     await _plan_discovery_flows(conn, opts, creation, plan)
     await _store_links(conn, "discovery_flows", plan.discovery_links, plan.masters_to_create)
-    claimed = await _stored_pending_links(conn, resuming, plan) if resuming else set()
+    if resuming:
+        await _stored_pending_links(conn, resuming, plan)
     await conn.execute(text(ORPHAN_IMPORTS), opts.scope)
     await conn.execute(text("ANALYZE flowfix_plan_orphans"))
+    known = len(plan.import_links)
     exact, undecided = await _plan_imports_by_exact_evidence(conn, plan)
     released = _release_stored_time_links_exact_evidence_takes(plan, exact)
     if released:
         await conn.execute(text(UNPLAN_IMPORTS), {"ids": released})
-    await _plan_imports_by_time(conn, opts, claimed | exact, undecided, plan)
+    # exact links claim their masters before time matching (which leaves out every master
+    # the links table holds); time matching stores its own links
+    await _store_links(conn, "data_imports", [link for link in plan.import_links[known:] if link.id not in plan.stored])
+    await _plan_imports_by_time(conn, opts, undecided, plan)
     _say_which_stored_links_went_stale(plan)
     plan.import_links.sort(key=lambda link: link.id)
-    await _store_links(conn, "data_imports", [link for link in plan.import_links if link.id not in plan.stored])
     await _plan_records(conn, opts, plan)
     return plan
 
@@ -321,6 +369,7 @@ async def _store_links(
             "evidence": [str(link.evidence) for link in chunk],
             "clients": [tenant.get(link.id, (None, None))[0] for link in chunk],
             "engagements": [tenant.get(link.id, (None, None))[1] for link in chunk],
+            "distances": [link.distance_seconds for link in chunk],
         }
         await conn.execute(text(STORE_LINKS), params)
     await conn.execute(text("ANALYZE flowfix_plan_links"))
@@ -330,11 +379,10 @@ async def _store_links(
 STORE_CHUNK = 50_000
 
 
-async def _stored_pending_links(conn: AsyncConnection, run_id: uuid.UUID, plan: Plan) -> set[uuid.UUID]:
-    """Resuming: the stored links still pending, as the apply will find them. Returns the
-    masters they claim. A link whose import the application has linked meanwhile is
+async def _stored_pending_links(conn: AsyncConnection, run_id: uuid.UUID, plan: Plan) -> None:
+    """Resuming: the stored links still pending, as the apply will find them; stored in
+    the links table, where they claim their masters. A link whose import the application has linked meanwhile is
     dropped (nothing is left to do); one that no longer applies is reported."""
-    claimed: set[uuid.UUID] = set()
     rows = list(await conn.execute(text(STORED_PENDING), {"run": run_id, **Evidence.params()}))
     # a stored plan from before the claims may give one master to two imports by time:
     # the nearest keeps it (then the first), as matching would have decided
@@ -353,9 +401,7 @@ async def _stored_pending_links(conn: AsyncConnection, run_id: uuid.UUID, plan: 
             continue
         plan.import_links.append(Link("data_imports", row.row_id, row.new_value, row.evidence, row.distance_seconds))
         plan.stored.add(row.row_id)
-        claimed.add(row.new_value)
     await _store_links(conn, "data_imports", plan.import_links)
-    return claimed
 
 
 def _unmatched_discovery_flow(row: Any, opts: Options, creation: MasterCreation) -> str | None:
@@ -441,24 +487,26 @@ def _release_stored_time_links_exact_evidence_takes(plan: Plan, exact: set[uuid.
     return released
 
 
-async def _plan_imports_by_time(
-    conn: AsyncConnection, opts: Options, claimed: set[uuid.UUID], undecided: list[uuid.UUID], plan: Plan
-) -> None:
-    """Step 2b: the rest by time, one master per import (:func:`assign_by_time`)."""
-    # the claimed masters (stored pending links, exact evidence) are left out here, not in
-    # SQL: a NOT EXISTS over unnest(:claimed) is estimated at 10 rows whatever its size,
-    # and at 200k imports the planner's nested anti-join ran for over ten minutes
+async def _plan_imports_by_time(conn: AsyncConnection, opts: Options, undecided: list[uuid.UUID], plan: Plan) -> None:
+    """Step 2b: the rest by time, one master per import: the pairs whose answer is sure
+    are linked in SQL (:data:`TIME_SURE_LINKS`), the tangled rest by :func:`assign_by_time`."""
     for statement in FREE_MASTERS:
         await conn.execute(text(statement))
-    found = (await conn.execute(text(TIME_CANDIDATES), {"window": opts.window_seconds})).one()
-    pairs = [
-        (i, m, d)
-        for i, m, d in zip(found.imports or [], found.flows or [], found.distances or [], strict=True)
-        if m not in claimed
-    ]
-    del found
-    assigned, tied = assign_by_time(pairs)
-    del pairs
+    await conn.execute(text(TIME_PAIRS), {"window": opts.window_seconds})
+    await conn.execute(text("ANALYZE flowfix_plan_pairs"))
+    sure = (await conn.execute(text(TIME_SURE_LINKS), Evidence.params())).one()
+    assigned: dict[uuid.UUID, tuple[uuid.UUID, float]] = {
+        i: (m, d) for i, m, d in zip(sure.imports or [], sure.flows or [], sure.distances or [], strict=True)
+    }
+    del sure
+    await conn.execute(text("ANALYZE flowfix_plan_links"))
+    left = (await conn.execute(text(TIME_PAIRS_LEFT))).one()
+    tangled, tied = assign_by_time(list(zip(left.imports or [], left.flows or [], left.distances or [], strict=True)))
+    del left
+    await _store_links(
+        conn, "data_imports", [Link("data_imports", i, m, Evidence.TIME_WINDOW, d) for i, (m, d) in tangled.items()]
+    )
+    assigned.update(tangled)
     for imp_id in undecided:
         if imp_id in assigned:
             flow, distance = assigned[imp_id]
