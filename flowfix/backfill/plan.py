@@ -488,11 +488,31 @@ def _release_stored_time_links_exact_evidence_takes(plan: Plan, exact: set[uuid.
 
 
 async def _plan_imports_by_time(conn: AsyncConnection, opts: Options, undecided: list[uuid.UUID], plan: Plan) -> None:
-    """Step 2b: the rest by time, one master per import: the pairs whose answer is sure
-    are linked in SQL (:data:`TIME_SURE_LINKS`), the tangled rest by :func:`assign_by_time`."""
+    """Step 2b: the rest by time, one master per import (:func:`match_by_time`)."""
     for statement in FREE_MASTERS:
         await conn.execute(text(statement))
-    await conn.execute(text(TIME_PAIRS), {"window": opts.window_seconds})
+    assigned, tied = await match_by_time(conn, opts.window_seconds)
+    for imp_id in undecided:
+        if imp_id in assigned:
+            flow, distance = assigned[imp_id]
+            plan.import_links.append(Link("data_imports", imp_id, flow, Evidence.TIME_WINDOW, distance))
+        elif imp_id in tied:
+            reason = "tie: more than one master at the nearest distance"
+            plan.ambiguous.append(Ambiguous("data_imports", imp_id, tied[imp_id], reason))
+        else:
+            reason = "no free discovery master of this tenant within the window"
+            plan.unmatched.append(Unmatched("data_imports", imp_id, reason))
+
+
+async def match_by_time(
+    conn: AsyncConnection, window_seconds: float
+) -> tuple[dict[uuid.UUID, tuple[uuid.UUID, float]], dict[uuid.UUID, list[uuid.UUID]]]:
+    """The orphans' time links, stored in the links table, as :func:`assign_by_time`
+    decides over every pair in the window (its return value): the sure pairs are linked
+    in SQL (:data:`TIME_SURE_LINKS`), only the tangled rest goes through the client.
+    Reads the work tables ``flowfix_plan_orphans``, ``flowfix_plan_exact`` and
+    ``flowfix_plan_free``."""
+    await conn.execute(text(TIME_PAIRS), {"window": window_seconds})
     await conn.execute(text("ANALYZE flowfix_plan_pairs"))
     sure = (await conn.execute(text(TIME_SURE_LINKS), Evidence.params())).one()
     assigned: dict[uuid.UUID, tuple[uuid.UUID, float]] = {
@@ -507,16 +527,7 @@ async def _plan_imports_by_time(conn: AsyncConnection, opts: Options, undecided:
         conn, "data_imports", [Link("data_imports", i, m, Evidence.TIME_WINDOW, d) for i, (m, d) in tangled.items()]
     )
     assigned.update(tangled)
-    for imp_id in undecided:
-        if imp_id in assigned:
-            flow, distance = assigned[imp_id]
-            plan.import_links.append(Link("data_imports", imp_id, flow, Evidence.TIME_WINDOW, distance))
-        elif imp_id in tied:
-            reason = "tie: more than one master at the nearest distance"
-            plan.ambiguous.append(Ambiguous("data_imports", imp_id, tied[imp_id], reason))
-        else:
-            reason = "no free discovery master of this tenant within the window"
-            plan.unmatched.append(Unmatched("data_imports", imp_id, reason))
+    return assigned, tied
 
 
 async def _plan_records(conn: AsyncConnection, opts: Options, plan: Plan) -> None:
