@@ -8,7 +8,6 @@ them together. The SQL is here, readable in one place.
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,21 +111,52 @@ CROSS JOIN LATERAL (SELECT COALESCE(m.client_account_id, e.p_client) AS client_a
                            COALESCE(m.engagement_id, e.p_engagement) AS engagement_id) x
 """
 
-READ_EXACT = """SELECT array_agg(import_id), array_agg(flow_id), array_agg(evidence), array_agg(same_tenant)
-FROM flowfix_plan_exact"""
+#: Which exact evidence is stronger (:data:`flowfix.evidence.STRENGTH`), as SQL over the
+#: bound evidence names.
+EXACT_STRENGTH = (
+    "CASE evidence "
+    + " ".join(f"WHEN CAST(:ev_{Evidence(name).name.lower()} AS text) THEN {rank}" for name, rank in STRENGTH.items())
+    + " END"
+)
 
-#: Every orphan import to decide, with whether it has a tenant (time matching needs one)
-#: and any exact evidence (then time is never asked).
-ORPHANS_TO_DECIDE = """
-SELECT array_agg(id) AS ids, array_agg(has_tenant) AS has_tenant, array_agg(has_exact) AS has_exact
-FROM (SELECT o.id, o.client_account_id IS NOT NULL AND o.engagement_id IS NOT NULL AS has_tenant,
-             EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id) AS has_exact
-      FROM flowfix_plan_orphans o ORDER BY o.id) sorted
+#: The imports exact evidence decides (every same-tenant piece names one master), linked
+#: in the links table at once with the strongest evidence; the client gets only the links.
+EXACT_LINKS = f"""
+WITH per_import AS (
+    SELECT import_id, array_agg(DISTINCT flow_id) AS flows, (array_agg(evidence ORDER BY {EXACT_STRENGTH}))[1] AS evidence
+    FROM flowfix_plan_exact WHERE same_tenant GROUP BY import_id
+), stored AS (
+    INSERT INTO flowfix_plan_links (tbl, id, master, evidence)
+    SELECT 'data_imports', import_id, flows[1], evidence FROM per_import WHERE cardinality(flows) = 1
+    RETURNING id, master, evidence
+)
+SELECT array_agg(id) AS imports, array_agg(master) AS flows, array_agg(evidence) AS evidence FROM stored
+"""
+
+#: The orphans no link decides, in id order, with why: "contradicting" (exact evidence
+#: names several masters), "foreign" (its only exact evidence is another tenant's),
+#: "no_tenant" (time matching needs one) or "time".
+ORPHANS_LEFT = """
+SELECT array_agg(o.id ORDER BY o.id) AS ids,
+       array_agg(CASE WHEN x.same_tenant THEN 'contradicting'
+                      WHEN x.import_id IS NOT NULL THEN 'foreign'
+                      WHEN o.client_account_id IS NULL OR o.engagement_id IS NULL THEN 'no_tenant'
+                      ELSE 'time' END ORDER BY o.id) AS kinds
+FROM flowfix_plan_orphans o
+LEFT JOIN (SELECT import_id, bool_or(same_tenant) AS same_tenant FROM flowfix_plan_exact GROUP BY import_id) x
+       ON x.import_id = o.id
+WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_links p WHERE p.tbl = 'data_imports' AND p.id = o.id)
+"""
+
+#: The masters each contradicted import's exact evidence names (a few rows, if any).
+EXACT_CONTRADICTIONS = """
+SELECT import_id, array_agg(DISTINCT flow_id ORDER BY flow_id) AS flows
+FROM flowfix_plan_exact WHERE same_tenant GROUP BY import_id HAVING count(DISTINCT flow_id) > 1
 """
 
 #: The masters time matching may give: discovery, not deleted, with a tenant and a
-#: created_at, not linked to an import nor named by anything (the masters planned or
-#: stored links claim are left out by the caller). Kept in a work table with its own
+#: created_at, not linked to an import nor named by anything, nor claimed by a link in
+#: the links table (exact evidence, a resumed run's pending links). Kept in a work table with its own
 #: index on (tenant, created_at), so each import's window is one short range scan.
 FREE_MASTERS = (
     """CREATE TEMPORARY TABLE flowfix_plan_free ON COMMIT DROP AS
@@ -139,34 +169,31 @@ WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
   AND NOT EXISTS (SELECT 1 FROM data_imports x WHERE x.master_flow_id = m.flow_id)
   AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.master_flow_id = m.flow_id AND d.data_import_id IS NOT NULL)
   AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.flow_id = m.flow_id AND d.data_import_id IS NOT NULL)""",
+    # the masters links already claim (exact evidence, a resumed run's pending links) go
+    # before the ANALYZE, so the pairs below are planned on the masters truly free
+    "DELETE FROM flowfix_plan_free f USING flowfix_plan_links p WHERE p.tbl = 'data_imports' AND p.master = f.flow_id",
     "CREATE INDEX ON flowfix_plan_free (client_account_id, engagement_id, created_at)",
     "ANALYZE flowfix_plan_free",
 )
 
 #: Candidate (import, master) pairs within the window, for the orphans with a tenant and
-#: no exact evidence, kept server-side. Masters a planned or stored link already claims
-#: (exact evidence, a resumed run's pending links) are left out: they are in the ANALYZEd
-#: links table by now, so this anti-join is planned on its true size.
+#: no exact evidence, kept server-side (the free masters no longer hold those a link
+#: claims: :data:`FREE_MASTERS`).
 TIME_PAIRS = f"""
 CREATE TEMPORARY TABLE flowfix_plan_pairs ON COMMIT DROP AS
-SELECT import_id, flow_id, distance,
-       -- whether this is the import's only nearest master (ranked per import, see TIME_SURE_LINKS)
-       distance = min(distance) OVER w
-       AND count(*) OVER (w ORDER BY distance RANGE BETWEEN CURRENT ROW AND CURRENT ROW) = 1 AS import_nearest
-FROM (
-    SELECT o.id AS import_id, near.flow_id, near.distance
-    FROM flowfix_plan_orphans o
-    CROSS JOIN LATERAL (
-        SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
-        FROM flowfix_plan_free f
-        WHERE {known_and_equal_sql("o", "f")}
-          AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
-                               AND o.created_at + make_interval(secs => :window)
-    ) near
-    WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
-      AND NOT EXISTS (SELECT 1 FROM flowfix_plan_links p WHERE p.tbl = 'data_imports' AND p.master = near.flow_id)
-) pairs
-WINDOW w AS (PARTITION BY import_id)
+SELECT o.id AS import_id, near.flow_id, near.distance, near.import_nearest
+FROM flowfix_plan_orphans o
+CROSS JOIN LATERAL (
+    -- ranked among the import's own few pairs: whether this is its only nearest master
+    SELECT flow_id, distance, distance = min(distance) OVER () AND count(*) OVER (
+               ORDER BY distance RANGE BETWEEN CURRENT ROW AND CURRENT ROW) = 1 AS import_nearest
+    FROM (SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
+          FROM flowfix_plan_free f
+          WHERE {known_and_equal_sql("o", "f")}
+            AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
+                                 AND o.created_at + make_interval(secs => :window)) window_pairs
+) near
+WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
 """
 
 #: The pairs matching decides without looking further, stored as links at once: the
@@ -328,14 +355,12 @@ async def make_plan(conn: AsyncConnection, opts: Options, resuming: uuid.UUID | 
         await _stored_pending_links(conn, resuming, plan)
     await conn.execute(text(ORPHAN_IMPORTS), opts.scope)
     await conn.execute(text("ANALYZE flowfix_plan_orphans"))
-    known = len(plan.import_links)
+    # exact links, stored as they are decided, claim their masters before time matching
+    # (which leaves out every master the links table holds)
     exact, undecided = await _plan_imports_by_exact_evidence(conn, plan)
     released = _release_stored_time_links_exact_evidence_takes(plan, exact)
     if released:
         await conn.execute(text(UNPLAN_IMPORTS), {"ids": released})
-    # exact links claim their masters before time matching (which leaves out every master
-    # the links table holds); time matching stores its own links
-    await _store_links(conn, "data_imports", [link for link in plan.import_links[known:] if link.id not in plan.stored])
     await _plan_imports_by_time(conn, opts, undecided, plan)
     _say_which_stored_links_went_stale(plan)
     plan.import_links.sort(key=lambda link: link.id)
@@ -436,39 +461,32 @@ async def _plan_discovery_flows(conn: AsyncConnection, opts: Options, creation: 
 
 
 async def _plan_imports_by_exact_evidence(conn: AsyncConnection, plan: Plan) -> tuple[set[uuid.UUID], list[uuid.UUID]]:
-    """Step 2a: imports a discovery flow or a master's configuration names. Returns the
-    masters exact evidence claims and the orphans left to time matching."""
+    """Step 2a: imports a discovery flow or a master's configuration names, linked in the
+    links table (:data:`EXACT_LINKS`). Returns the masters exact evidence claims and the
+    orphans left to time matching."""
     await conn.execute(text(EXACT_EVIDENCE), {**Evidence.params(), "uuid_text": UUID_TEXT})
     await conn.execute(text("ANALYZE flowfix_plan_exact"))
-    exact: dict[uuid.UUID, dict[uuid.UUID, str]] = defaultdict(dict)
-    foreign: set[uuid.UUID] = set()
-    found = (await conn.execute(text(READ_EXACT))).one()
-    for import_id, flow_id, evidence, same_tenant in zip(*(c or [] for c in found), strict=True):
-        if not same_tenant:
-            foreign.add(import_id)
-            continue
-        known = exact[import_id].get(flow_id)
-        if known is None or STRENGTH[evidence] < STRENGTH[known]:
-            exact[import_id][flow_id] = evidence
+    linked = (await conn.execute(text(EXACT_LINKS), Evidence.params())).one()
     claimed: set[uuid.UUID] = set()
+    for imp_id, flow, evidence in zip(*(c or [] for c in linked), strict=True):
+        plan.import_links.append(Link("data_imports", imp_id, flow, evidence))
+        claimed.add(flow)
+    del linked
+    await conn.execute(text("ANALYZE flowfix_plan_links"))
+    contradicting = {row.import_id: row.flows for row in await conn.execute(text(EXACT_CONTRADICTIONS))}
     undecided: list[uuid.UUID] = []
-    orphans = (await conn.execute(text(ORPHANS_TO_DECIDE))).one()
-    for imp_id, has_tenant, has_exact in zip(*(c or [] for c in orphans), strict=True):
-        candidates = exact.get(imp_id)
-        if candidates and len(candidates) == 1:
-            ((flow, evidence),) = candidates.items()
-            plan.import_links.append(Link("data_imports", imp_id, flow, evidence))
-            claimed.add(flow)
-        elif candidates:
+    left = (await conn.execute(text(ORPHANS_LEFT))).one()
+    for imp_id, kind in zip(left.ids or [], left.kinds or [], strict=True):
+        if kind == "time":
+            undecided.append(imp_id)
+        elif kind == "contradicting":
             reason = "contradicting exact evidence: more than one master names this import"
-            plan.ambiguous.append(Ambiguous("data_imports", imp_id, sorted(candidates), reason))
-        elif has_exact:
+            plan.ambiguous.append(Ambiguous("data_imports", imp_id, contradicting[imp_id], reason))
+        elif kind == "foreign":
             reason = "the only exact evidence names a master flow of another tenant"
             plan.unmatched.append(Unmatched("data_imports", imp_id, reason))
-        elif not has_tenant:
-            plan.unmatched.append(Unmatched("data_imports", imp_id, "no tenant on the import: never matched by time"))
         else:
-            undecided.append(imp_id)
+            plan.unmatched.append(Unmatched("data_imports", imp_id, "no tenant on the import: never matched by time"))
     return claimed, undecided
 
 
