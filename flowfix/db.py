@@ -163,7 +163,7 @@ def run_with_engine(settings: Settings, work: Callable[[AsyncEngine], Awaitable[
     The answer is handed over beside the task, never as its result: on Python 3.11,
     ``asyncio.run`` restoring the SIGINT handler formats the main task's repr, result
     included (``signal.getsignal`` builds a ValueError message from it), so a backfill
-    plan of 200k imports returned as the result cost 3 s and 200 MB of repr."""
+    plan of 200k imports returned as the result cost about 0.6 s and 200 MB of repr."""
     answer: list[T] = []
 
     async def go() -> None:
