@@ -23,18 +23,17 @@ import time
 
 from bench.common import SHAPE, build_legacy_dataset, fresh_database, server, settings_for
 from flowfix import alembic_runner, backfill
-from flowfix.db import make_engine
+from flowfix.db import run_with_engine
 
 
-async def plan_once(url: str) -> tuple[float, backfill.Result]:
+def plan_once(url: str) -> tuple[float, backfill.Result]:
+    """One dry run, timed, through the CLI's own runner (run_with_engine)."""
     settings = settings_for(url)
-    engine = make_engine(settings)
-    try:
-        t0 = time.perf_counter()
-        result = await backfill.run(engine, settings, backfill.Options(window_seconds=7200, dry_run=True))
-        return time.perf_counter() - t0, result
-    finally:
-        await engine.dispose()
+    t0 = time.perf_counter()
+    result = run_with_engine(
+        settings, lambda engine: backfill.run(engine, settings, backfill.Options(window_seconds=7200, dry_run=True))
+    )
+    return time.perf_counter() - t0, result
 
 
 def peak_rss_mb() -> float:
@@ -63,7 +62,7 @@ def main() -> None:
                 f" {version}) built in {built:.0f} s; client RSS before planning {peak_rss_mb():.0f} MB"
             )
             for n in range(args.repeat):
-                seconds, result = asyncio.run(plan_once(url))
+                seconds, result = plan_once(url)
                 p = result.plan
                 print(
                     f"  plan {n + 1}: {seconds:6.2f} s  imports {len(p.import_links):,} {p.import_evidence()}"

@@ -47,7 +47,20 @@ WRAPPERS = {
 #: the quoting functions of flowfix.sql (and their names in flowfix.revision_helpers): an
 #: identifier, and a string literal (for DO blocks and --sql output, which take no parameters)
 QUOTERS = {"quote_ident", "quote_qualified", "quote_literal", "quote", "sql_literal"}
-COMPOSERS = {"format", "replace", "join", "strip", "rstrip", "lstrip", "items", "values", "keys", "splitlines"}
+COMPOSERS = {
+    "format",
+    "replace",
+    "join",
+    "strip",
+    "rstrip",
+    "lstrip",
+    "lower",
+    "upper",
+    "items",
+    "values",
+    "keys",
+    "splitlines",
+}
 PURE = {"zip", "enumerate", "sorted", "tuple", "list", "str"}
 #: SQL record classes (name -> module): their fields are checked where they are built
 SQL_RECORDS = {"Walk": "flowfix.walk"}

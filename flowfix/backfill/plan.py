@@ -8,7 +8,6 @@ them together. The SQL is here, readable in one place.
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +49,7 @@ def json_uuid(expr: str) -> str:
 #: ones still pending); ``flowfix_plan_orphans``: the imports left to decide.
 WORK_TABLES = (
     "CREATE TEMPORARY TABLE flowfix_plan_links (tbl text NOT NULL, id uuid NOT NULL, master uuid NOT NULL,"
-    " evidence text NOT NULL, client_account_id uuid, engagement_id uuid) ON COMMIT DROP",
+    " evidence text NOT NULL, client_account_id uuid, engagement_id uuid, distance_seconds float8) ON COMMIT DROP",
     "CREATE TEMPORARY TABLE flowfix_plan_orphans (id uuid NOT NULL, client_account_id uuid, engagement_id uuid,"
     " created_at timestamptz) ON COMMIT DROP",
 )
@@ -112,21 +111,52 @@ CROSS JOIN LATERAL (SELECT COALESCE(m.client_account_id, e.p_client) AS client_a
                            COALESCE(m.engagement_id, e.p_engagement) AS engagement_id) x
 """
 
-READ_EXACT = """SELECT array_agg(import_id), array_agg(flow_id), array_agg(evidence), array_agg(same_tenant)
-FROM flowfix_plan_exact"""
+#: Which exact evidence is stronger (:data:`flowfix.evidence.STRENGTH`), as SQL over the
+#: bound evidence names.
+EXACT_STRENGTH = (
+    "CASE evidence "
+    + " ".join(f"WHEN CAST(:ev_{Evidence(name).name.lower()} AS text) THEN {rank}" for name, rank in STRENGTH.items())
+    + " END"
+)
 
-#: Every orphan import to decide, with whether it has a tenant (time matching needs one)
-#: and any exact evidence (then time is never asked).
-ORPHANS_TO_DECIDE = """
-SELECT array_agg(id) AS ids, array_agg(has_tenant) AS has_tenant, array_agg(has_exact) AS has_exact
-FROM (SELECT o.id, o.client_account_id IS NOT NULL AND o.engagement_id IS NOT NULL AS has_tenant,
-             EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id) AS has_exact
-      FROM flowfix_plan_orphans o ORDER BY o.id) sorted
+#: The imports exact evidence decides (every same-tenant piece names one master), linked
+#: in the links table at once with the strongest evidence; the client gets only the links.
+EXACT_LINKS = f"""
+WITH per_import AS (
+    SELECT import_id, array_agg(DISTINCT flow_id) AS flows, (array_agg(evidence ORDER BY {EXACT_STRENGTH}))[1] AS evidence
+    FROM flowfix_plan_exact WHERE same_tenant GROUP BY import_id
+), stored AS (
+    INSERT INTO flowfix_plan_links (tbl, id, master, evidence)
+    SELECT 'data_imports', import_id, flows[1], evidence FROM per_import WHERE cardinality(flows) = 1
+    RETURNING id, master, evidence
+)
+SELECT array_agg(id) AS imports, array_agg(master) AS flows, array_agg(evidence) AS evidence FROM stored
+"""
+
+#: The orphans no link decides, in id order, with why: "contradicting" (exact evidence
+#: names several masters), "foreign" (its only exact evidence is another tenant's),
+#: "no_tenant" (time matching needs one) or "time".
+ORPHANS_LEFT = """
+SELECT array_agg(o.id ORDER BY o.id) AS ids,
+       array_agg(CASE WHEN x.same_tenant THEN 'contradicting'
+                      WHEN x.import_id IS NOT NULL THEN 'foreign'
+                      WHEN o.client_account_id IS NULL OR o.engagement_id IS NULL THEN 'no_tenant'
+                      ELSE 'time' END ORDER BY o.id) AS kinds
+FROM flowfix_plan_orphans o
+LEFT JOIN (SELECT import_id, bool_or(same_tenant) AS same_tenant FROM flowfix_plan_exact GROUP BY import_id) x
+       ON x.import_id = o.id
+WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_links p WHERE p.tbl = 'data_imports' AND p.id = o.id)
+"""
+
+#: The masters each contradicted import's exact evidence names (a few rows, if any).
+EXACT_CONTRADICTIONS = """
+SELECT import_id, array_agg(DISTINCT flow_id ORDER BY flow_id) AS flows
+FROM flowfix_plan_exact WHERE same_tenant GROUP BY import_id HAVING count(DISTINCT flow_id) > 1
 """
 
 #: The masters time matching may give: discovery, not deleted, with a tenant and a
-#: created_at, not linked to an import nor named by anything (the masters planned or
-#: stored links claim are left out by the caller). Kept in a work table with its own
+#: created_at, not linked to an import nor named by anything, nor claimed by a link in
+#: the links table (exact evidence, a resumed run's pending links). Kept in a work table with its own
 #: index on (tenant, created_at), so each import's window is one short range scan.
 FREE_MASTERS = (
     """CREATE TEMPORARY TABLE flowfix_plan_free ON COMMIT DROP AS
@@ -139,31 +169,72 @@ WHERE m.flow_type = 'discovery' AND m.flow_status IS DISTINCT FROM 'deleted'
   AND NOT EXISTS (SELECT 1 FROM data_imports x WHERE x.master_flow_id = m.flow_id)
   AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.master_flow_id = m.flow_id AND d.data_import_id IS NOT NULL)
   AND NOT EXISTS (SELECT 1 FROM discovery_flows d WHERE d.flow_id = m.flow_id AND d.data_import_id IS NOT NULL)""",
+    # the masters links already claim (exact evidence, a resumed run's pending links) go
+    # before the ANALYZE, so the pairs below are planned on the masters truly free
+    "DELETE FROM flowfix_plan_free f USING flowfix_plan_links p WHERE p.tbl = 'data_imports' AND p.master = f.flow_id",
     "CREATE INDEX ON flowfix_plan_free (client_account_id, engagement_id, created_at)",
     "ANALYZE flowfix_plan_free",
 )
 
-#: Candidate (import, master) pairs within the window for the orphans with a tenant and no
-#: exact evidence, as three arrays (one row: no per-row cost in the client).
-TIME_CANDIDATES = f"""
-SELECT array_agg(o.id) AS imports, array_agg(near.flow_id) AS flows, array_agg(near.distance) AS distances
+#: Candidate (import, master) pairs within the window, for the orphans with a tenant and
+#: no exact evidence, kept server-side (the free masters no longer hold those a link
+#: claims: :data:`FREE_MASTERS`).
+TIME_PAIRS = f"""
+CREATE TEMPORARY TABLE flowfix_plan_pairs ON COMMIT DROP AS
+SELECT o.id AS import_id, near.flow_id, near.distance, near.import_nearest
 FROM flowfix_plan_orphans o
 CROSS JOIN LATERAL (
-    SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
-    FROM flowfix_plan_free f
-    WHERE {known_and_equal_sql("o", "f")}
-      AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
-                           AND o.created_at + make_interval(secs => :window)
+    -- ranked among the import's own few pairs: whether this is its only nearest master
+    SELECT flow_id, distance, distance = min(distance) OVER () AND count(*) OVER (
+               ORDER BY distance RANGE BETWEEN CURRENT ROW AND CURRENT ROW) = 1 AS import_nearest
+    FROM (SELECT f.flow_id, abs(extract(epoch FROM (f.created_at - o.created_at)))::float8 AS distance
+          FROM flowfix_plan_free f
+          WHERE {known_and_equal_sql("o", "f")}
+            AND f.created_at BETWEEN o.created_at - make_interval(secs => :window)
+                                 AND o.created_at + make_interval(secs => :window)) window_pairs
 ) near
 WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_exact e WHERE e.import_id = o.id)
 """
 
+#: The pairs matching decides without looking further, stored as links at once: the
+#: import's only nearest master is also the master's only nearest import. Taking pairs
+#: by increasing distance (:func:`assign_by_time`) meets such a pair before anything else
+#: of either side, alone at its distance, so it links them whatever the other pairs are;
+#: and it removes nothing but the pairs of those two. So these links, plus
+#: :func:`assign_by_time` over the pairs left (:data:`TIME_PAIRS_LEFT`), are exactly its
+#: answer over all pairs; the client sees only the links and the tangled rest.
+TIME_SURE_LINKS = """
+WITH ranked AS (
+    SELECT import_id, flow_id, distance, import_nearest,
+           min(distance) OVER w AS master_nearest,
+           count(*) OVER (w ORDER BY distance RANGE BETWEEN CURRENT ROW AND CURRENT ROW) AS master_at
+    FROM flowfix_plan_pairs
+    WINDOW w AS (PARTITION BY flow_id)
+), stored AS (
+    INSERT INTO flowfix_plan_links (tbl, id, master, evidence, distance_seconds)
+    SELECT 'data_imports', import_id, flow_id, CAST(:ev_time_window AS text), distance
+    FROM ranked
+    WHERE import_nearest AND distance = master_nearest AND master_at = 1
+    RETURNING id, master, distance_seconds
+)
+SELECT array_agg(id) AS imports, array_agg(master) AS flows, array_agg(distance_seconds) AS distances FROM stored
+"""
+
+#: The pairs neither of whose sides a sure link took: :func:`assign_by_time` decides them.
+TIME_PAIRS_LEFT = """
+SELECT array_agg(p.import_id) AS imports, array_agg(p.flow_id) AS flows, array_agg(p.distance) AS distances
+FROM flowfix_plan_pairs p
+WHERE NOT EXISTS (SELECT 1 FROM flowfix_plan_links l WHERE l.tbl = 'data_imports' AND l.id = p.import_id)
+  AND NOT EXISTS (SELECT 1 FROM flowfix_plan_links l WHERE l.tbl = 'data_imports' AND l.master = p.flow_id)
+"""
+
 #: Store links in the work table; the arrays only feed an INSERT (no join is planned on them).
 STORE_LINKS = """
-INSERT INTO flowfix_plan_links (tbl, id, master, evidence, client_account_id, engagement_id)
-SELECT CAST(:tbl AS text), x.id, x.master, x.evidence, x.client, x.engagement
+INSERT INTO flowfix_plan_links (tbl, id, master, evidence, client_account_id, engagement_id, distance_seconds)
+SELECT CAST(:tbl AS text), x.id, x.master, x.evidence, x.client, x.engagement, x.distance
 FROM unnest(CAST(:ids AS uuid[]), CAST(:masters AS uuid[]), CAST(:evidence AS text[]), CAST(:clients AS uuid[]),
-            CAST(:engagements AS uuid[])) AS x(id, master, evidence, client, engagement)
+            CAST(:engagements AS uuid[]), CAST(:distances AS float8[])) AS x(id, master, evidence, client, engagement,
+                                                                       distance)
 """
 
 UNPLAN_IMPORTS = "DELETE FROM flowfix_plan_links WHERE tbl = 'data_imports' AND id = ANY(CAST(:ids AS uuid[]))"
@@ -280,17 +351,19 @@ async def make_plan(conn: AsyncConnection, opts: Options, resuming: uuid.UUID | 
         await conn.execute(text(statement))
     await _plan_discovery_flows(conn, opts, creation, plan)
     await _store_links(conn, "discovery_flows", plan.discovery_links, plan.masters_to_create)
-    claimed = await _stored_pending_links(conn, resuming, plan) if resuming else set()
+    if resuming:
+        await _stored_pending_links(conn, resuming, plan)
     await conn.execute(text(ORPHAN_IMPORTS), opts.scope)
     await conn.execute(text("ANALYZE flowfix_plan_orphans"))
+    # exact links, stored as they are decided, claim their masters before time matching
+    # (which leaves out every master the links table holds)
     exact, undecided = await _plan_imports_by_exact_evidence(conn, plan)
     released = _release_stored_time_links_exact_evidence_takes(plan, exact)
     if released:
         await conn.execute(text(UNPLAN_IMPORTS), {"ids": released})
-    await _plan_imports_by_time(conn, opts, claimed | exact, undecided, plan)
+    await _plan_imports_by_time(conn, opts, undecided, plan)
     _say_which_stored_links_went_stale(plan)
     plan.import_links.sort(key=lambda link: link.id)
-    await _store_links(conn, "data_imports", [link for link in plan.import_links if link.id not in plan.stored])
     await _plan_records(conn, opts, plan)
     return plan
 
@@ -321,6 +394,7 @@ async def _store_links(
             "evidence": [str(link.evidence) for link in chunk],
             "clients": [tenant.get(link.id, (None, None))[0] for link in chunk],
             "engagements": [tenant.get(link.id, (None, None))[1] for link in chunk],
+            "distances": [link.distance_seconds for link in chunk],
         }
         await conn.execute(text(STORE_LINKS), params)
     await conn.execute(text("ANALYZE flowfix_plan_links"))
@@ -330,11 +404,10 @@ async def _store_links(
 STORE_CHUNK = 50_000
 
 
-async def _stored_pending_links(conn: AsyncConnection, run_id: uuid.UUID, plan: Plan) -> set[uuid.UUID]:
-    """Resuming: the stored links still pending, as the apply will find them. Returns the
-    masters they claim. A link whose import the application has linked meanwhile is
+async def _stored_pending_links(conn: AsyncConnection, run_id: uuid.UUID, plan: Plan) -> None:
+    """Resuming: the stored links still pending, as the apply will find them; stored in
+    the links table, where they claim their masters. A link whose import the application has linked meanwhile is
     dropped (nothing is left to do); one that no longer applies is reported."""
-    claimed: set[uuid.UUID] = set()
     rows = list(await conn.execute(text(STORED_PENDING), {"run": run_id, **Evidence.params()}))
     # a stored plan from before the claims may give one master to two imports by time:
     # the nearest keeps it (then the first), as matching would have decided
@@ -353,9 +426,7 @@ async def _stored_pending_links(conn: AsyncConnection, run_id: uuid.UUID, plan: 
             continue
         plan.import_links.append(Link("data_imports", row.row_id, row.new_value, row.evidence, row.distance_seconds))
         plan.stored.add(row.row_id)
-        claimed.add(row.new_value)
     await _store_links(conn, "data_imports", plan.import_links)
-    return claimed
 
 
 def _unmatched_discovery_flow(row: Any, opts: Options, creation: MasterCreation) -> str | None:
@@ -390,39 +461,32 @@ async def _plan_discovery_flows(conn: AsyncConnection, opts: Options, creation: 
 
 
 async def _plan_imports_by_exact_evidence(conn: AsyncConnection, plan: Plan) -> tuple[set[uuid.UUID], list[uuid.UUID]]:
-    """Step 2a: imports a discovery flow or a master's configuration names. Returns the
-    masters exact evidence claims and the orphans left to time matching."""
+    """Step 2a: imports a discovery flow or a master's configuration names, linked in the
+    links table (:data:`EXACT_LINKS`). Returns the masters exact evidence claims and the
+    orphans left to time matching."""
     await conn.execute(text(EXACT_EVIDENCE), {**Evidence.params(), "uuid_text": UUID_TEXT})
     await conn.execute(text("ANALYZE flowfix_plan_exact"))
-    exact: dict[uuid.UUID, dict[uuid.UUID, str]] = defaultdict(dict)
-    foreign: set[uuid.UUID] = set()
-    found = (await conn.execute(text(READ_EXACT))).one()
-    for import_id, flow_id, evidence, same_tenant in zip(*(c or [] for c in found), strict=True):
-        if not same_tenant:
-            foreign.add(import_id)
-            continue
-        known = exact[import_id].get(flow_id)
-        if known is None or STRENGTH[evidence] < STRENGTH[known]:
-            exact[import_id][flow_id] = evidence
+    linked = (await conn.execute(text(EXACT_LINKS), Evidence.params())).one()
     claimed: set[uuid.UUID] = set()
+    for imp_id, flow, evidence in zip(*(c or [] for c in linked), strict=True):
+        plan.import_links.append(Link("data_imports", imp_id, flow, evidence))
+        claimed.add(flow)
+    del linked
+    await conn.execute(text("ANALYZE flowfix_plan_links"))
+    contradicting = {row.import_id: row.flows for row in await conn.execute(text(EXACT_CONTRADICTIONS))}
     undecided: list[uuid.UUID] = []
-    orphans = (await conn.execute(text(ORPHANS_TO_DECIDE))).one()
-    for imp_id, has_tenant, has_exact in zip(*(c or [] for c in orphans), strict=True):
-        candidates = exact.get(imp_id)
-        if candidates and len(candidates) == 1:
-            ((flow, evidence),) = candidates.items()
-            plan.import_links.append(Link("data_imports", imp_id, flow, evidence))
-            claimed.add(flow)
-        elif candidates:
+    left = (await conn.execute(text(ORPHANS_LEFT))).one()
+    for imp_id, kind in zip(left.ids or [], left.kinds or [], strict=True):
+        if kind == "time":
+            undecided.append(imp_id)
+        elif kind == "contradicting":
             reason = "contradicting exact evidence: more than one master names this import"
-            plan.ambiguous.append(Ambiguous("data_imports", imp_id, sorted(candidates), reason))
-        elif has_exact:
+            plan.ambiguous.append(Ambiguous("data_imports", imp_id, contradicting[imp_id], reason))
+        elif kind == "foreign":
             reason = "the only exact evidence names a master flow of another tenant"
             plan.unmatched.append(Unmatched("data_imports", imp_id, reason))
-        elif not has_tenant:
-            plan.unmatched.append(Unmatched("data_imports", imp_id, "no tenant on the import: never matched by time"))
         else:
-            undecided.append(imp_id)
+            plan.unmatched.append(Unmatched("data_imports", imp_id, "no tenant on the import: never matched by time"))
     return claimed, undecided
 
 
@@ -441,24 +505,11 @@ def _release_stored_time_links_exact_evidence_takes(plan: Plan, exact: set[uuid.
     return released
 
 
-async def _plan_imports_by_time(
-    conn: AsyncConnection, opts: Options, claimed: set[uuid.UUID], undecided: list[uuid.UUID], plan: Plan
-) -> None:
-    """Step 2b: the rest by time, one master per import (:func:`assign_by_time`)."""
-    # the claimed masters (stored pending links, exact evidence) are left out here, not in
-    # SQL: a NOT EXISTS over unnest(:claimed) is estimated at 10 rows whatever its size,
-    # and at 200k imports the planner's nested anti-join ran for over ten minutes
+async def _plan_imports_by_time(conn: AsyncConnection, opts: Options, undecided: list[uuid.UUID], plan: Plan) -> None:
+    """Step 2b: the rest by time, one master per import (:func:`match_by_time`)."""
     for statement in FREE_MASTERS:
         await conn.execute(text(statement))
-    found = (await conn.execute(text(TIME_CANDIDATES), {"window": opts.window_seconds})).one()
-    pairs = [
-        (i, m, d)
-        for i, m, d in zip(found.imports or [], found.flows or [], found.distances or [], strict=True)
-        if m not in claimed
-    ]
-    del found
-    assigned, tied = assign_by_time(pairs)
-    del pairs
+    assigned, tied = await match_by_time(conn, opts.window_seconds)
     for imp_id in undecided:
         if imp_id in assigned:
             flow, distance = assigned[imp_id]
@@ -469,6 +520,32 @@ async def _plan_imports_by_time(
         else:
             reason = "no free discovery master of this tenant within the window"
             plan.unmatched.append(Unmatched("data_imports", imp_id, reason))
+
+
+async def match_by_time(
+    conn: AsyncConnection, window_seconds: float
+) -> tuple[dict[uuid.UUID, tuple[uuid.UUID, float]], dict[uuid.UUID, list[uuid.UUID]]]:
+    """The orphans' time links, stored in the links table, as :func:`assign_by_time`
+    decides over every pair in the window (its return value): the sure pairs are linked
+    in SQL (:data:`TIME_SURE_LINKS`), only the tangled rest goes through the client.
+    Reads the work tables ``flowfix_plan_orphans``, ``flowfix_plan_exact`` and
+    ``flowfix_plan_free``."""
+    await conn.execute(text(TIME_PAIRS), {"window": window_seconds})
+    await conn.execute(text("ANALYZE flowfix_plan_pairs"))
+    sure = (await conn.execute(text(TIME_SURE_LINKS), Evidence.params())).one()
+    assigned: dict[uuid.UUID, tuple[uuid.UUID, float]] = {
+        i: (m, d) for i, m, d in zip(sure.imports or [], sure.flows or [], sure.distances or [], strict=True)
+    }
+    del sure
+    await conn.execute(text("ANALYZE flowfix_plan_links"))
+    left = (await conn.execute(text(TIME_PAIRS_LEFT))).one()
+    tangled, tied = assign_by_time(list(zip(left.imports or [], left.flows or [], left.distances or [], strict=True)))
+    del left
+    await _store_links(
+        conn, "data_imports", [Link("data_imports", i, m, Evidence.TIME_WINDOW, d) for i, (m, d) in tangled.items()]
+    )
+    assigned.update(tangled)
+    return assigned, tied
 
 
 async def _plan_records(conn: AsyncConnection, opts: Options, plan: Plan) -> None:
