@@ -126,10 +126,24 @@ async def run_lock(conn: AsyncConnection) -> AsyncIterator[None]:
         yield
     finally:
         try:
-            await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": ADVISORY_LOCK_KEY})
+            # the run lock and the run's own (hold_run); this session takes no other
+            await conn.execute(text("SELECT pg_advisory_unlock_all()"))
             await conn.commit()
         except Exception:  # noqa: BLE001, S110 - a lost session took the lock with it; the first error counts
             pass
+
+
+#: Which run the session holding the run lock works on: a second session-level advisory
+#: lock (key, hashtext(run id)), taken by :func:`hold_run` once the run's id is known. The
+#: run lock is one per database, so it alone cannot tell an interrupted run from one a
+#: process works on while another run (its undo, a link) holds the lock.
+HOLD_RUN = "SELECT pg_try_advisory_lock(hashtext(:k), hashtext(CAST(:run AS text)))"
+
+
+async def hold_run(conn: Executor, run_id: uuid.UUID) -> None:
+    """Mark ``run_id`` as the one this session (which holds the run lock) works on, until
+    :func:`run_lock` ends or the session does."""
+    await conn.execute(text(HOLD_RUN), {"k": ADVISORY_LOCK_KEY, "run": str(run_id)})
 
 
 async def try_lock(conn: Executor) -> None:
@@ -374,6 +388,8 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
         async with run_lock(conn):
             async with conn.begin():
                 undo = await _begin_undo(conn, run_id)
+                if undo is not None:
+                    await hold_run(conn, undo)
             if undo is None:
                 return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
             report = UndoReport(run_id=run_id, undo_run_id=undo)
@@ -892,6 +908,17 @@ SELECT count(*)::int AS ranges,
 FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports' AND column_name = 'master_flow_id'
 """
 
+#: Whether some session works on this run (:func:`hold_run`: an advisory lock on the two
+#: int4 keys, which pg_locks shows as classid and objid with objsubid 2).
+RUN_HELD = """
+SELECT EXISTS (
+  SELECT 1 FROM pg_locks l
+  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND l.classid = (hashtext(:k)::bigint & 4294967295)::oid
+    AND l.objid = (hashtext(CAST(:run AS text))::bigint & 4294967295)::oid)
+"""
+
 #: Whether some session holds the run lock (:func:`run_lock`: a session-level advisory
 #: lock on ``hashtext(key)``, which pg_locks shows as its high and low 32 bits).
 RUN_LOCK_HELD = """
@@ -918,6 +945,11 @@ def _units(r: Any) -> tuple[float, float]:
 
 async def run_lock_held(conn: Executor) -> bool:
     return bool((await conn.execute(text(RUN_LOCK_HELD), {"k": ADVISORY_LOCK_KEY})).scalar_one())
+
+
+async def run_held(conn: Executor, run_id: uuid.UUID) -> bool:
+    """Whether a process works on ``run_id`` now (holds the run lock for this run)."""
+    return bool((await conn.execute(text(RUN_HELD), {"k": ADVISORY_LOCK_KEY, "run": str(run_id)})).scalar_one())
 
 
 async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
@@ -969,5 +1001,5 @@ async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
         for step in (await conn.execute(text(RUN_PROGRESS), {"run": run_id})).mappings():
             done, total = units.get(step["step"], [0.0, 0.0])
             steps.append(StepProgress(**step, units_done=done, units_total=total))
-    active = row["status"] == "running" and await run_lock_held(conn)
+    active = row["status"] == "running" and await run_held(conn, run_id)
     return RunProgress(RunInfo(**row), steps, active=active, now=now)

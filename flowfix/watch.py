@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowfix import ledger
+from flowfix.exitcodes import Exit
 
 
 async def watch(
@@ -33,6 +34,14 @@ async def watch(
             await asyncio.sleep(interval)
 
 
+def outcome(progress: ledger.RunProgress) -> Exit:
+    """``--watch``'s exit code once no process works on the run, a promise about the
+    database as the run's own would be: 0 only for a run that ended and left no row in its
+    scope NULL; 1 for one interrupted (still marked running) or that left rows behind."""
+    left = any(isinstance(n, int) and n > 0 for k, n in progress.run.counts.items() if k.startswith("left_"))
+    return Exit.PROBLEMS if progress.run.status == "running" or left else Exit.OK
+
+
 #: The newest run marked running (an active one holds the run lock; see run_progress).
 NEWEST_RUNNING = "SELECT id FROM flowfix_runs WHERE status = 'running' ORDER BY started_at DESC LIMIT 1"
 
@@ -44,6 +53,6 @@ async def active_run(engine: AsyncEngine) -> ledger.RunProgress | None:
         if not (await conn.execute(text("SELECT to_regclass('flowfix_runs') IS NOT NULL"))).scalar_one():
             return None
         found = (await conn.execute(text(NEWEST_RUNNING))).scalar_one_or_none()
-        if found is None or not await ledger.run_lock_held(conn):
+        if found is None or not await ledger.run_held(conn, found):
             return None
         return await ledger.run_progress(conn, found)

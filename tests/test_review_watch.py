@@ -89,10 +89,16 @@ def test_an_interrupted_run_is_not_shown_active_while_another_run_holds_the_lock
     with Gate(s, "raw_import_records", at=1) as gate:
         undo = flowfix(s, "undo", run_id)
         try:
-            gate.wait()
+            try:
+                gate.wait(timeout=20)
+            except AssertionError:
+                undo.kill()
+                raise AssertionError(undo.communicate()) from None
             held = CliRunner().invoke(app, ["runs", run_id], env=cli_env(s))
             assert held.exit_code == 0, held.output
             assert "state: ACTIVE" not in held.output, held.output
         finally:
             gate.open()
-            undo.communicate(timeout=60)
+            _, err = undo.communicate(timeout=60)
+    assert undo.returncode == 0, err
+    assert sql(s, "SELECT status FROM flowfix_runs WHERE id = :id", {"id": run_id})[0]["status"] == "undone"
