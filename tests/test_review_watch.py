@@ -102,3 +102,17 @@ def test_an_interrupted_run_is_not_shown_active_while_another_run_holds_the_lock
             _, err = undo.communicate(timeout=60)
     assert undo.returncode == 0, err
     assert sql(s, "SELECT status FROM flowfix_runs WHERE id = :id", {"id": run_id})[0]["status"] == "undone"
+
+
+def test_an_undone_interrupted_run_keeps_no_live_state(shaped_fixed: Settings) -> None:
+    """What the interrupted process said while it ran (counts->'live': "the finished run's
+    counts replace it") must not outlive the run once it is undone: `runs --format json`
+    would list a pause state for a run nobody will ever work on again."""
+    s = shaped_fixed
+    dataset(s, imports=2, records=300)
+    run_id = killed_mid_records(s)
+    undone = CliRunner().invoke(app, ["undo", run_id], env=cli_env(s))
+    assert undone.exit_code == 0, undone.output
+    listing = CliRunner().invoke(app, ["runs", "--format", "json"], env=cli_env(s))
+    (row,) = [r for r in json.loads(listing.stdout) if r["id"] == run_id]
+    assert row["status"] == "undone" and "live" not in row["counts"], row
