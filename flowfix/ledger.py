@@ -406,7 +406,7 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
             }
             async with conn.begin():
                 await finish_run(conn, undo, "finished", counts)
-                await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
+                await conn.execute(text(MARK_UNDONE), {"id": run_id, "live": LIVE})
             return report
 
 
@@ -476,6 +476,10 @@ async def _begin_undo(conn: AsyncConnection, run_id: uuid.UUID) -> uuid.UUID | N
     if existing is not None:
         return existing  # type: ignore[no-any-return]
     return await start_run(conn, "undo", {"run_id": str(run_id)})
+
+
+#: The undone run; what an interrupted process said while it ran (``live``) goes with it.
+MARK_UNDONE = "UPDATE flowfix_runs SET status = 'undone', counts = counts - CAST(:live AS text) WHERE id = :id"
 
 
 #: Add a batch's reverted values to the undo run's count, in that batch's transaction: an
