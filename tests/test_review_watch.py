@@ -116,3 +116,18 @@ def test_an_undone_interrupted_run_keeps_no_live_state(shaped_fixed: Settings) -
     listing = CliRunner().invoke(app, ["runs", "--format", "json"], env=cli_env(s))
     (row,) = [r for r in json.loads(listing.stdout) if r["id"] == run_id]
     assert row["status"] == "undone" and "live" not in row["counts"], row
+
+
+def test_an_interrupted_run_shows_no_workers_and_no_eta(shaped_fixed: Settings) -> None:
+    """A range the killed process had claimed stays 'running' in flowfix_walk_ranges; no
+    worker is on it, and no ETA can be promised for a run nobody works on: the JSON for
+    scripts must not say otherwise (the text view already hides both)."""
+    s = shaped_fixed
+    dataset(s, imports=2, records=300)
+    run_id = killed_mid_records(s)
+    body = reading(s, run_id)
+    assert not body["active"]
+    assert body["workers"] == 0, body
+    (records,) = [x for x in body["steps"] if x["step"] == "raw_import_records"]
+    assert not records["finished"] and records["eta_seconds"] is None and records["eta_at"] is None, records
+    assert all(step["workers"] == 0 for step in body["steps"])
