@@ -299,12 +299,16 @@ def run_dict(run: RunInfo) -> dict[str, Any]:
     return {**asdict(run), "counts": {k: v for k, v in run.counts.items() if k != "walk"}}
 
 
-def step_dict(step: StepProgress, now: datetime | None) -> dict[str, Any]:
+def step_dict(step: StepProgress, now: datetime | None, active: bool = True) -> dict[str, Any]:
     """A step's progress rows summed, with what follows from them at ``now``: the share
-    done, the rate (rows per second of wall time since the step began) and the ETA."""
+    done, the rate (rows per second of wall time since the step began) and the ETA. Of a
+    run no process works on (``active`` False), no worker is on a range it left claimed,
+    and no ETA is promised for what is not finished."""
     out = {**asdict(step), "fraction": step.fraction, "finished": step.finished}
+    if not active:
+        out["workers"] = 0
     if now is not None:
-        rate, eta = step.rate(now), step.eta_seconds(now)
+        rate, eta = step.rate(now), step.eta_seconds(now) if active or step.finished else None
         out["rows_per_second"] = None if rate is None else round(rate, 1)
         out["eta_seconds"] = None if eta is None else round(eta, 1)
         out["eta_at"] = None if eta is None else now + timedelta(seconds=eta)
@@ -320,11 +324,11 @@ def run_progress_dict(progress: RunProgress) -> dict[str, Any]:
         "run": run_dict(progress.run),
         "active": progress.active,
         "now": progress.now,
-        "workers": sum(step.workers for step in progress.steps),
+        "workers": sum(step.workers for step in progress.steps) if progress.active else 0,
         "paused": live.get("paused") if progress.active else None,
         "pauses": live.get("pauses") or progress.run.counts.get("pauses") or {},
         "blind": live.get("blind") or progress.run.counts.get("blind") or [],
-        "steps": [step_dict(step, progress.now) for step in progress.steps],
+        "steps": [step_dict(step, progress.now, progress.active) for step in progress.steps],
     }
 
 
