@@ -960,6 +960,9 @@ async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
     """``flowfix runs RUN``: the run and, per step, its progress rows; whether a process
     holds the run lock now (a run marked running without one was interrupted)."""
     await require_ledger(conn)
+    # the lock first: a run commits its end before it lets go of the lock, so a run seen
+    # unheld here and marked running in the (later) read of its row was interrupted
+    held = await run_held(conn, run_id)
     row = (
         (
             await conn.execute(
@@ -1005,5 +1008,5 @@ async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
         for step in (await conn.execute(text(RUN_PROGRESS), {"run": run_id})).mappings():
             done, total = units.get(step["step"], [0.0, 0.0])
             steps.append(StepProgress(**step, units_done=done, units_total=total))
-    active = row["status"] == "running" and await run_held(conn, run_id)
+    active = row["status"] == "running" and held
     return RunProgress(RunInfo(**row), steps, active=active, now=now)

@@ -26,7 +26,7 @@ async def watch(
     works on it (it finished, failed, or its process died); returns the last reading."""
     async with engine.connect() as conn:
         while True:
-            async with conn.begin():  # one snapshot per reading
+            async with conn.begin():  # one transaction per reading (READ COMMITTED: see run_progress)
                 progress = await ledger.run_progress(conn, run_id)
             show(progress)
             if once or not progress.active:
