@@ -6,8 +6,11 @@ their commands need."""
 
 from __future__ import annotations
 
+from typer.testing import CliRunner
+
+from flowfix.cli import app
 from flowfix.exitcodes import Exit
-from tests.helpers import sql
+from tests.helpers import cli_env, sql
 from tests.test_roles import Roles, roles, run  # noqa: F401 - the fixture
 
 
@@ -17,3 +20,16 @@ def test_the_recipes_work_where_public_may_not_create_temporary_tables(roles: Ro
     run(ci, "backfill", "--dry-run", "--create-missing-masters")
     run(operator, "backfill", "--create-missing-masters")
     run(ci, "validate", expect=Exit.OK)
+
+
+def test_a_role_that_may_not_create_temporary_tables_is_told_so(roles: Roles) -> None:  # noqa: F811
+    admin, ci = roles.admin, roles.ci
+    (me,) = sql(ci, "SELECT current_user AS u")
+    sql(
+        admin,
+        "DO $$ BEGIN EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC, %I', current_database(), "
+        f"'{me['u']}'); END $$",
+    )
+    result = CliRunner().invoke(app, ["backfill", "--dry-run"], env=cli_env(ci))
+    assert result.exit_code == Exit.USAGE
+    assert "TEMPORARY on database" in result.stderr, result.stderr
