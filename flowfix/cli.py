@@ -589,7 +589,8 @@ def runs(
         typer.Option(
             "--watch",
             help="With RUN_ID: show it again every --interval seconds until no process works on it"
-            " (json: one object per line). Ctrl-C stops watching, not the run.",
+            " (json: one object per line); then exit 0 if it finished leaving no row behind, 1 if it was"
+            " interrupted or left rows. Ctrl-C stops watching, not the run.",
         ),
     ] = False,
     interval: Annotated[
@@ -606,6 +607,7 @@ def runs(
         fail("--watch needs RUN_ID (see `flowfix runs` for the ids)")
     settings = load_settings()
     from flowfix import ledger, render
+    from flowfix.watch import outcome
     from flowfix.watch import watch as watch_run
 
     if target is not None:
@@ -620,7 +622,9 @@ def runs(
                 ("\x1b[2J\x1b[H" if clear else "") + render.run_progress_text(progress) + ("\n" if watch else "")
             )
 
-        run_async(settings, lambda engine: watch_run(engine, target, show, interval=interval, once=not watch))
+        last = run_async(settings, lambda engine: watch_run(engine, target, show, interval=interval, once=not watch))
+        if watch:
+            raise typer.Exit(outcome(last))
         return
 
     async def work(engine):  # type: ignore[no-untyped-def]

@@ -139,6 +139,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 _DENIED_RE = re.compile(r"permission denied for (table|relation|sequence|schema|function|database) (\S+)")
 _OWNER_RE = re.compile(r"must be owner of (\w+(?: \w+)?) (\S+)")
+_TEMP_RE = re.compile(r"permission denied to create temporary tables in database (\S+)")
 _WRITES = (("INSERT", r"INSERT\s+INTO\s+"), ("UPDATE", r"UPDATE\s+"), ("DELETE", r"DELETE\s+FROM\s+"))
 
 
@@ -149,6 +150,9 @@ def denied(exc: BaseException, detail: str) -> str:
     owner = _OWNER_RE.search(detail)
     if owner:
         return f"only the owner of {owner.group(1)} {owner.group(2)} may do this"
+    temp = _TEMP_RE.search(detail)
+    if temp:  # the backfill's planner works in temporary tables
+        return f"TEMPORARY on database {temp.group(1)}"
     found = _DENIED_RE.search(detail)
     if found is None:
         return "a privilege this role lacks"

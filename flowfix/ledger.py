@@ -126,10 +126,24 @@ async def run_lock(conn: AsyncConnection) -> AsyncIterator[None]:
         yield
     finally:
         try:
-            await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": ADVISORY_LOCK_KEY})
+            # the run lock and the run's own (hold_run); this session takes no other
+            await conn.execute(text("SELECT pg_advisory_unlock_all()"))
             await conn.commit()
         except Exception:  # noqa: BLE001, S110 - a lost session took the lock with it; the first error counts
             pass
+
+
+#: Which run the session holding the run lock works on: a second session-level advisory
+#: lock (key, hashtext(run id)), taken by :func:`hold_run` once the run's id is known. The
+#: run lock is one per database, so it alone cannot tell an interrupted run from one a
+#: process works on while another run (its undo, a link) holds the lock.
+HOLD_RUN = "SELECT pg_try_advisory_lock(hashtext(:k), hashtext(CAST(:run AS text)))"
+
+
+async def hold_run(conn: Executor, run_id: uuid.UUID) -> None:
+    """Mark ``run_id`` as the one this session (which holds the run lock) works on, until
+    :func:`run_lock` ends or the session does."""
+    await conn.execute(text(HOLD_RUN), {"k": ADVISORY_LOCK_KEY, "run": str(run_id)})
 
 
 async def try_lock(conn: Executor) -> None:
@@ -374,6 +388,8 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
         async with run_lock(conn):
             async with conn.begin():
                 undo = await _begin_undo(conn, run_id)
+                if undo is not None:
+                    await hold_run(conn, undo)
             if undo is None:
                 return UndoReport(run_id=run_id, undo_run_id=None, already_undone=True)
             report = UndoReport(run_id=run_id, undo_run_id=undo)
@@ -390,7 +406,7 @@ async def undo_run(engine: AsyncEngine, settings: Settings, run_id: uuid.UUID, *
             }
             async with conn.begin():
                 await finish_run(conn, undo, "finished", counts)
-                await conn.execute(text("UPDATE flowfix_runs SET status = 'undone' WHERE id = :id"), {"id": run_id})
+                await conn.execute(text(MARK_UNDONE), {"id": run_id, "live": LIVE})
             return report
 
 
@@ -460,6 +476,10 @@ async def _begin_undo(conn: AsyncConnection, run_id: uuid.UUID) -> uuid.UUID | N
     if existing is not None:
         return existing  # type: ignore[no-any-return]
     return await start_run(conn, "undo", {"run_id": str(run_id)})
+
+
+#: The undone run; what an interrupted process said while it ran (``live``) goes with it.
+MARK_UNDONE = "UPDATE flowfix_runs SET status = 'undone', counts = counts - CAST(:live AS text) WHERE id = :id"
 
 
 #: Add a batch's reverted values to the undo run's count, in that batch's transaction: an
@@ -857,18 +877,6 @@ async def note_live(conn: AsyncConnection, run_id: uuid.UUID, live: dict[str, An
         await conn.execute(text(NOTE_LIVE), {"run": run_id, "live": json.dumps(live, default=str)})
 
 
-#: The backend that holds the run lock for this run (the process working on it now), so
-#: that another shell tells this run's lock from one a link or undo holds meanwhile.
-NOTE_HOLDER = """UPDATE flowfix_runs SET counts = jsonb_set(COALESCE(counts, '{}'::jsonb), '{holder}',
-    to_jsonb(pg_backend_pid())) WHERE id = :run"""
-
-
-async def note_holder(conn: AsyncConnection, run_id: uuid.UUID) -> None:
-    """Call on the connection that holds the run lock, once the run has started."""
-    async with conn.begin():
-        await conn.execute(text(NOTE_HOLDER), {"run": run_id})
-
-
 #: Per step: ranges done/total, rows, attempts, the newest error (closing pass included).
 RUN_PROGRESS = """
 SELECT step,
@@ -904,17 +912,26 @@ SELECT count(*)::int AS ranges,
 FROM flowfix_changes WHERE run_id = :run AND table_name = 'data_imports' AND column_name = 'master_flow_id'
 """
 
-#: Whether some session (``:pid``, if not NULL) holds the run lock (:func:`run_lock`: a
-#: session-level advisory lock on ``hashtext(key)``, which pg_locks shows as its high and
-#: low 32 bits).
+#: Whether some session works on this run (:func:`hold_run`: an advisory lock on the two
+#: int4 keys, which pg_locks shows as classid and objid with objsubid 2).
+RUN_HELD = """
+SELECT EXISTS (
+  SELECT 1 FROM pg_locks l
+  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND l.classid = (hashtext(:k)::bigint & 4294967295)::oid
+    AND l.objid = (hashtext(CAST(:run AS text))::bigint & 4294967295)::oid)
+"""
+
+#: Whether some session holds the run lock (:func:`run_lock`: a session-level advisory
+#: lock on ``hashtext(key)``, which pg_locks shows as its high and low 32 bits).
 RUN_LOCK_HELD = """
 WITH k AS (SELECT hashtext(:k)::bigint AS v)
 SELECT EXISTS (
   SELECT 1 FROM pg_locks l, k
   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-    AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid
-    AND (CAST(:pid AS int) IS NULL OR l.pid = CAST(:pid AS int)))
+    AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid)
 """
 
 
@@ -930,16 +947,18 @@ def _units(r: Any) -> tuple[float, float]:
     return (at - lo) / scale, (hi - lo) / scale
 
 
-async def run_lock_held(conn: Executor, pid: int | None = None) -> bool:
-    """Whether the run lock is held (by backend ``pid``, if given)."""
-    found = await conn.execute(text(RUN_LOCK_HELD), {"k": ADVISORY_LOCK_KEY, "pid": pid})
-    return bool(found.scalar_one())
+async def run_held(conn: Executor, run_id: uuid.UUID) -> bool:
+    """Whether a process works on ``run_id`` now (holds the run lock for this run)."""
+    return bool((await conn.execute(text(RUN_HELD), {"k": ADVISORY_LOCK_KEY, "run": str(run_id)})).scalar_one())
 
 
 async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
     """``flowfix runs RUN``: the run and, per step, its progress rows; whether a process
     holds the run lock now (a run marked running without one was interrupted)."""
     await require_ledger(conn)
+    # the lock first: a run commits its end before it lets go of the lock, so a run seen
+    # unheld here and marked running in the (later) read of its row was interrupted
+    held = await run_held(conn, run_id)
     row = (
         (
             await conn.execute(
@@ -985,6 +1004,5 @@ async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
         for step in (await conn.execute(text(RUN_PROGRESS), {"run": run_id})).mappings():
             done, total = units.get(step["step"], [0.0, 0.0])
             steps.append(StepProgress(**step, units_done=done, units_total=total))
-    holder = row["counts"].get("holder") if isinstance(row["counts"], dict) else None
-    active = row["status"] == "running" and holder is not None and await run_lock_held(conn, int(holder))
+    active = row["status"] == "running" and held
     return RunProgress(RunInfo(**row), steps, active=active, now=now)

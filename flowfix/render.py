@@ -288,7 +288,7 @@ def undo_text(report: UndoReport) -> str:
 
 def run_line(run: RunInfo) -> str:
     finished = run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
-    counts = {k: v for k, v in run.counts.items() if k not in ("walk", "blind", "live", "holder")}
+    counts = {k: v for k, v in run.counts.items() if k not in ("walk", "blind", "live")}
     return (
         f"{run.id}  {run.command:<8} {run.status:<9} {run.started_at.isoformat(timespec='seconds')}"
         f"  {finished}  {json.dumps(counts, sort_keys=True)}"
@@ -299,12 +299,16 @@ def run_dict(run: RunInfo) -> dict[str, Any]:
     return {**asdict(run), "counts": {k: v for k, v in run.counts.items() if k != "walk"}}
 
 
-def step_dict(step: StepProgress, now: datetime | None) -> dict[str, Any]:
+def step_dict(step: StepProgress, now: datetime | None, active: bool = True) -> dict[str, Any]:
     """A step's progress rows summed, with what follows from them at ``now``: the share
-    done, the rate (rows per second of wall time since the step began) and the ETA."""
+    done, the rate (rows per second of wall time since the step began) and the ETA. Of a
+    run no process works on (``active`` False), no worker is on a range it left claimed,
+    and no ETA is promised for what is not finished."""
     out = {**asdict(step), "fraction": step.fraction, "finished": step.finished}
+    if not active:
+        out["workers"] = 0
     if now is not None:
-        rate, eta = step.rate(now), step.eta_seconds(now)
+        rate, eta = step.rate(now), step.eta_seconds(now) if active or step.finished else None
         out["rows_per_second"] = None if rate is None else round(rate, 1)
         out["eta_seconds"] = None if eta is None else round(eta, 1)
         out["eta_at"] = None if eta is None else now + timedelta(seconds=eta)
@@ -316,20 +320,29 @@ def run_progress_dict(progress: RunProgress) -> dict[str, Any]:
     (``active``: it holds the run lock); per step its progress rows summed with rate and
     ETA; the pause it is in, pauses so far and throttle blind spots (``live``)."""
     live = progress.live
+    # the ledger is a table other roles may write (and other flowfix versions): shapes checked
+    paused = live.get("paused")
+    pauses = live.get("pauses") or progress.run.counts.get("pauses") or {}
+    blind = live.get("blind") or progress.run.counts.get("blind") or []
     return {
         "run": run_dict(progress.run),
         "active": progress.active,
         "now": progress.now,
-        "workers": sum(step.workers for step in progress.steps),
-        "paused": live.get("paused") if progress.active else None,
-        "pauses": live.get("pauses") or progress.run.counts.get("pauses") or {},
-        "blind": live.get("blind") or progress.run.counts.get("blind") or [],
-        "steps": [step_dict(step, progress.now) for step in progress.steps],
+        "workers": sum(step.workers for step in progress.steps) if progress.active else 0,
+        "paused": paused if progress.active and isinstance(paused, dict) else None,
+        "pauses": {k: v for k, v in pauses.items() if isinstance(v, dict)} if isinstance(pauses, dict) else {},
+        "blind": [str(b) for b in blind] if isinstance(blind, list) else [],
+        "steps": [step_dict(step, progress.now, progress.active) for step in progress.steps],
     }
 
 
 def run_progress_json(progress: RunProgress) -> str:
     return to_json(run_progress_dict(progress))
+
+
+def _number(value: Any) -> float:
+    """A count from the ledger's live state, 0 where it is not a number."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def run_progress_text(progress: RunProgress) -> str:
@@ -374,7 +387,7 @@ def run_progress_text(progress: RunProgress) -> str:
         p = view["paused"]
         lines.append(f"  PAUSED since {p.get('since')}: {p.get('why')} ({p.get('signal')})")
     for signal, n in (view["pauses"] or {}).items():
-        lines.append(f"  pauses for {signal}: {int(n.get('pauses', 0))}, {float(n.get('seconds', 0.0)):.1f} s")
+        lines.append(f"  pauses for {signal}: {int(_number(n.get('pauses')))}, {_number(n.get('seconds')):.1f} s")
     for blind in view["blind"]:
         lines.append(f"  throttle blind: {blind}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flowfix import ledger
+from flowfix.exitcodes import Exit
 
 
 async def watch(
@@ -25,12 +26,20 @@ async def watch(
     works on it (it finished, failed, or its process died); returns the last reading."""
     async with engine.connect() as conn:
         while True:
-            async with conn.begin():  # one snapshot per reading
+            async with conn.begin():  # one transaction per reading (READ COMMITTED: see run_progress)
                 progress = await ledger.run_progress(conn, run_id)
             show(progress)
             if once or not progress.active:
                 return progress
             await asyncio.sleep(interval)
+
+
+def outcome(progress: ledger.RunProgress) -> Exit:
+    """``--watch``'s exit code once no process works on the run, a promise about the
+    database as the run's own would be: 0 only for a run that ended and left no row in its
+    scope NULL; 1 for one interrupted (still marked running) or that left rows behind."""
+    left = any(isinstance(n, int) and n > 0 for k, n in progress.run.counts.items() if k.startswith("left_"))
+    return Exit.PROBLEMS if progress.run.status == "running" or left else Exit.OK
 
 
 #: The newest run marked running (an active one holds the run lock; see run_progress).
@@ -44,7 +53,7 @@ async def active_run(engine: AsyncEngine) -> ledger.RunProgress | None:
         if not (await conn.execute(text("SELECT to_regclass('flowfix_runs') IS NOT NULL"))).scalar_one():
             return None
         found = (await conn.execute(text(NEWEST_RUNNING))).scalar_one_or_none()
-        if found is None or not await ledger.run_lock_held(conn):
+        if found is None or not await ledger.run_held(conn, found):
             return None
         progress = await ledger.run_progress(conn, found)
         return progress if progress.active else None

@@ -111,11 +111,11 @@ def test_a_pause_is_shown_with_its_signal_and_why_while_the_run_is_active(shaped
     sql(s, ledger.NOTE_LIVE, {"run": run["id"], "live": json.dumps(state)})
     # the helpers' connection stays open between statements: it holds the lock as a run would
     sql(s, "SELECT pg_advisory_lock(hashtext(:k))", {"k": ledger.ADVISORY_LOCK_KEY})
-    sql(s, ledger.NOTE_HOLDER, {"run": run["id"]})
+    sql(s, ledger.HOLD_RUN, {"k": ledger.ADVISORY_LOCK_KEY, "run": run["id"]})
     try:
         held = CliRunner().invoke(app, ["runs", run["id"]], env=cli_env(s))
     finally:
-        sql(s, "SELECT pg_advisory_unlock(hashtext(:k))", {"k": ledger.ADVISORY_LOCK_KEY})
+        sql(s, "SELECT pg_advisory_unlock_all()")
     assert held.exit_code == 0, held.output
     assert "state: ACTIVE" in held.output
     assert "PAUSED since 02:10: a streaming replica is 12.5 s behind (replica_lag)" in held.output

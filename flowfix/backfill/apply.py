@@ -49,6 +49,7 @@ async def run(engine: AsyncEngine, settings: Settings, opts: Options, reporter: 
             started = time.perf_counter()
             async with conn.begin():
                 run_, plan = await _start_or_resume(conn, opts)
+                await ledger.hold_run(conn, run_.id)
             counts = Counts(seconds={"plan": round(time.perf_counter() - started, 3)})
             try:
                 left = await _apply(conn, engine, settings, opts, run_, plan, counts, reporter)
@@ -105,7 +106,6 @@ async def _apply(
         await ledger.note_live(c, run_.id, state)
 
     throttle.on_state = tell
-    await ledger.note_holder(conn, run_.id)  # this connection holds the run lock
     await tell(conn, throttle.state())
     ctx = steps.Context(conn, run_, opts, counts, reporter, throttle)
     with _lap(counts, "discovery_flows"):
