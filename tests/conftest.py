@@ -43,6 +43,36 @@ def pytest_configure(config: pytest.Config) -> None:
     still running (two suites at once on one machine). xdist workers inherit the dir."""
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
         config.option.basetemp = tempfile.mkdtemp(prefix="flowfix-pytest-")
+    config.addinivalue_line(
+        "markers",
+        "sampled_shapes: a test whose code path is the same on every runbook shape (a kill and"
+        " resume, the README's rollback): by default on SAMPLED_SHAPES only, on every runbook"
+        " shape with FLOWFIX_FAULT_MATRIX=full (as CI runs it on PostgreSQL 18)",
+    )
+
+
+#: The shapes a ``sampled_shapes`` test runs on by default: ``deployed`` (the production
+#: schema, where every step has work) and ``app_head`` (the application's own schema:
+#: row-level security, its columns). FLOWFIX_FAULT_MATRIX=full runs every runbook shape.
+SAMPLED_SHAPES = ("deployed", "app_head")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (never skip: a deselected test is not counted as passed) the shapes a
+    ``sampled_shapes`` test leaves to the full run."""
+    if os.environ.get("FLOWFIX_FAULT_MATRIX") == "full":
+        return
+    selected, deselected = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        shape = callspec.params.get("shaped_fixed", callspec.params.get("shaped")) if callspec else None
+        if item.get_closest_marker("sampled_shapes") and shape is not None and shape not in SAMPLED_SHAPES:
+            deselected.append(item)
+        else:
+            selected.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 def _docker_answers() -> bool:

@@ -94,6 +94,7 @@ def rollback_block() -> str:
     return block.strip().removeprefix("```sh").removesuffix("```").strip()
 
 
+@pytest.mark.sampled_shapes
 @pytest.mark.parametrize("start", ["head", "fix_master_flow_fk"])
 def test_the_readmes_rollback_block_as_written_takes_the_database_back(shaped: Settings, start: str) -> None:
     s = shaped

@@ -9,6 +9,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from flowfix import ledger
 from flowfix.config import Settings
 from tests.helpers import Gate, position_column, sql
@@ -18,6 +20,7 @@ from tests.test_review_watch import flowfix
 BACKFILL = ("backfill", "--batch-size", "1", "--max-replica-lag", "0")
 
 
+@pytest.mark.sampled_shapes
 def test_killed_backfill_with_a_writer_moving_rows_resumes_to_the_uninterrupted_result(shaped_fixed: Settings) -> None:
     s = shaped_fixed
     expected = dataset(s, imports=3, records=600)

@@ -10,6 +10,7 @@ import signal
 import time
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from flowfix import ledger
@@ -30,6 +31,7 @@ def watched(s: Settings, run_id: str) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.sampled_shapes
 def test_ci_watches_the_operators_killed_and_resumed_backfill(roles: Roles) -> None:  # noqa: F811
     admin, operator, ci = roles.admin, roles.operator, roles.ci
     expected = dataset(admin, imports=3, records=600)

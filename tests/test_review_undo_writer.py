@@ -8,6 +8,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from flowfix import ledger
 from flowfix.config import Settings
 from tests.helpers import Gate, add_master, position_column, sql
@@ -15,6 +17,7 @@ from tests.test_records_walk import C, E, dataset
 from tests.test_review_watch import flowfix
 
 
+@pytest.mark.sampled_shapes
 def test_killed_undo_with_a_writer_reruns_to_the_uninterrupted_result(shaped_fixed: Settings) -> None:
     s = shaped_fixed
     dataset(s, imports=2, records=3000)

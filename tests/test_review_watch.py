@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from flowfix import ledger
@@ -53,6 +54,7 @@ def killed_mid_records(s: Settings) -> str:
     return str(run["id"])
 
 
+@pytest.mark.sampled_shapes
 def test_watch_of_a_killed_backfill_ends_and_does_not_exit_0(shaped_fixed: Settings) -> None:
     """`runs RUN --watch` stops when the run's process dies; its exit code must not promise
     a finished run (exit 0) while the run is interrupted and rows are still NULL."""
@@ -77,6 +79,7 @@ def test_watch_of_a_killed_backfill_ends_and_does_not_exit_0(shaped_fixed: Setti
     assert watcher.returncode != 0, (watcher.returncode, err)
 
 
+@pytest.mark.sampled_shapes
 def test_an_interrupted_run_is_not_shown_active_while_another_run_holds_the_lock(shaped_fixed: Settings) -> None:
     """The run lock is one per database: while `flowfix undo` of the interrupted backfill
     holds it, the backfill itself is not being worked on; `runs` must say INTERRUPTED (and
