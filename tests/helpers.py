@@ -424,3 +424,16 @@ class Gate:
             "DROP FUNCTION IF EXISTS flowfix_test_gate()",
             "DROP SEQUENCE IF EXISTS flowfix_test_gate_seq",
         )
+
+
+def wait_run_lock_released(settings: Settings, timeout: float = 60) -> None:
+    """After a SIGKILL: wait until the server has ended the killed session and with it
+    the run lock (the server notices a dead client on its own schedule)."""
+    import time
+
+    from flowfix import ledger
+
+    deadline = time.monotonic() + timeout
+    while sql(settings, ledger.RUN_LOCK_HELD, {"k": ledger.ADVISORY_LOCK_KEY})[0]["exists"]:
+        assert time.monotonic() < deadline, "the killed session never ended"
+        time.sleep(0.05)

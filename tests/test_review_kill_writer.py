@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
-from flowfix import ledger
 from flowfix.config import Settings
-from tests.helpers import Gate, position_column, sql
+from tests.helpers import Gate, position_column, sql, wait_run_lock_released
 from tests.test_records_walk import dataset
 from tests.test_review_watch import flowfix
 
@@ -42,10 +40,7 @@ def test_killed_backfill_with_a_writer_moving_rows_resumes_to_the_uninterrupted_
             proc.communicate(timeout=60)
         finally:
             gate.open()
-    deadline = time.monotonic() + 60
-    while sql(s, ledger.RUN_LOCK_HELD, {"k": ledger.ADVISORY_LOCK_KEY})[0]["exists"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_run_lock_released(s)
     assert sql(s, "SELECT count(*) AS n FROM raw_import_records WHERE master_flow_id IS NULL")[0]["n"] > 0
     resumed = flowfix(s, "backfill", "--max-replica-lag", "0")  # batch size is not part of a run's identity
     out, err = resumed.communicate(timeout=120)

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from flowfix import ledger
 from flowfix.cli import app
 from flowfix.config import Settings
-from tests.helpers import Gate, cli_env, sql
+from tests.helpers import Gate, cli_env, sql, wait_run_lock_released
 from tests.test_records_walk import dataset, record_links
 from tests.test_review_watch import flowfix
 from tests.test_roles import Roles, roles  # noqa: F401 - the fixture
@@ -56,10 +54,7 @@ def test_ci_watches_the_operators_killed_and_resumed_backfill(roles: Roles) -> N
             proc.communicate(timeout=60)
         finally:
             gate.open()
-    deadline = time.monotonic() + 60
-    while sql(admin, ledger.RUN_LOCK_HELD, {"k": ledger.ADVISORY_LOCK_KEY})[0]["exists"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_run_lock_released(admin)
     body = watched(ci, run["id"])
     assert not body["active"] and body["run"]["status"] == "running" and body["paused"] is None
     status = CliRunner().invoke(app, ["status"], env=cli_env(ci))

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
-from flowfix import ledger
 from flowfix.config import Settings
-from tests.helpers import Gate, add_master, position_column, sql
+from tests.helpers import Gate, add_master, position_column, sql, wait_run_lock_released
 from tests.test_records_walk import C, E, dataset
 from tests.test_review_watch import flowfix
 
@@ -48,10 +46,7 @@ def test_killed_undo_with_a_writer_reruns_to_the_uninterrupted_result(shaped_fix
             undo.communicate(timeout=60)
         finally:
             gate.open()
-    deadline = time.monotonic() + 60
-    while sql(s, ledger.RUN_LOCK_HELD, {"k": ledger.ADVISORY_LOCK_KEY})[0]["exists"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_run_lock_released(s)
     again = flowfix(s, "undo", run["id"])
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, (out, err)

@@ -9,17 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from flowfix import ledger
 from flowfix.cli import app
 from flowfix.config import Settings
 from tests.conftest import ROOT
-from tests.helpers import Gate, cli_env, sql
+from tests.helpers import Gate, cli_env, sql, wait_run_lock_released
 from tests.test_records_walk import dataset, record_links
 from tests.test_watch import reading
 
@@ -47,10 +45,7 @@ def killed_mid_records(s: Settings) -> str:
             proc.communicate(timeout=60)
         finally:
             gate.open()
-    deadline = time.monotonic() + 60
-    while sql(s, ledger.RUN_LOCK_HELD, {"k": ledger.ADVISORY_LOCK_KEY})[0]["exists"]:
-        assert time.monotonic() < deadline, "the killed backfill's session never ended"
-        time.sleep(0.05)
+    wait_run_lock_released(s)
     return str(run["id"])
 
 
