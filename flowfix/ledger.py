@@ -323,14 +323,15 @@ async def finish_run(conn: Executor, run_id: uuid.UUID, status: str, counts: dic
     )
 
 
+#: The columns of :class:`RunInfo`, for the listing and for one run's progress.
+SELECT_RUNS = "SELECT id, command, status, arguments, counts, started_at, finished_at FROM flowfix_runs"
+
+
 async def list_runs(conn: Executor, limit: int = 20) -> list[RunInfo]:
     await require_ledger(conn)
     rows = (
         await conn.execute(
-            text(
-                "SELECT id, command, status, arguments, counts, started_at, finished_at FROM flowfix_runs"
-                " ORDER BY started_at DESC, id LIMIT :n"
-            ),
+            text(SELECT_RUNS + " ORDER BY started_at DESC, id LIMIT :n"),
             {"n": limit},
         )
     ).mappings()
@@ -962,10 +963,7 @@ async def run_progress(conn: Executor, run_id: uuid.UUID) -> RunProgress:
     row = (
         (
             await conn.execute(
-                text(
-                    "SELECT id, command, status, arguments, counts, started_at, finished_at FROM flowfix_runs"
-                    " WHERE id = :run"
-                ),
+                text(SELECT_RUNS + " WHERE id = :run"),
                 {"run": run_id},
             )
         )

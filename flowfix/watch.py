@@ -53,7 +53,7 @@ async def active_run(engine: AsyncEngine) -> ledger.RunProgress | None:
         if not (await conn.execute(text("SELECT to_regclass('flowfix_runs') IS NOT NULL"))).scalar_one():
             return None
         found = (await conn.execute(text(NEWEST_RUNNING))).scalar_one_or_none()
-        if found is None or not await ledger.run_held(conn, found):
+        if found is None:
             return None
-        progress = await ledger.run_progress(conn, found)
+        progress = await ledger.run_progress(conn, found)  # which reads whether it is held
         return progress if progress.active else None
