@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Coroutine
@@ -437,3 +440,18 @@ def wait_run_lock_released(settings: Settings, timeout: float = 60) -> None:
     while sql(settings, ledger.RUN_LOCK_HELD, {"k": ledger.ADVISORY_LOCK_KEY})[0]["exists"]:
         assert time.monotonic() < deadline, "the killed session never ended"
         time.sleep(0.05)
+
+
+def flowfix_process(settings: Settings, *args: str) -> subprocess.Popen[str]:
+    """``flowfix *args`` in a process of its own against ``settings``' database (as an
+    operator's second shell would run it), output piped as text."""
+    from tests.conftest import ROOT
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "flowfix", *args],
+        env={**os.environ, **cli_env(settings)},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

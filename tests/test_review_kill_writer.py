@@ -12,8 +12,8 @@ import pytest
 
 from flowfix.config import Settings
 from tests.helpers import Gate, position_column, sql, wait_run_lock_released
+from tests.helpers import flowfix_process as flowfix
 from tests.test_records_walk import dataset
-from tests.test_review_watch import flowfix
 
 BACKFILL = ("backfill", "--batch-size", "1", "--max-replica-lag", "0")
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from flowfix.cli import app
 from flowfix.config import Settings
 from tests.helpers import Gate, cli_env, sql, wait_run_lock_released
+from tests.helpers import flowfix_process as flowfix
 from tests.test_records_walk import dataset, record_links
-from tests.test_review_watch import flowfix
 from tests.test_roles import Roles, roles  # noqa: F401 - the fixture
 
 BACKFILL = ("backfill", "--batch-size", "1", "--jobs", "2", "--max-replica-lag", "0", "--create-missing-masters")

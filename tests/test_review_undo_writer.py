@@ -11,8 +11,8 @@ import pytest
 
 from flowfix.config import Settings
 from tests.helpers import Gate, add_master, position_column, sql, wait_run_lock_released
+from tests.helpers import flowfix_process as flowfix
 from tests.test_records_walk import C, E, dataset
-from tests.test_review_watch import flowfix
 
 
 @pytest.mark.sampled_shapes

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -16,21 +14,10 @@ from typer.testing import CliRunner
 
 from flowfix.cli import app
 from flowfix.config import Settings
-from tests.conftest import ROOT
 from tests.helpers import Gate, cli_env, sql, wait_run_lock_released
+from tests.helpers import flowfix_process as flowfix
 from tests.test_records_walk import dataset, record_links
 from tests.test_watch import reading
-
-
-def flowfix(s: Settings, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flowfix", *args],
-        env={**os.environ, **cli_env(s)},
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def killed_mid_records(s: Settings) -> str:

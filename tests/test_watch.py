@@ -7,9 +7,6 @@ walk by a gate (a real trigger; no sleeps), so the readings do not depend on spe
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import asyncpg
@@ -18,8 +15,7 @@ from typer.testing import CliRunner
 from flowfix import ledger
 from flowfix.cli import app
 from flowfix.config import Settings
-from tests.conftest import ROOT
-from tests.helpers import Gate, _on_loop, cli_env, links, plain_url, sql
+from tests.helpers import Gate, _on_loop, cli_env, flowfix_process, links, plain_url, sql
 from tests.test_records_walk import dataset, record_links
 
 
@@ -38,18 +34,10 @@ def records_step(body: dict[str, Any]) -> dict[str, Any]:
 def test_another_shell_watches_a_running_backfill_move_with_rate_eta_and_workers(shaped_fixed: Settings) -> None:
     s = shaped_fixed
     expected = dataset(s, imports=4, records=1500)
-    env = {**os.environ, **cli_env(s)}
     # batches of one page (--batch-size 1 row: the sizer's floor is one page), so the
     # walk has many batches; the gate holds the 4th and the 12th UPDATE of the records
     with Gate(s, "raw_import_records", at=(4, 12)) as gate:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flowfix", "backfill", "--batch-size", "1", "--max-replica-lag", "0"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = flowfix_process(s, "backfill", "--batch-size", "1", "--max-replica-lag", "0")
         try:
             gate.wait(point=0)
             (run_id,) = [r["id"] for r in sql(s, "SELECT id::text FROM flowfix_runs WHERE status = 'running'")]
@@ -73,14 +61,7 @@ def test_another_shell_watches_a_running_backfill_move_with_rate_eta_and_workers
             assert b["eta_seconds"] > 0 and second["active"]
 
             # --watch streams one JSON object per reading until the run ends
-            watcher = subprocess.Popen(
-                [sys.executable, "-m", "flowfix", "runs", run_id, "--watch", "--format", "json", "--interval", "0.2"],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            watcher = flowfix_process(s, "runs", run_id, "--watch", "--format", "json", "--interval", "0.2")
             assert watcher.stdout is not None
             assert json.loads(watcher.stdout.readline())["active"]  # a reading while the run is held
             gate.open()
